@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny BirdCLEF-2023-layout data set made in the test, and quick train args."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TINY_SPECIES = {"aaabbb1": 900.0, "cccddd1": 2500.0, "eeefff1": 5000.0, "ggghhh1": 9000.0}
+TINY_COUNTS = (6, 5, 4, 3)
+
+
+def tone_recording(frequency: float, seconds: float, sample_rate: int, rng) -> np.ndarray:
+    """A species' call: a repeated tone burst at `frequency` over quiet noise."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    bursts = (np.sin(2 * np.pi * 2.0 * t) > 0.3).astype(np.float32)
+    audio = 0.4 * bursts * np.sin(2 * np.pi * frequency * (1 + 0.02 * rng.standard_normal()) * t)
+    return (audio + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def write_tiny_dataset(root: Path, seed: int = 0, with_sample_submission: bool = True) -> Path:
+    rng = np.random.default_rng(seed)
+    rows, xc_id = [], 1000
+    for (code, frequency), count in zip(TINY_SPECIES.items(), TINY_COUNTS):
+        (root / "train_audio" / code).mkdir(parents=True, exist_ok=True)
+        for _ in range(count):
+            xc_id += 1
+            sample_rate = int(rng.choice([32000, 32000, 22050, 44100]))
+            seconds = float(rng.uniform(3.0, 12.0))
+            sf.write(root / "train_audio" / code / f"XC{xc_id}.ogg",
+                     tone_recording(frequency, seconds, sample_rate, rng), sample_rate,
+                     format="OGG", subtype="VORBIS")
+            rows.append({"primary_label": code, "secondary_labels": "[]", "type": "['call']",
+                         "latitude": 0.0, "longitude": 0.0, "scientific_name": code,
+                         "common_name": code, "author": "test", "license": "CC",
+                         "rating": 4.0, "url": f"https://www.xeno-canto.org/{xc_id}",
+                         "filename": f"{code}/XC{xc_id}.ogg"})
+    pd.DataFrame(rows).to_csv(root / "train_metadata.csv", index=False)
+    if with_sample_submission:
+        pd.DataFrame(columns=["row_id", *sorted(TINY_SPECIES)]).to_csv(root / "sample_submission.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny_birdclef"))
+
+
+def quick_args(data_dir, out_dir, *extra):
+    """train.py arguments for a seconds-long CPU run on the tiny data set."""
+    import train
+    return train.get_args_parser().parse_args([
+        "--data-dir", str(data_dir), "--out-dir", str(out_dir), "--backbone", "test_efficientnet",
+        "--no-pretrained", "--batch-size", "4", "--workers", "0", "--epochs", "2",
+        "--n-mels", "32", "--n-fft", "512", "--hop", "256", "--sample-rate", "16000",
+        "--fmax", "8000", "--window-seconds", "2", "--ends-seconds", "4", *extra])

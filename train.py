@@ -1,0 +1,506 @@
+"""Train a bird-call classifier on BirdCLEF recordings.
+
+    python train.py --loss ce --lr 5e-4                      # the original recipe
+    python train.py --no-pretrained --epochs 4               # offline, on the demo data
+
+Reads top to bottom: arguments, the loss, one training epoch, evaluation,
+checkpoints, then main() which wires them together. Every evaluation (twice per
+epoch by default) appends a row to metrics.csv, redraws metrics.png and writes a
+checkpoint; --resume continues at the same step with the same random streams,
+so an interrupted CPU run logs the same numbers as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import augment
+import data
+import metrics
+import model as model_lib
+
+log = logging.getLogger("birdclef")
+
+MONITORED = ("cmap5", "cmap3", "macro_ap", "lrap", "val_loss")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a BirdCLEF bird-call classifier.",
+                                     add_help=add_help,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-dir", default=str(data.DEMO_DIR),
+                       help="BirdCLEF 2023 folder (train_metadata.csv, train_audio/); the default "
+                            "demo folder is generated on first use")
+    group.add_argument("--val-fraction", type=float, default=0.2,
+                       help="share of each species' recordings held out (ignored with --folds)")
+    group.add_argument("--folds", type=int, default=0, help="K-fold split when > 1")
+    group.add_argument("--fold", type=int, default=0, help="which fold is validation, with --folds")
+    group.add_argument("--crop-policy", choices=data.CROP_POLICIES, default="ends",
+                       help="ends: random window inside the first or last --ends-seconds (the "
+                            "original recipe); random: anywhere in the recording")
+    group.add_argument("--ends-seconds", type=float, default=8.0, help="length of the 'ends' segments")
+    group.add_argument("--secondary-weight", type=float, default=0.0,
+                       help="target value for secondary labels (0 = ignore them)")
+    group.add_argument("--workers", type=int, default=2, help="data loader processes")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--backbone", default="tf_efficientnet_b0.ns_jft_in1k", help="timm model name")
+    pretrained = group.add_mutually_exclusive_group()
+    pretrained.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
+                            help="start from the timm hub's pretrained weights")
+    pretrained.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+                            help="start from random weights (offline machines)")
+    group.add_argument("--pretrained-file", default=None,
+                       help="local pretrained weights for --backbone (implies pretrained)")
+    group.add_argument("--sample-rate", type=int, default=32000, help="audio is resampled to this rate")
+    group.add_argument("--window-seconds", type=float, default=5.0, help="length of one input window")
+    group.add_argument("--n-fft", type=int, default=1024, help="STFT size")
+    group.add_argument("--hop", type=int, default=512, help="STFT hop in samples")
+    group.add_argument("--n-mels", type=int, default=128, help="mel bands")
+    group.add_argument("--fmin", type=float, default=20.0, help="lowest mel frequency (Hz)")
+    group.add_argument("--fmax", type=float, default=16000.0, help="highest mel frequency (Hz)")
+    group.add_argument("--normalization", choices=("standard", "minmax", "none"), default="standard",
+                       help="per-example normalisation of the dB spectrogram")
+    group.add_argument("--dropout", type=float, default=0.0, help="dropout before the linear head")
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--loss", choices=("ce", "bce"), default="ce",
+                       help="ce: softmax cross-entropy on soft targets; bce: sigmoid BCE. Sets the "
+                            "activation used by evaluation and inference")
+    group.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
+    group.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    group.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine")
+    group.add_argument("--epochs", type=int, default=30, help="maximum number of epochs")
+    group.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    group.add_argument("--mixup-alpha", type=float, default=0.2, help="Beta(alpha, alpha); 0 turns mixup off")
+    group.add_argument("--mixup-prob", type=float, default=0.5, help="share of examples mixed")
+    group.add_argument("--clip-grad-norm", type=float, default=0.0, help="gradient norm clip (0 = off)")
+    group.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"), default="auto",
+                       help="mixed precision; auto = bf16 or fp16+GradScaler on CUDA, off on CPU")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+    group = parser.add_argument_group("evaluation and checkpoints")
+    group.add_argument("--evals-per-epoch", type=int, default=2,
+                       help="evaluations (each with a checkpoint) per epoch")
+    group.add_argument("--monitor", choices=MONITORED, default="cmap5",
+                       help="metric for best.pt and patience (val_loss: lower is better)")
+    group.add_argument("--patience", type=int, default=8,
+                       help="stop after this many evaluations without improvement (0 = never)")
+    group.add_argument("--min-delta", type=float, default=0.0,
+                       help="smallest change of the monitored metric that counts as improvement")
+    group.add_argument("--keep-last", type=int, default=3, help="periodic checkpoints kept on disk")
+    group.add_argument("--out-dir", default=None, help="run folder (default runs/<date-time>)")
+    group.add_argument("--resume", default=None, help="checkpoint to continue from")
+    group.add_argument("--seed", type=int, default=42, help="seed of every random stream")
+    group.add_argument("--max-steps", type=int, default=0,
+                       help="stop after this many optimiser steps in total (0 = no limit; for smoke tests)")
+    return parser
+
+
+# ----------------------------------------------------------------------------- loss
+
+def compute_loss(logits: torch.Tensor, targets: torch.Tensor, loss_name: str) -> torch.Tensor:
+    """Mean loss of logits (B, C) against soft targets (B, C), in float32."""
+    logits, targets = logits.float(), targets.float()
+    if loss_name == "ce":
+        # Soft-target cross-entropy; targets renormalised to a distribution so that
+        # secondary labels share the mass instead of inflating it.
+        distribution = targets / targets.sum(dim=1, keepdim=True).clamp_min(1e-8)
+        return F.cross_entropy(logits, distribution)
+    if loss_name == "bce":
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    raise ValueError(f"unknown loss {loss_name!r}")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- schedule, precision
+
+def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Linear warm-up to `peak`, then cosine decay to zero, as a pure function of the step."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def precision_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtype, bool]:
+    """-> (autocast enabled, autocast dtype, use GradScaler)."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return False, torch.float32, False
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "off":
+        return False, torch.float32, False
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--amp fp16 needs CUDA; use --amp bf16 or off on CPU")
+        return True, torch.float16, True  # fp16 gradients underflow without loss scaling
+    return True, torch.bfloat16, False
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """Seed of the global torch RNG (dropout, drop-path) for one step: resumable by construction."""
+    return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------- phases
+
+def train_one_epoch(model, optimizer, scaler, loader, args, state, schedule, device, on_eval):
+    """Run the optimiser steps of one epoch from state['step_in_epoch'].
+
+    `on_eval()` is called after each step that completes an evaluation interval;
+    it returns True when training must stop (patience).
+    """
+    autocast_on, autocast_dtype, _ = precision_settings(args.amp, device)
+    model.train()
+    progress = tqdm(loader, total=len(loader), desc=f"epoch {state['epoch']}", leave=False,
+                    dynamic_ncols=True, disable=not sys.stderr.isatty())
+    for batch in progress:
+        epoch, step = state["epoch"], state["step_in_epoch"]
+        if batch is not None:
+            torch.manual_seed(step_seed(args.seed, epoch, step))
+            rng = np.random.default_rng([args.seed, epoch, step, 1])
+            waveforms = batch["waveform"].to(device, non_blocking=True)   # (B, samples)
+            targets = batch["target"].to(device, non_blocking=True)       # (B, C)
+            waveforms, targets = augment.mixup(waveforms, targets, args.mixup_alpha, args.mixup_prob, rng)
+
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(state["global_step"], *schedule)
+            with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_on):
+                logits = model(waveforms)                                  # (B, C)
+            loss = compute_loss(logits, targets, args.loss)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({loss.item()}) at epoch {epoch} step {step}; "
+                    f"batch files: {', '.join(batch['path'])}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            state["train_loss_sum"] += loss.item()
+            state["train_loss_count"] += 1
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+        else:
+            log.warning("epoch %d step %d: no file of the batch could be decoded; step skipped", epoch, step)
+        state["step_in_epoch"] += 1
+        state["global_step"] += 1
+        if state["step_in_epoch"] in state["eval_steps"] or (args.max_steps and state["global_step"] >= args.max_steps):
+            if on_eval():
+                return True
+            model.train()
+    return False
+
+
+@torch.inference_mode()
+def evaluate(model, loader, loss_name: str, device) -> dict:
+    """Validation loss and ranking metrics on the fixed validation windows."""
+    model.eval()
+    all_logits, all_targets = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        all_logits.append(model(batch["waveform"].to(device)).float().cpu())    # (B, C)
+        all_targets.append(batch["target"])
+    if not all_logits:
+        raise RuntimeError("no validation window could be decoded")
+    logits, targets = torch.cat(all_logits), torch.cat(all_targets)              # (N, C)
+    if not torch.isfinite(logits).all():
+        raise NonFiniteLossError(f"{int((~torch.isfinite(logits)).sum())} non-finite validation logits")
+    scores = model_lib.activate(logits, model.activation).numpy()
+    results = {"val_loss": compute_loss(logits, targets, loss_name).item()}
+    results.update(metrics.classification_metrics(targets.numpy(), scores))
+    return results
+
+
+# ----------------------------------------------------------------------------- checkpoints and logs
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_step(\d+)\.pt$")
+
+
+def save_atomic(payload: dict, path: Path) -> None:
+    """Write to a temporary file in the same folder, then os.replace: never a half file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def periodic_checkpoints(out_dir: Path) -> list[Path]:
+    """checkpoint_step*.pt files on disk, oldest first (by step, from the names)."""
+    found = [(int(match.group(1)), path) for path in out_dir.iterdir()
+             if (match := CHECKPOINT_PATTERN.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` periodic checkpoints; works from disk, so restarts prune too."""
+    existing = periodic_checkpoints(out_dir)
+    for path in existing[:max(len(existing) - keep_last, 0)]:
+        path.unlink()
+
+
+def plain_args(args) -> dict:
+    """vars(args) with only JSON/weights_only-safe values (no Namespace, no Path objects)."""
+    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+
+
+def make_checkpoint(model, optimizer, scaler, args, state) -> dict:
+    return {
+        "format": model_lib.CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "model_config": model.config,
+        "labels": list(model.labels),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "args": plain_args(args),
+        "epoch": state["epoch"],
+        "step_in_epoch": state["step_in_epoch"],
+        "global_step": state["global_step"],
+        "evaluations": state["evaluations"],
+        "best_metric": state["best_metric"],
+        "best_step": state["best_step"],
+        "patience_counter": state["patience_counter"],
+    }
+
+
+METRIC_COLUMNS = ["evaluation", "epoch", "global_step", "train_loss", "val_loss",
+                  "cmap5", "cmap3", "macro_ap", "lrap", "lr"]
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    new_file = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+        if new_file:
+            writer.writeheader()
+        writer.writerow({key: row[key] for key in METRIC_COLUMNS})
+
+
+def truncate_metrics(path: Path, evaluations: int) -> None:
+    """On resume, drop rows the resumed-from checkpoint had not reached (no duplicates)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if int(row["evaluation"]) <= evaluations]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_metrics(csv_path: Path, png_path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    table = pd.read_csv(csv_path)
+    figure, (loss_axis, score_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_axis.plot(table["epoch"], table["train_loss"], marker=".", label="train loss")
+    loss_axis.plot(table["epoch"], table["val_loss"], marker=".", label="validation loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.legend()
+    for column in ("cmap5", "cmap3", "macro_ap", "lrap"):
+        score_axis.plot(table["epoch"], table[column], marker=".", label=column)
+    score_axis.set_xlabel("epoch")
+    score_axis.set_ylim(0, 1)
+    score_axis.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)
+
+
+def is_improvement(value: float, best: float | None, monitor: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    if monitor == "val_loss":
+        return value < best - min_delta
+    return value > best + min_delta
+
+
+# ----------------------------------------------------------------------------- main
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prepare_data(args, out_dir: Path):
+    """Metadata -> vocabulary, split, header check -> (labels, train dataset, val dataset)."""
+    data_dir = data.ensure_demo_data(args.data_dir)
+    table = data.read_metadata(data_dir)
+    labels = data.read_vocabulary(data_dir, table)
+    headers, bad = data.check_audio_files(table["path"])
+    if bad:
+        with open(out_dir / "bad_files.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "reason"])
+            writer.writerows(bad)
+        for path, reason in bad:
+            log.warning("skipping unreadable recording %s (%s)", path, reason)
+        log.warning("%d of %d recordings skipped; listed in %s", len(bad), len(table), out_dir / "bad_files.csv")
+    usable = np.array([header is not None for header in headers])
+    table = table[usable].reset_index(drop=True)
+    if table.empty:
+        raise RuntimeError("no readable recordings")
+    durations = [frames / rate for frames, rate in (header for header in headers if header is not None)]
+    targets = data.make_targets(table, labels, args.secondary_weight)
+    train_index, val_index = data.split_recordings(table["primary_label"], args.val_fraction,
+                                                   args.folds, args.fold, args.seed)
+    if len(val_index) == 0:
+        raise RuntimeError("the validation split is empty (every species has fewer than 2 recordings)")
+    crop = data.CropSettings(args.sample_rate, args.window_seconds, args.crop_policy, args.ends_seconds)
+
+    def subset(index):
+        return data.RecordingDataset(table["path"].iloc[index], [durations[i] for i in index],
+                                     targets[index], crop, args.seed)
+    log.info("%d species, %d training and %d validation recordings", len(labels), len(train_index), len(val_index))
+    return labels, subset(train_index), subset(val_index)
+
+
+def make_loader(dataset, args, device, batch_sampler=None):
+    common = dict(num_workers=args.workers, collate_fn=data.collate, pin_memory=device.type == "cuda",
+                  worker_init_fn=_worker_init if args.workers else None)
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **common)
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, **common)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # workers only decode and resample; don't fight the model for cores
+
+
+def main(args) -> dict:
+    """Train; returns the final state (used by tests)."""
+    if args.folds > 1 and not 0 <= args.fold < args.folds:
+        raise ValueError(f"--fold {args.fold} must be in [0, {args.folds})")
+    resume = model_lib.read_checkpoint(args.resume) if args.resume else None
+    if resume is not None and args.out_dir is None:
+        args.out_dir = str(Path(args.resume).resolve().parent)
+    out_dir = Path(args.out_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    precision_settings(args.amp, device)  # reject impossible settings before any work
+    model_lib.check_backbone_name(args.backbone)  # fail before any data is read, with timm's error
+    (out_dir / "config.json").write_text(json.dumps(plain_args(args), indent=2) + "\n")
+
+    labels, train_set, val_set = prepare_data(args, out_dir)
+    if resume is not None and resume["labels"] != labels:
+        raise ValueError(f"{args.resume} was trained on another label list than {args.data_dir}")
+    model = model_lib.build_model(args, labels).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    _, _, use_scaler = precision_settings(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    steps_per_epoch = len(train_set) // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training recordings")
+    schedule = (args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch), args.lr)
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "evaluations": 0, "best_metric": None,
+             "best_step": None, "patience_counter": 0, "train_loss_sum": 0.0, "train_loss_count": 0,
+             "eval_steps": {max(1, round(steps_per_epoch * k / args.evals_per_epoch))
+                            for k in range(1, args.evals_per_epoch + 1)}}
+    metrics_path = out_dir / "metrics.csv"
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        for key in ("epoch", "step_in_epoch", "global_step", "evaluations", "best_metric",
+                    "best_step", "patience_counter"):
+            state[key] = resume[key]
+        truncate_metrics(metrics_path, state["evaluations"])
+        log.info("resumed from %s at epoch %d step %d", args.resume, state["epoch"], state["step_in_epoch"])
+    elif metrics_path.exists():
+        metrics_path.unlink()  # a fresh run in an old folder starts a fresh log
+
+    val_loader = make_loader(val_set, args, device)
+    stop_reason = []
+
+    def on_eval() -> bool:
+        state["evaluations"] += 1
+        results = evaluate(model, val_loader, args.loss, device)
+        row = {"evaluation": state["evaluations"],
+               "epoch": round(state["epoch"] + state["step_in_epoch"] / steps_per_epoch, 4),
+               "global_step": state["global_step"],
+               "train_loss": state["train_loss_sum"] / max(state["train_loss_count"], 1),
+               "lr": optimizer.param_groups[0]["lr"], **results}
+        state["train_loss_sum"], state["train_loss_count"] = 0.0, 0
+        value = results[args.monitor]
+        improved = is_improvement(value, state["best_metric"], args.monitor, args.min_delta)
+        if improved:
+            state["best_metric"], state["best_step"], state["patience_counter"] = value, state["global_step"], 0
+        else:
+            state["patience_counter"] += 1
+        if state["step_in_epoch"] >= steps_per_epoch:  # the checkpoint resumes at the next epoch
+            state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
+        checkpoint = make_checkpoint(model, optimizer, scaler, args, state)
+        save_atomic(checkpoint, out_dir / f"checkpoint_step{state['global_step']:08d}.pt")
+        if improved:
+            save_atomic(checkpoint, out_dir / "best.pt")
+        prune_checkpoints(out_dir, args.keep_last)
+        append_metrics(metrics_path, row)
+        plot_metrics(metrics_path, out_dir / "metrics.png")
+        log.info("epoch %.2f  train_loss %.4f  val_loss %.4f  cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f  LRAP %.4f%s",
+                 row["epoch"], row["train_loss"], row["val_loss"], row["cmap5"], row["cmap3"],
+                 row["macro_ap"], row["lrap"], "  (best)" if improved else "")
+        if args.patience and state["patience_counter"] >= args.patience:
+            stop_reason.append(f"{args.monitor} did not improve by more than {args.min_delta} for "
+                               f"{args.patience} evaluations (best {state['best_metric']:.4f} at step "
+                               f"{state['best_step']})")
+        elif args.max_steps and state["global_step"] >= args.max_steps:
+            stop_reason.append(f"reached --max-steps {args.max_steps}")
+        return bool(stop_reason)
+
+    started = time.time()
+    while state["epoch"] < args.epochs and not stop_reason:
+        epoch = state["epoch"]
+        sampler = data.EpochBatchSampler(data.epoch_draw(len(train_set), args.seed, epoch),
+                                         args.batch_size, epoch, start_batch=state["step_in_epoch"])
+        train_one_epoch(model, optimizer, scaler, make_loader(train_set, args, device, sampler),
+                        args, state, schedule, device, on_eval)
+        if state["epoch"] == epoch and not stop_reason:  # epoch ended between evaluations
+            state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+    log.info("stopped: %s; %.0f s; best %s %.4f; run folder %s",
+             stop_reason[0] if stop_reason else f"completed {args.epochs} epochs", time.time() - started,
+             args.monitor, state["best_metric"] if state["best_metric"] is not None else float("nan"), out_dir)
+    state["stop_reason"] = stop_reason[0] if stop_reason else "epochs"
+    state["out_dir"] = out_dir
+    return state
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        main(get_args_parser().parse_args())
+    except (model_lib.PretrainedWeightsError, model_lib.CheckpointError, NonFiniteLossError,
+            FileNotFoundError, ValueError) as error:
+        log.error("%s", error)
+        sys.exit(1)
