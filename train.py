@@ -200,6 +200,8 @@ def train_one_epoch(model, optimizer, scaler, loader, args, state, schedule, dev
             scaler.update()
             state["train_loss_sum"] += loss.item()
             state["train_loss_count"] += 1
+            state["step_log"].append((state["global_step"], epoch, step, loss.item(),
+                                      optimizer.param_groups[0]["lr"]))
             progress.set_postfix(loss=f"{loss.item():.4f}")
         else:
             log.warning("epoch %d step %d: no file of the batch could be decoded; step skipped", epoch, step)
@@ -303,14 +305,29 @@ def append_metrics(path: Path, row: dict) -> None:
         writer.writerow({key: row[key] for key in METRIC_COLUMNS})
 
 
-def truncate_metrics(path: Path, evaluations: int) -> None:
-    """On resume, drop rows the resumed-from checkpoint had not reached (no duplicates)."""
+STEP_COLUMNS = ["global_step", "epoch", "step_in_epoch", "loss", "lr"]
+
+
+def append_steps(path: Path, rows: list[tuple]) -> None:
+    """Per-step training losses, flushed at each evaluation (so they match the checkpoints)."""
+    new_file = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new_file:
+            writer.writerow(STEP_COLUMNS)
+        writer.writerows(rows)
+
+
+def truncate_log(path: Path, column: str, last: int) -> None:
+    """On resume, drop rows past what the checkpoint had reached, so logs never hold duplicates."""
     if not path.exists():
         return
     with open(path, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if int(row["evaluation"]) <= evaluations]
+        reader = csv.DictReader(handle)
+        fieldnames = reader.fieldnames
+        rows = [row for row in reader if int(row[column]) <= last]
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -415,6 +432,7 @@ def main(args) -> dict:
     labels, train_set, val_set = prepare_data(args, out_dir)
     if resume is not None and resume["labels"] != labels:
         raise ValueError(f"{args.resume} was trained on another label list than {args.data_dir}")
+    torch.manual_seed(args.seed)  # the initial weights (later randomness is seeded per step)
     model = model_lib.build_model(args, labels).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     _, _, use_scaler = precision_settings(args.amp, device)
@@ -425,10 +443,10 @@ def main(args) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training recordings")
     schedule = (args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch), args.lr)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "evaluations": 0, "best_metric": None,
-             "best_step": None, "patience_counter": 0, "train_loss_sum": 0.0, "train_loss_count": 0,
+             "best_step": None, "patience_counter": 0, "train_loss_sum": 0.0, "train_loss_count": 0, "step_log": [],
              "eval_steps": {max(1, round(steps_per_epoch * k / args.evals_per_epoch))
                             for k in range(1, args.evals_per_epoch + 1)}}
-    metrics_path = out_dir / "metrics.csv"
+    metrics_path, steps_path = out_dir / "metrics.csv", out_dir / "steps.csv"
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -436,10 +454,12 @@ def main(args) -> dict:
         for key in ("epoch", "step_in_epoch", "global_step", "evaluations", "best_metric",
                     "best_step", "patience_counter"):
             state[key] = resume[key]
-        truncate_metrics(metrics_path, state["evaluations"])
+        truncate_log(metrics_path, "evaluation", state["evaluations"])
+        truncate_log(steps_path, "global_step", state["global_step"] - 1)
         log.info("resumed from %s at epoch %d step %d", args.resume, state["epoch"], state["step_in_epoch"])
-    elif metrics_path.exists():
-        metrics_path.unlink()  # a fresh run in an old folder starts a fresh log
+    else:  # a fresh run in an old folder starts fresh logs
+        for path in (metrics_path, steps_path):
+            path.unlink(missing_ok=True)
 
     val_loader = make_loader(val_set, args, device)
     stop_reason = []
@@ -461,13 +481,17 @@ def main(args) -> dict:
             state["patience_counter"] += 1
         if state["step_in_epoch"] >= steps_per_epoch:  # the checkpoint resumes at the next epoch
             state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
+        # Logs first, checkpoint second: a crash in between leaves rows that the
+        # resume from the previous checkpoint truncates, never a gap.
+        append_metrics(metrics_path, row)
+        append_steps(steps_path, state["step_log"])
+        state["step_log"].clear()
+        plot_metrics(metrics_path, out_dir / "metrics.png")
         checkpoint = make_checkpoint(model, optimizer, scaler, args, state)
         save_atomic(checkpoint, out_dir / f"checkpoint_step{state['global_step']:08d}.pt")
         if improved:
             save_atomic(checkpoint, out_dir / "best.pt")
         prune_checkpoints(out_dir, args.keep_last)
-        append_metrics(metrics_path, row)
-        plot_metrics(metrics_path, out_dir / "metrics.png")
         log.info("epoch %.2f  train_loss %.4f  val_loss %.4f  cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f  LRAP %.4f%s",
                  row["epoch"], row["train_loss"], row["val_loss"], row["cmap5"], row["cmap3"],
                  row["macro_ap"], row["lrap"], "  (best)" if improved else "")
