@@ -139,7 +139,10 @@ class BirdCallModel(nn.Module):
         return int(round(self.config["window_seconds"] * self.config["sample_rate"]))
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        image = self.frontend(waveform)            # (B, 1, n_mels, T)
+        return self.classify(self.frontend(waveform))
+
+    def classify(self, image: torch.Tensor) -> torch.Tensor:
+        """Spectrogram image (B, 1, n_mels, T) -> logits; the part exported to ONNX."""
         features = self.backbone(image)            # (B, C, n_mels/32, T/32)
         pooled = features.mean(dim=(2, 3))         # (B, C)
         return self.head(self.dropout(pooled))     # (B, n_classes)

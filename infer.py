@@ -1,0 +1,482 @@
+"""Apply one or more checkpoints to long recordings and write a BirdCLEF submission.
+
+    python infer.py --ckpts a.pt b.pt --soundscapes DIR --out submission.csv
+    python infer.py --ckpts a.pt --soundscapes DIR --labels labels.csv      # also score it
+
+Every file is decoded once, resampled to each checkpoint's rate and cut into
+windows; windows from several files share batches. Each checkpoint's own
+activation (from the checkpoint) is applied before its scores are aligned by
+species name and combined. Rows are 5-second segments named
+`<file stem>_<end second>`, as Kaggle expects.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+import torch
+
+import data
+import metrics
+import model as model_lib
+
+log = logging.getLogger("birdclef")
+
+AUDIO_EXTENSIONS = (".ogg", ".mp3", ".flac", ".wav")
+ROW_SECONDS = 5.0       # BirdCLEF scores 5-second rows
+MIN_LAST_ROW = 1.0      # a final partial row needs at least this much audio
+NOCALL = "nocall"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Apply checkpoints to soundscapes; write a submission.",
+                                     add_help=add_help,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("input and output")
+    group.add_argument("--ckpts", nargs="+", required=True, help="checkpoint files written by train.py")
+    group.add_argument("--soundscapes", default=str(data.DEMO_DIR / "test_soundscapes"),
+                       help="folder of ogg/mp3/flac/wav files to score")
+    group.add_argument("--out", default="submission.csv",
+                       help="submission CSV (kaggle, csv) or folder of selection tables (raven)")
+    group.add_argument("--format", choices=("kaggle", "csv", "raven"), default="kaggle",
+                       help="kaggle: row_id + species columns; csv: file, start_s, end_s + species "
+                            "columns; raven: one Raven selection table per file")
+    group.add_argument("--min-conf", type=float, default=0.5, help="raven: smallest score written")
+    group.add_argument("--sample-submission", default=None,
+                       help="take exactly these columns in this order (species no model knows get 0)")
+    group.add_argument("--labels", default=None,
+                       help="score the predictions against a row_id x species 0/1 table or a "
+                            "file,start_s,end_s,labels table")
+
+    group = parser.add_argument_group("how the classifier is applied")
+    group.add_argument("--combine", choices=("mean", "power"), default="mean",
+                       help="how checkpoints' scores are combined")
+    group.add_argument("--power", type=float, default=2.0, help="exponent of --combine power")
+    group.add_argument("--average-weights", action="store_true",
+                       help="average the checkpoints' weights into one model (same run, same config)")
+    group.add_argument("--hop", type=float, default=ROW_SECONDS,
+                       help="seconds between window starts; below 5, overlapping windows are "
+                            "averaged into the rows, weighted by overlap")
+    group.add_argument("--smooth", default=None,
+                       help="odd number of comma-separated weights over neighbouring rows, e.g. 0.1,0.8,0.1")
+    group.add_argument("--file-prior", type=float, default=0.0,
+                       help="mix each row with the file's per-species maximum: (1-w)*row + w*max")
+
+    group = parser.add_argument_group("speed")
+    group.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
+    group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    group.add_argument("--workers", type=int, default=1, help="processes decoding audio ahead")
+    group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                       help="auto: bf16 autocast on CPUs with native bf16, else fp32")
+    group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    return parser
+
+
+# ----------------------------------------------------------------------------- row layout
+
+def row_count(n_samples: int, sample_rate: int) -> int:
+    """5-s rows for a file: full rows, plus a padded last row holding at least 1 s of audio.
+
+    A few samples of decoder padding past a multiple of 5 s therefore add no row;
+    a file shorter than 5 s still gives one row.
+    """
+    seconds = n_samples / sample_rate
+    full = int(seconds // ROW_SECONDS)
+    remainder = seconds - full * ROW_SECONDS
+    return max(full + (remainder >= MIN_LAST_ROW), 1)
+
+
+def row_ids(stem: str, n_rows: int) -> list[str]:
+    return [f"{stem}_{int(ROW_SECONDS * (i + 1))}" for i in range(n_rows)]
+
+
+def window_plan(n_rows: int, window_seconds: float, hop_seconds: float):
+    """Windows covering the row grid -> (start seconds (W,), weights (n_rows, W)).
+
+    Window centres sit every `hop` seconds from the first row's centre; a model
+    whose window is longer or shorter than a row sees that much context around
+    it. A row's score is the overlap-weighted mean of the windows that overlap it,
+    so hop = window = 5 s gives exactly one window per row.
+    """
+    centres = ROW_SECONDS / 2 + np.arange(0.0, n_rows * ROW_SECONDS - ROW_SECONDS / 2 + 1e-9, hop_seconds)
+    starts = centres - window_seconds / 2
+    row_starts = np.arange(n_rows) * ROW_SECONDS
+    overlap = (np.minimum(row_starts[:, None] + ROW_SECONDS, starts[None, :] + window_seconds)
+               - np.maximum(row_starts[:, None], starts[None, :])).clip(min=0)   # (n_rows, W)
+    return starts, overlap / overlap.sum(axis=1, keepdims=True)
+
+
+def cut_windows(waveform: np.ndarray, sample_rate: int, starts: np.ndarray, window_seconds: float) -> np.ndarray:
+    """(samples,) -> (W, window_samples); zero-padded before the start and after the end."""
+    length = int(round(window_seconds * sample_rate))
+    first = int(round(starts.min() * sample_rate)) if len(starts) else 0
+    left = max(-first, 0)
+    padded = np.pad(waveform, (left, length + int(round(ROW_SECONDS * sample_rate))))
+    offsets = np.round(starts * sample_rate).astype(np.int64) + left
+    needed = offsets.max() + length
+    if needed > len(padded):
+        padded = np.pad(padded, (0, needed - len(padded)))
+    return np.stack([padded[offset:offset + length] for offset in offsets])
+
+
+# ----------------------------------------------------------------------------- ensemble members
+
+@dataclass
+class Member:
+    """One model of the ensemble, with what is needed to feed it and read its output."""
+    name: str
+    model: model_lib.BirdCallModel
+    column_index: np.ndarray = field(default=None)  # for each model label: output column, or -1
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.config["sample_rate"]
+
+    @property
+    def window_seconds(self) -> float:
+        return self.model.config["window_seconds"]
+
+
+def load_members(paths, average_weights: bool) -> list[Member]:
+    models = [model_lib.load_model(path) for path in paths]
+    if average_weights and len(models) > 1:
+        reference = models[0].config
+        for path, other in zip(paths[1:], models[1:]):
+            if other.config != reference:
+                raise ValueError(f"--average-weights needs checkpoints of one configuration; {path} "
+                                 f"differs from {paths[0]}")
+        states = [m.state_dict() for m in models]
+        averaged = {key: (sum(state[key].double() for state in states) / len(states)).to(value.dtype)
+                    if value.is_floating_point() else value
+                    for key, value in states[0].items()}
+        models[0].load_state_dict(averaged)
+        return [Member(f"mean of {len(paths)}", models[0])]
+    return [Member(str(path), m) for path, m in zip(paths, models)]
+
+
+def output_columns(members: list[Member], sample_submission: str | None) -> list[str]:
+    """The submission's species columns: the sample submission's, else the union of labels."""
+    if sample_submission:
+        columns = [c for c in pd.read_csv(sample_submission, nrows=0).columns if c != "row_id"]
+    else:
+        columns = []
+        for member in members:
+            columns += [label for label in member.model.labels if label not in columns]
+    return [c for c in columns if c != NOCALL]  # nocall takes part in the softmax, never in the output
+
+
+def align(members: list[Member], columns: list[str]) -> None:
+    index = {column: i for i, column in enumerate(columns)}
+    for member in members:
+        member.column_index = np.array([index.get(label, -1) for label in member.model.labels])
+        if (member.column_index < 0).all():
+            raise ValueError(f"{member.name} shares no species with the output columns")
+
+
+# ----------------------------------------------------------------------------- prediction
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@torch.inference_mode()
+def predict(member: Member, windows: np.ndarray, batch_size: int, device, bf16: bool) -> np.ndarray:
+    """(W, window_samples) -> activated scores (W, n_model_labels), float32."""
+    outputs = []
+    for start in range(0, len(windows), batch_size):
+        batch = torch.from_numpy(windows[start:start + batch_size]).to(device)   # (B, samples)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = member.model(batch)                                         # (B, C)
+        outputs.append(logits.float().cpu())
+    logits = torch.cat(outputs)
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError(f"{member.name} produced {int((~torch.isfinite(logits)).sum())} "
+                                 f"non-finite logits; refusing to write them into a submission")
+    return model_lib.activate(logits, member.model.activation).numpy()
+
+
+def combine(per_member: list[np.ndarray], members: list[Member], n_columns: int, how: str,
+            power: float) -> np.ndarray:
+    """Members' row scores (R, C_m) -> (R, n_columns), averaged over the members knowing each species."""
+    n_rows = per_member[0].shape[0]
+    total = np.zeros((n_rows, n_columns), dtype=np.float64)
+    count = np.zeros(n_columns, dtype=np.float64)
+    exponent = power if how == "power" else 1.0
+    for scores, member in zip(per_member, members):
+        known = member.column_index >= 0
+        total[:, member.column_index[known]] += scores[:, known].astype(np.float64) ** exponent
+        count[member.column_index[known]] += 1
+    mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+    return (mean ** (1.0 / exponent)).astype(np.float32)
+
+
+def smooth_rows(scores: np.ndarray, weights: list[float]) -> np.ndarray:
+    """Weighted mean over neighbouring rows (R, C); at the file's edges the weights are renormalised."""
+    if len(weights) % 2 != 1:
+        raise ValueError(f"--smooth needs an odd number of weights, got {weights}")
+    half = len(weights) // 2
+    kernel = np.asarray(weights, dtype=np.float64)
+    total = np.zeros(scores.shape, dtype=np.float64)
+    norm = np.zeros((scores.shape[0], 1), dtype=np.float64)
+    for offset, weight in zip(range(-half, half + 1), kernel):
+        source = np.arange(scores.shape[0]) + offset
+        valid = (source >= 0) & (source < scores.shape[0])
+        total[valid] += weight * scores[source[valid]]
+        norm[valid] += weight
+    return (total / norm).astype(np.float32)
+
+
+def apply_file_prior(scores: np.ndarray, weight: float) -> np.ndarray:
+    return ((1 - weight) * scores + weight * scores.max(axis=0, keepdims=True)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- files
+
+def list_audio(folder) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(e[1:] for e in AUDIO_EXTENSIONS)} files in {folder}")
+    return files
+
+
+class DecodedFiles(torch.utils.data.Dataset):
+    """Decode each file once, to every sample rate the members need (runs in loader workers)."""
+
+    def __init__(self, files: list[Path], rates: list[int]):
+        self.files, self.rates = files, sorted(set(rates))
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        path = self.files[index]
+        try:
+            audio, source_rate = sf.read(path, dtype="float32", always_2d=True)
+            if len(audio) == 0:
+                raise ValueError("no audio frames")
+            waveforms = {rate: data.to_mono_resampled(audio, source_rate, rate) for rate in self.rates}
+            return {"path": path, "waveforms": waveforms, "error": None,
+                    "seconds": len(audio) / source_rate}
+        except Exception as error:  # reported in the summary; the submission is still written
+            seconds = header_seconds(path)
+            return {"path": path, "waveforms": None, "seconds": seconds,
+                    "error": f"{type(error).__name__}: {error}".replace("\n", " ")}
+
+
+def header_seconds(path) -> float | None:
+    try:
+        info = sf.info(path)
+        return info.frames / info.samplerate if info.samplerate > 0 else None
+    except Exception:
+        return None
+
+
+def score_files(group: list[dict], members: list[Member], n_columns: int, args, device, bf16) -> list[np.ndarray]:
+    """Decoded files -> one (n_rows, n_columns) score array per file.
+
+    The windows of all files in the group go through each model together, so
+    short files still fill whole batches.
+    """
+    reference_rate = members[0].sample_rate
+    n_rows = [row_count(len(d["waveforms"][reference_rate]), reference_rate) for d in group]
+    per_file = [[] for _ in group]
+    for member in members:
+        plans = [window_plan(rows, member.window_seconds, args.hop) for rows in n_rows]
+        windows = np.concatenate([cut_windows(d["waveforms"][member.sample_rate], member.sample_rate,
+                                              starts, member.window_seconds)
+                                  for d, (starts, _) in zip(group, plans)])      # (sum W, samples)
+        window_scores = predict(member, windows, args.batch_size, device, bf16)  # (sum W, C_m)
+        bounds = np.cumsum([0] + [len(starts) for starts, _ in plans])
+        for i, (_, weights) in enumerate(plans):
+            per_file[i].append(weights @ window_scores[bounds[i]:bounds[i + 1]])   # (n_rows, C_m)
+    results = []
+    for per_member in per_file:
+        scores = combine(per_member, members, n_columns, args.combine, args.power)
+        if args.smooth:
+            scores = smooth_rows(scores, [float(w) for w in args.smooth.split(",")])
+        if args.file_prior:
+            scores = apply_file_prior(scores, args.file_prior)
+        results.append(scores)
+    return results
+
+
+# ----------------------------------------------------------------------------- labels and scoring
+
+def read_labels(path, columns: list[str]) -> pd.DataFrame:
+    """A row_id x species 0/1 table, or file,start_s,end_s,labels rows -> row_id-indexed 0/1 frame."""
+    table = pd.read_csv(path, keep_default_na=False)
+    if {"file", "start_s", "end_s", "labels"} <= set(table.columns):
+        row_index = [f"{Path(f).stem}_{int(round(end))}" for f, end in zip(table["file"], table["end_s"])]
+        targets = pd.DataFrame(0, index=row_index, columns=columns, dtype=np.int8)
+        unknown = set()
+        for row_id, labels in zip(row_index, table["labels"]):
+            for code in str(labels).split():
+                if code in targets.columns:
+                    targets.loc[row_id, code] = 1
+                elif code != NOCALL:
+                    unknown.add(code)
+        if unknown:
+            log.warning("labels of %d species no model predicts are ignored: %s", len(unknown),
+                        " ".join(sorted(unknown)[:10]))
+        return targets
+    if "row_id" in table.columns:
+        return table.set_index("row_id").reindex(columns=columns, fill_value=0).astype(np.int8)
+    raise ValueError(f"{path}: expected columns row_id + species, or file,start_s,end_s,labels")
+
+
+def score_submission(submission: pd.DataFrame, labels_path) -> dict:
+    columns = [c for c in submission.columns if c != "row_id"]
+    targets = read_labels(labels_path, columns)
+    predictions = submission.set_index("row_id")
+    common = [row for row in targets.index if row in predictions.index]
+    if not common:
+        raise ValueError(f"no row of {labels_path} matches a predicted row id")
+    results = metrics.classification_metrics(targets.loc[common].to_numpy(),
+                                             predictions.loc[common, columns].to_numpy())
+    results["rows"] = len(common)
+    return results
+
+
+# ----------------------------------------------------------------------------- output
+
+def write_output(submission: pd.DataFrame, files_rows: list[tuple[Path, int]], args, members) -> None:
+    out = Path(args.out)
+    if args.format == "kaggle":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        submission.to_csv(out, index=False)
+        return
+    starts = np.concatenate([np.arange(n) * ROW_SECONDS for _, n in files_rows])
+    files = np.concatenate([[path.name] * n for path, n in files_rows])
+    if args.format == "csv":
+        table = submission.drop(columns="row_id")
+        table.insert(0, "end_s", starts + ROW_SECONDS)
+        table.insert(0, "start_s", starts)
+        table.insert(0, "file", files)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out, index=False)
+        return
+    write_raven_tables(submission, files, starts, out, args.min_conf,
+                       min(m.model.config["fmin"] for m in members), max(m.model.config["fmax"] for m in members))
+
+
+RAVEN_COLUMNS = ["Selection", "View", "Channel", "Begin Time (s)", "End Time (s)",
+                 "Low Freq (Hz)", "High Freq (Hz)", "Species Code", "Confidence"]
+
+
+def write_raven_tables(submission, files, starts, out_dir: Path, min_conf: float, low_hz: float, high_hz: float):
+    """One tab-separated Raven selection table per audio file: a selection per row and species >= min_conf."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    species = [c for c in submission.columns if c != "row_id"]
+    scores = submission[species].to_numpy()
+    for name in dict.fromkeys(files):
+        selections = []
+        for row in np.flatnonzero(files == name):
+            for column in np.flatnonzero(scores[row] >= min_conf):
+                selections.append([len(selections) + 1, "Spectrogram 1", 1, f"{starts[row]:.3f}",
+                                   f"{starts[row] + ROW_SECONDS:.3f}", f"{low_hz:.1f}", f"{high_hz:.1f}",
+                                   species[column], f"{scores[row, column]:.4f}"])
+        table = pd.DataFrame(selections, columns=RAVEN_COLUMNS)
+        table.to_csv(out_dir / f"{Path(name).stem}.selections.txt", sep="\t", index=False)
+
+
+# ----------------------------------------------------------------------------- main
+
+def _single_item(item):
+    return item
+
+
+def main(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    members = load_members(args.ckpts, args.average_weights)
+    for member in members:
+        member.model.to(device)
+        if device.type == "cpu":
+            member.model.to(memory_format=torch.channels_last)
+    columns = output_columns(members, args.sample_submission)
+    align(members, columns)
+    files = list_audio(args.soundscapes)
+    bf16 = use_bf16(args.precision, device)
+    log.info("%d file(s), %d model(s), %d species, %s", len(files), len(members), len(columns),
+             "bf16 autocast" if bf16 else "fp32")
+
+    loader = torch.utils.data.DataLoader(DecodedFiles(files, [m.sample_rate for m in members]),
+                                         batch_size=None, num_workers=args.workers,
+                                         collate_fn=_single_item)
+    started = time.perf_counter()
+    results, problems, audio_seconds = {}, [], 0.0  # results: path -> (n_rows, n_columns)
+    pending, pending_windows = [], 0
+
+    def flush():
+        for decoded, scores in zip(pending, score_files(pending, members, len(columns), args, device, bf16)):
+            results[decoded["path"]] = scores
+        pending.clear()
+
+    for decoded in loader:
+        path = decoded["path"]
+        if decoded["error"] is None:
+            audio_seconds += decoded["seconds"]
+            pending.append(decoded)
+            pending_windows += math.ceil(decoded["seconds"] / args.hop)
+            if pending_windows >= args.batch_size:
+                flush()
+                pending_windows = 0
+        elif decoded["seconds"] is None:
+            problems.append(f"{path}: {decoded['error']}; no rows (length unknown)")
+            log.warning("%s: %s; no rows written", path, decoded["error"])
+        else:
+            n_rows = row_count(int(round(decoded["seconds"] * 1000)), 1000)
+            results[path] = np.zeros((n_rows, len(columns)), dtype=np.float32)
+            problems.append(f"{path}: {decoded['error']}; {n_rows} row(s) of zeros")
+            log.warning("%s: %s; writing %d row(s) of zeros", path, decoded["error"], n_rows)
+    if pending:
+        flush()
+    files_rows = [(path, len(results[path])) for path in files if path in results]
+    blocks = [results[path] for path, _ in files_rows]
+    ids = [row_id for path, n in files_rows for row_id in row_ids(path.stem, n)]
+    wall = time.perf_counter() - started
+
+    submission = pd.DataFrame(np.concatenate(blocks) if blocks else np.zeros((0, len(columns))), columns=columns)
+    submission.insert(0, "row_id", ids)
+    write_output(submission, files_rows, args, members)
+    speed = audio_seconds / wall if wall > 0 else float("inf")
+    log.info("wrote %s: %d rows from %d file(s)", args.out, len(submission), len(files_rows))
+    log.info("audio %.1f min, wall %.1f s, %.0fx real time; BirdCLEF 2023 test set (200 x 10 min) "
+             "projected at %.1f min", audio_seconds / 60, wall, speed, 200 * 600 / speed / 60 if speed else float("nan"))
+    for line in problems:
+        log.warning("problem: %s", line)
+    results = {"rows": len(submission), "audio_seconds": audio_seconds, "wall_seconds": wall,
+               "realtime_factor": speed, "problems": problems, "submission": submission}
+    if args.labels:
+        scores = score_submission(submission, args.labels)
+        log.info("scored %d labelled rows: cmAP5 %.4f  cmAP3 %.4f  macro AP %.4f  LRAP %.4f",
+                 scores["rows"], scores["cmap5"], scores["cmap3"], scores["macro_ap"], scores["lrap"])
+        results["scores"] = scores
+    return results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        main(get_args_parser().parse_args())
+    except (model_lib.CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as error:
+        log.error("%s", error)
+        sys.exit(1)

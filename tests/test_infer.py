@@ -1,0 +1,218 @@
+"""infer.py: row layout, ensembles aligned by name, window overlap, smoothing, outputs, bad input."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+import infer
+import train
+from conftest import TINY_SPECIES, quick_args, tone_recording
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train.main(quick_args(tiny_data, out, "--epochs", "1"))
+    return out / "best.pt"
+
+
+def run_infer(*argv):
+    return infer.main(infer.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def write_audio(path, seconds, sample_rate=16000, frequency=2500.0, channels=1):
+    audio = tone_recording(frequency, seconds, sample_rate, np.random.default_rng(1))
+    if channels > 1:
+        audio = np.stack([audio] * channels, axis=1)
+    # Written in blocks: libsndfile 1.2's Vorbis encoder segfaults on one very large write.
+    with sf.SoundFile(path, "w", sample_rate, channels) as handle:
+        for start in range(0, len(audio), sample_rate):
+            handle.write(audio[start:start + sample_rate])
+    return path
+
+
+@pytest.mark.parametrize("seconds, expected", [(12.3, 3), (5.0, 1), (600.0, 120), (600.01, 120),
+                                               (2.0, 1), (10.9, 2), (11.0, 3)])
+def test_row_count(seconds, expected):
+    sample_rate = 32000
+    assert infer.row_count(int(round(seconds * sample_rate)), sample_rate) == expected
+
+
+def test_row_ids_and_counts_end_to_end(checkpoint, tmp_path):
+    folder = tmp_path / "soundscapes"
+    folder.mkdir()
+    write_audio(folder / "soundscape_29201.wav", 12.3)
+    write_audio(folder / "short.flac", 5.0, sample_rate=44100, channels=2)
+    write_audio(folder / "long.ogg", 600.0, sample_rate=22050)
+    result = run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "sub.csv")
+    submission = pd.read_csv(tmp_path / "sub.csv")
+    ids = list(submission["row_id"])
+    assert ids[:3] == ["long_5", "long_10", "long_15"] and ids[119] == "long_600"
+    assert ids[120:] == ["short_5", "soundscape_29201_5", "soundscape_29201_10", "soundscape_29201_15"]
+    assert len(submission) == 124 == result["rows"]
+    assert list(submission.columns) == ["row_id", *sorted(TINY_SPECIES)]
+    scores = submission.drop(columns="row_id").to_numpy()
+    assert np.allclose(scores.sum(axis=1), 1.0, atol=1e-4)  # softmax checkpoint: rows are distributions
+
+
+def permuted_copy(checkpoint, path, order):
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"]["head.weight"] = state["model"]["head.weight"][order]
+    state["model"]["head.bias"] = state["model"]["head.bias"][order]
+    state["model_config"]["labels"] = [state["model_config"]["labels"][i] for i in order]
+    torch.save(state, path)
+    return path
+
+
+def test_ensemble_aligns_permuted_label_orders(checkpoint, tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    write_audio(folder / "a.wav", 17.0)
+    permuted = permuted_copy(checkpoint, tmp_path / "permuted.pt", [2, 0, 3, 1])
+    common = ["--soundscapes", folder, "--precision", "fp32"]
+    alone = run_infer("--ckpts", checkpoint, "--out", tmp_path / "1.csv", *common)["submission"]
+    other = run_infer("--ckpts", permuted, "--out", tmp_path / "2.csv", *common)["submission"]
+    both = run_infer("--ckpts", checkpoint, permuted, "--out", tmp_path / "3.csv", *common)["submission"]
+    species = sorted(TINY_SPECIES)
+    assert list(other.columns[1:]) != species  # the permuted model alone keeps its own order
+    np.testing.assert_allclose(other[species].to_numpy(), alone[species].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(both[species].to_numpy(), alone[species].to_numpy(), atol=1e-6)
+
+
+def test_sample_submission_fixes_columns_and_unknown_species_get_zero(checkpoint, tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    write_audio(folder / "a.wav", 7.0)
+    columns = ["row_id", "zzzzzz1", "ggghhh1", "aaabbb1", "eeefff1", "cccddd1"]
+    pd.DataFrame(columns=columns).to_csv(tmp_path / "sample_submission.csv", index=False)
+    run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "sub.csv",
+              "--sample-submission", tmp_path / "sample_submission.csv")
+    submission = pd.read_csv(tmp_path / "sub.csv")
+    assert list(submission.columns) == columns
+    assert (submission["zzzzzz1"] == 0).all() and (submission["ggghhh1"] > 0).all()
+
+
+def test_window_plan_overlap_weights_by_hand():
+    starts, weights = infer.window_plan(n_rows=2, window_seconds=5.0, hop_seconds=5.0)
+    np.testing.assert_allclose(starts, [0.0, 5.0])
+    np.testing.assert_allclose(weights, np.eye(2))
+    # hop 2.5 s: windows at 0, 2.5, 5, 7.5 s. Row 0 [0, 5) overlaps window 0 fully and
+    # window 1 for 2.5 s -> weights 2/3, 1/3. Row 1 [5, 10): window 1 for 2.5 s, window 2
+    # fully, window 3 for 2.5 s -> 1/4, 1/2, 1/4.
+    starts, weights = infer.window_plan(n_rows=2, window_seconds=5.0, hop_seconds=2.5)
+    np.testing.assert_allclose(starts, [0.0, 2.5, 5.0, 7.5])
+    np.testing.assert_allclose(weights, [[2 / 3, 1 / 3, 0, 0], [0, 1 / 4, 1 / 2, 1 / 4]])
+    # A 10-s model sees 2.5 s of context on each side of its row.
+    starts, weights = infer.window_plan(n_rows=3, window_seconds=10.0, hop_seconds=5.0)
+    np.testing.assert_allclose(starts, [-2.5, 2.5, 7.5])
+    np.testing.assert_allclose(weights[1], [0.25, 0.5, 0.25])
+
+
+def test_cut_windows_pads_at_both_ends():
+    waveform = np.arange(1, 21, dtype=np.float32)  # 20 samples at 2 Hz = 10 s
+    windows = infer.cut_windows(waveform, 2, np.array([-2.5, 2.5, 7.5]), 10.0)
+    assert windows.shape == (3, 20)
+    np.testing.assert_array_equal(windows[0][:5], 0)
+    np.testing.assert_array_equal(windows[0][5:], np.arange(1, 16))
+    np.testing.assert_array_equal(windows[2][:5], np.arange(16, 21))
+    np.testing.assert_array_equal(windows[2][5:], 0)
+
+
+def test_smoothing_and_file_prior_by_hand():
+    scores = np.array([[1.0], [0.0], [0.0], [0.5]], dtype=np.float32)
+    smoothed = infer.smooth_rows(scores, [0.1, 0.8, 0.1])
+    # Edges renormalise over the neighbours that exist: row 0 = (0.8*1 + 0.1*0) / 0.9.
+    np.testing.assert_allclose(smoothed[:, 0], [0.8 / 0.9, 0.1, 0.05, (0.8 * 0.5) / 0.9], rtol=1e-6)
+    with pytest.raises(ValueError):
+        infer.smooth_rows(scores, [0.5, 0.5])
+    prior = infer.apply_file_prior(scores, 0.25)
+    np.testing.assert_allclose(prior[:, 0], [1.0, 0.25, 0.25, 0.625])
+
+
+def test_combine_power_mean_and_missing_species():
+    class Fake:
+        def __init__(self, index):
+            self.column_index = np.array(index)
+    a = np.array([[0.2, 0.6]])
+    b = np.array([[0.4]])
+    members = [Fake([0, 1]), Fake([1])]  # the second model knows only species 1
+    mean = infer.combine([a, b], members, 3, "mean", 2.0)
+    np.testing.assert_allclose(mean, [[0.2, 0.5, 0.0]])
+    power = infer.combine([a, b], members, 3, "power", 2.0)
+    np.testing.assert_allclose(power, [[0.2, np.sqrt((0.36 + 0.16) / 2), 0.0]], rtol=1e-6)
+
+
+def test_raven_and_csv_formats(checkpoint, tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    write_audio(folder / "site1.wav", 12.0)
+    run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "raven",
+              "--format", "raven", "--min-conf", "0.2")
+    table = pd.read_csv(tmp_path / "raven" / "site1.selections.txt", sep="\t")
+    assert list(table.columns) == infer.RAVEN_COLUMNS
+    assert len(table) > 0 and (table["Confidence"] >= 0.2).all()
+    assert list(table["Selection"]) == list(range(1, len(table) + 1))
+    assert set(table["Begin Time (s)"]) <= {0.0, 5.0, 10.0}
+    assert ((table["End Time (s)"] - table["Begin Time (s)"]) == 5.0).all()
+    assert set(table["Species Code"]) <= set(TINY_SPECIES)
+
+    run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "rows.csv", "--format", "csv")
+    rows = pd.read_csv(tmp_path / "rows.csv")
+    assert list(rows.columns[:3]) == ["file", "start_s", "end_s"]
+    assert list(rows["start_s"]) == [0.0, 5.0, 10.0] and set(rows["file"]) == {"site1.wav"}
+
+
+def test_scoring_with_both_label_formats(checkpoint, tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    species = sorted(TINY_SPECIES)
+    # 4 rows, each 5 s of one species' call: a labelled soundscape the model has a chance on.
+    audio = np.concatenate([tone_recording(TINY_SPECIES[code], 5.0, 16000, rng) for code in species])
+    sf.write(folder / "scape.wav", audio, 16000)
+    segments = pd.DataFrame({"file": ["scape.wav"] * 4, "start_s": [0, 5, 10, 15],
+                             "end_s": [5, 10, 15, 20], "labels": species})
+    segments.to_csv(tmp_path / "labels_5s.csv", index=False)
+    by_segment = run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "sub.csv",
+                           "--labels", tmp_path / "labels_5s.csv")["scores"]
+    matrix = pd.DataFrame(np.eye(4, dtype=int), columns=species)
+    matrix.insert(0, "row_id", ["scape_5", "scape_10", "scape_15", "scape_20"])
+    matrix.to_csv(tmp_path / "labels_matrix.csv", index=False)
+    by_matrix = run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "sub.csv",
+                          "--labels", tmp_path / "labels_matrix.csv")["scores"]
+    assert by_segment == by_matrix
+    assert by_segment["rows"] == 4
+    assert set(by_segment) >= {"cmap5", "cmap3", "macro_ap", "lrap"}
+
+
+def test_bad_files_still_give_a_submission(checkpoint, tmp_path, caplog):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    write_audio(folder / "good.wav", 10.0)
+    (folder / "text.ogg").write_text("not audio at all")
+    open(folder / "empty.wav", "wb").close()
+    with caplog.at_level(logging.WARNING):
+        result = run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "sub.csv")
+    submission = pd.read_csv(tmp_path / "sub.csv")
+    assert list(submission["row_id"]) == ["good_5", "good_10"]
+    assert len(result["problems"]) == 2
+    assert any("text.ogg" in line for line in result["problems"])
+    assert "text.ogg" in caplog.text
+
+
+def test_one_line_errors(checkpoint, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no ogg/mp3/flac/wav files"):
+        run_infer("--ckpts", checkpoint, "--soundscapes", empty)
+    import model as model_lib
+    with pytest.raises(model_lib.CheckpointError, match="not found"):
+        run_infer("--ckpts", tmp_path / "missing.pt", "--soundscapes", empty)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    with pytest.raises(model_lib.CheckpointError, match="not a checkpoint written by train.py"):
+        run_infer("--ckpts", tmp_path / "foreign.pt", "--soundscapes", empty)
