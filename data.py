@@ -141,6 +141,8 @@ def check_audio_files(paths) -> tuple[list[tuple[int, float]], list[tuple[str, s
     headers, bad = [], []
     for path in paths:
         try:
+            if not Path(path).is_file():
+                raise FileNotFoundError("file does not exist")
             info = sf.info(path)
             if info.frames <= 0 or info.samplerate <= 0:
                 raise ValueError("no audio frames")
@@ -202,7 +204,7 @@ def choose_crop_start(duration: float, window: float, policy: str, ends_seconds:
     if policy == "random":
         return float(rng.uniform(0.0, duration - window))
     if policy == "ends":
-        segment = min(ends_seconds, duration)
+        segment = min(max(ends_seconds, window), duration)  # never shorter than the window
         segment_start = 0.0 if rng.random() < 0.5 else duration - segment
         return segment_start + float(rng.uniform(0.0, max(segment - window, 0.0)))
     raise ValueError(f"unknown crop policy {policy!r}; expected one of {CROP_POLICIES}")

@@ -1,0 +1,366 @@
+"""Tests for model.py: the mel frontend, logits vs activations, backbones, checkpoints.
+
+Only timm's tiny `test_efficientnet` is ever built; nothing is downloaded (the hub
+path is forced offline, or timm.create_model is replaced).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torchaudio
+
+import model
+
+SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX = 16000, 512, 256, 32, 50.0, 8000.0
+
+
+def make_config(**overrides) -> dict:
+    config = {"backbone": "test_efficientnet", "labels": ["aaa1", "bbb1", "ccc1"],
+              "activation": "softmax", "sample_rate": SAMPLE_RATE, "window_seconds": 1.0,
+              "n_fft": N_FFT, "hop": HOP, "n_mels": N_MELS, "fmin": FMIN, "fmax": FMAX,
+              "normalization": "standard", "dropout": 0.0}
+    config.update(overrides)
+    return config
+
+
+def frontend(normalization="standard") -> model.MelFrontend:
+    return model.MelFrontend(SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX, normalization)
+
+
+def waveforms(batch: int, samples: int = SAMPLE_RATE, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    t = torch.arange(samples) / SAMPLE_RATE
+    tones = torch.stack([torch.sin(2 * math.pi * (500 + 700 * i) * t) for i in range(batch)])
+    return 0.3 * tones + 0.05 * torch.randn(batch, samples, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def small_model() -> model.BirdCallModel:
+    torch.manual_seed(0)
+    return model.BirdCallModel(make_config()).eval()
+
+
+# ----------------------------------------------------------------------------- frontend
+
+@pytest.mark.parametrize("samples", [16000, 16001, 16100, 8192, 1000])
+def test_frontend_output_shape(samples):
+    image = frontend()(waveforms(3, samples))
+    assert image.shape == (3, 1, N_MELS, 1 + samples // HOP)
+    assert image.dtype == torch.float32
+
+
+def test_frontend_none_matches_hand_log_mel():
+    """Re-derivation: |STFT|^2 (hann, centred, reflect) -> mel filters -> 10 log10 -> per-example top 80 dB."""
+    x = waveforms(2)
+    x[1] *= 10.0
+    x[1, 4000:12000] = 0.0  # digital silence: the 80 dB floor matters
+    window = torch.hann_window(N_FFT)
+    spec = torch.stft(x, N_FFT, HOP, window=window, center=True, pad_mode="reflect",
+                      return_complex=True).abs() ** 2                      # (B, F, T)
+    fbank = torchaudio.functional.melscale_fbanks(N_FFT // 2 + 1, FMIN, FMAX, N_MELS, SAMPLE_RATE)
+    mel = torch.einsum("bft,fm->bmt", spec, fbank)
+    db = 10 * torch.log10(mel.clamp(min=1e-10))
+    floor = db.amax(dim=(1, 2), keepdim=True) - 80.0
+    expected = torch.maximum(db, floor).unsqueeze(1)
+    image = frontend("none")(x)
+    assert (expected[1] == floor[1]).any(), "the reference must exercise the top_db floor"
+    torch.testing.assert_close(image, expected, atol=2e-3, rtol=1e-4)
+
+
+def test_frontend_example_does_not_depend_on_its_batch():
+    t = torch.arange(SAMPLE_RATE) / SAMPLE_RATE
+    generator = torch.Generator().manual_seed(1)
+    quiet = 0.01 * torch.sin(2 * math.pi * 1000 * t) + 1e-7 * torch.randn(SAMPLE_RATE, generator=generator)
+    loud = 100.0 * torch.randn(SAMPLE_RATE, generator=generator)
+    for normalization in ("standard", "minmax", "none"):
+        layer = frontend(normalization)
+        alone = layer(quiet[None])
+        in_batch = layer(torch.stack([loud, quiet, loud]))
+        torch.testing.assert_close(in_batch[1:2], alone, atol=1e-5, rtol=0,
+                                   msg=f"{normalization}: example changed by a loud batch mate")
+        torch.testing.assert_close(in_batch[0:1], layer(loud[None]), atol=1e-5, rtol=0)
+
+
+def test_frontend_standard_normalisation_per_example():
+    x = waveforms(4)
+    x[0] *= 50.0
+    x[3] *= 1e-3
+    image = frontend("standard")(x)
+    for example in image:
+        assert abs(float(example.mean())) < 1e-4
+        assert abs(float(example.std()) - 1.0) < 1e-3
+
+
+def test_frontend_minmax_normalisation_per_example():
+    x = waveforms(3)
+    x[2] *= 100.0
+    image = frontend("minmax")(x)
+    for example in image:
+        assert float(example.min()) == pytest.approx(0.0, abs=1e-6)
+        assert float(example.max()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_frontend_rejects_fmax_above_nyquist_and_unknown_normalisation():
+    with pytest.raises(ValueError, match="Nyquist"):
+        model.MelFrontend(16000, 512, 256, 32, 50.0, 8001.0)
+    model.MelFrontend(16000, 512, 256, 32, 50.0, 8000.0)  # exactly Nyquist is allowed
+    with pytest.raises(ValueError, match="normalization"):
+        model.MelFrontend(16000, 512, 256, 32, 50.0, 8000.0, "zscore")
+
+
+def test_frontend_is_float32_under_bf16_autocast():
+    layer = frontend("standard")
+    x = waveforms(2)
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = layer(x)
+        from_bf16_input = layer(x.to(torch.bfloat16))
+    assert inside.dtype == torch.float32
+    assert from_bf16_input.dtype == torch.float32
+    torch.testing.assert_close(inside, reference, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- model and activations
+
+def test_model_forward_returns_logits(small_model):
+    x = waveforms(4)
+    logits = small_model(x)
+    assert logits.shape == (4, 3) and logits.dtype == torch.float32
+    # re-derivation: frontend -> backbone -> mean over (freq, time) -> linear head, no activation
+    with torch.no_grad():
+        features = small_model.backbone(small_model.frontend(x))
+        assert features.ndim == 4
+        expected = small_model.head(features.mean(dim=(2, 3)))
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_model_output_is_not_a_probability():
+    torch.manual_seed(1)
+    net = model.BirdCallModel(make_config()).eval()
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.copy_(torch.tensor([-3.0, 2.0, 0.5]))
+        out = net(torch.randn(3, SAMPLE_RATE))
+    # a zero-weight head outputs its bias for every input: logits, untouched
+    assert torch.equal(out, torch.tensor([[-3.0, 2.0, 0.5]] * 3))
+    assert not torch.allclose(out.sum(dim=1), torch.ones(3))
+    assert (out < 0).any() and (out > 1).any()
+
+
+def test_model_properties(small_model):
+    assert small_model.labels == ["aaa1", "bbb1", "ccc1"]
+    assert small_model.activation == "softmax"
+    assert small_model.window_samples == SAMPLE_RATE
+    assert model.BirdCallModel(make_config(window_seconds=2.5, activation="sigmoid")).window_samples == 40000
+
+
+def test_model_config_is_a_copy():
+    config = make_config()
+    net = model.BirdCallModel(config)
+    config["labels"].append("zzz9")
+    assert net.labels == ["aaa1", "bbb1", "ccc1"]
+    assert net.head.out_features == 3
+
+
+def test_activate_softmax_sigmoid_and_unknown():
+    logits = torch.tensor([[-3.0, 2.0, 0.5], [10.0, 10.0, -10.0], [0.0, 0.0, 0.0]])
+    soft = model.activate(logits, "softmax")
+    exp = [[math.exp(v) for v in row] for row in logits.tolist()]
+    expected_soft = torch.tensor([[v / sum(row) for v in row] for row in exp])
+    torch.testing.assert_close(soft, expected_soft)
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(3))
+    sig = model.activate(logits, "sigmoid")
+    expected_sig = torch.tensor([[1 / (1 + math.exp(-v)) for v in row] for row in logits.tolist()])
+    torch.testing.assert_close(sig, expected_sig)
+    assert torch.equal(sig, torch.sigmoid(logits))
+    assert model.activate(logits.to(torch.bfloat16), "softmax").dtype == torch.float32
+    with pytest.raises(ValueError, match="tanh"):
+        model.activate(logits, "tanh")
+
+
+# ----------------------------------------------------------------------------- backbones
+
+def test_check_backbone_name_unknown_raises_with_timms_message():
+    with pytest.raises(ValueError, match=r"Unknown model") as raised:
+        model.check_backbone_name("efficientnet_b99_nonexistent")
+    assert "efficientnet_b99_nonexistent" in str(raised.value)
+    with pytest.raises(ValueError, match=r"Unknown model"):
+        model.create_backbone("efficientnet_b99_nonexistent", False, None)
+
+
+def test_check_backbone_name_accepts_real_names_without_building(monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("check_backbone_name must not build a known model")
+    monkeypatch.setattr(timm, "create_model", no_build)
+    model.check_backbone_name("efficientnet_b0")   # the train.py default
+    model.check_backbone_name("test_efficientnet")
+
+
+def test_create_backbone_random_init_has_one_channel_and_no_classifier():
+    backbone = model.create_backbone("test_efficientnet", False, None)
+    assert backbone.conv_stem.weight.shape[1] == 1
+    features = backbone(torch.zeros(2, 1, N_MELS, 63))
+    assert features.ndim == 4 and features.shape[:2] == (2, backbone.num_features)
+
+
+def test_pretrained_from_hub_offline_raises_pretrained_weights_error(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the constant is read at import, so set it too; and an empty cache
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(model.PretrainedWeightsError) as raised:
+        model.create_backbone("test_efficientnet", True, None)
+    message = str(raised.value)
+    assert "--pretrained-file" in message and "--no-pretrained" in message
+    assert "test_efficientnet" in message
+
+
+def test_pretrained_failure_never_falls_back_to_random(monkeypatch):
+    real_create = timm.create_model
+    calls = []
+
+    def create(name, pretrained=False, **kwargs):
+        calls.append(pretrained)
+        if pretrained:
+            raise OSError("simulated: weights unreachable")
+        return real_create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create)
+    with pytest.raises(model.PretrainedWeightsError) as raised:
+        model.create_backbone("test_efficientnet", True, None)
+    message = str(raised.value)
+    assert "--pretrained-file" in message and "--no-pretrained" in message
+    assert "simulated: weights unreachable" in message
+    assert isinstance(raised.value.__cause__, OSError)
+    assert calls == [True], "after the failed pretrained load no random model may be built"
+    with pytest.raises(model.PretrainedWeightsError):
+        model.BirdCallModel(make_config(), pretrained=True)
+
+
+def test_missing_pretrained_file_raises(tmp_path):
+    missing = tmp_path / "nowhere" / "weights.pth"
+    with pytest.raises(model.PretrainedWeightsError) as raised:
+        model.create_backbone("test_efficientnet", True, str(missing))
+    message = str(raised.value)
+    assert str(missing) in message
+    assert "--no-pretrained" in message
+
+
+def test_pretrained_file_loads_weights_and_sums_rgb_stem(tmp_path):
+    torch.manual_seed(123)
+    source = timm.create_model("test_efficientnet")          # 3 channels, 1000 classes
+    saved = {name: tensor.clone() for name, tensor in source.state_dict().items()}
+    path = tmp_path / "test_efficientnet.pth"
+    torch.save(source.state_dict(), path)
+
+    backbone = model.create_backbone("test_efficientnet", True, str(path))
+    loaded = backbone.state_dict()
+    torch.testing.assert_close(loaded["conv_stem.weight"],
+                               saved["conv_stem.weight"].sum(dim=1, keepdim=True), atol=0, rtol=0)
+    compared = 0
+    for name, tensor in loaded.items():
+        if name == "conv_stem.weight":
+            continue
+        assert name in saved, name
+        assert torch.equal(tensor, saved[name]), name
+        compared += 1
+    assert compared >= 50
+    assert not any(name.startswith("classifier") for name in loaded)
+
+    torch.manual_seed(7)
+    fresh = model.create_backbone("test_efficientnet", False, None).state_dict()
+    assert not torch.equal(fresh["blocks.0.0.conv.weight"], saved["blocks.0.0.conv.weight"]), \
+        "sanity: random initialisation must differ from the saved weights"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class Payload:
+    """A custom class: pickling it stores code to run on load."""
+
+    def __reduce__(self):
+        return (_record_execution, ("payload ran",))
+
+
+EXECUTED = []
+
+
+def _record_execution(message):
+    EXECUTED.append(message)
+    return message
+
+
+def test_read_checkpoint_missing_path(tmp_path):
+    path = tmp_path / "nope" / "best.pt"
+    with pytest.raises(model.CheckpointError, match="not found") as raised:
+        model.read_checkpoint(path)
+    assert str(path) in str(raised.value)
+
+
+def test_read_checkpoint_refuses_pickled_code(tmp_path, small_model):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": model.CHECKPOINT_FORMAT, "model": small_model.state_dict(),
+                "model_config": small_model.config, "extra": Payload()}, path)
+    EXECUTED.clear()
+    with pytest.raises(model.CheckpointError, match="weights_only") as raised:
+        model.read_checkpoint(path)
+    assert str(path) in str(raised.value)
+    assert EXECUTED == [], "the pickled code ran"
+
+
+def test_read_checkpoint_plain_dict_without_model(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save({"format": model.CHECKPOINT_FORMAT, "weights": {"a": torch.zeros(2)}}, path)
+    with pytest.raises(model.CheckpointError, match="'model'"):
+        model.read_checkpoint(path)
+    tensor_path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor_path)
+    with pytest.raises(model.CheckpointError):
+        model.read_checkpoint(tensor_path)
+
+
+def test_read_checkpoint_wrong_format(tmp_path, small_model):
+    path = tmp_path / "old.pt"
+    torch.save({"format": model.CHECKPOINT_FORMAT + 1, "model": small_model.state_dict(),
+                "model_config": small_model.config}, path)
+    with pytest.raises(model.CheckpointError, match="format"):
+        model.read_checkpoint(path)
+
+
+def test_read_checkpoint_text_file(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("this is a text file, not a checkpoint\n")
+    with pytest.raises(model.CheckpointError) as raised:
+        model.read_checkpoint(path)
+    assert str(path) in str(raised.value)
+
+
+def test_load_model_rebuilds_the_exact_model(tmp_path):
+    torch.manual_seed(5)
+    config = make_config(activation="sigmoid", dropout=0.3, labels=["zzz1", "aaa1", "mmm1", "bbb1"])
+    original = model.BirdCallModel(config)
+    with torch.no_grad():
+        original.train()
+        original(waveforms(4, seed=3))       # move the BatchNorm running statistics
+    original.eval()
+    path = tmp_path / "best.pt"
+    torch.save({"format": model.CHECKPOINT_FORMAT, "model": original.state_dict(),
+                "model_config": original.config, "labels": original.labels, "epoch": 3}, path)
+
+    loaded = model.load_model(path)
+    assert not loaded.training and not any(module.training for module in loaded.modules())
+    assert loaded.labels == ["zzz1", "aaa1", "mmm1", "bbb1"]
+    assert loaded.activation == "sigmoid"
+    assert loaded.config == original.config
+    x = waveforms(3, seed=8)
+    with torch.no_grad():
+        expected = original(x)
+        assert torch.equal(loaded(x), expected)
+        assert torch.equal(loaded(x), loaded(x))   # eval: dropout off
+        torch.manual_seed(6)
+        other = model.BirdCallModel(config).eval()
+        assert not torch.allclose(other(x), expected), "sanity: another initialisation differs"
