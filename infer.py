@@ -56,6 +56,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="score the predictions against a row_id x species 0/1 table or a "
                             "file,start_s,end_s,labels table")
 
+    group = parser.add_argument_group("detections mode (score training audio)")
+    group.add_argument("--audio-dir", default=None, help="train_audio folder, searched recursively")
+    group.add_argument("--detections", default=None,
+                       help="write per-window detections here instead of a submission")
+    group.add_argument("--metadata", default=None,
+                       help="train_metadata.csv giving each file's primary label (default: beside --audio-dir)")
+    group.add_argument("--top-k", type=int, default=3, help="species listed per window")
+
     group = parser.add_argument_group("how the classifier is applied")
     group.add_argument("--combine", choices=("mean", "power"), default="mean",
                        help="how checkpoints' scores are combined")
@@ -246,11 +254,12 @@ def apply_file_prior(scores: np.ndarray, weight: float) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- files
 
-def list_audio(folder) -> list[Path]:
+def list_audio(folder, recursive: bool = False) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in candidates if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
     if not files:
         raise FileNotFoundError(f"no {'/'.join(e[1:] for e in AUDIO_EXTENSIONS)} files in {folder}")
     return files
@@ -402,27 +411,12 @@ def _single_item(item):
     return item
 
 
-def main(args) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    members = load_members(args.ckpts, args.average_weights)
-    for member in members:
-        member.model.to(device)
-        if device.type == "cpu":
-            member.model.to(memory_format=torch.channels_last)
-    columns = output_columns(members, args.sample_submission)
-    align(members, columns)
-    files = list_audio(args.soundscapes)
-    bf16 = use_bf16(args.precision, device)
-    log.info("%d file(s), %d model(s), %d species, %s", len(files), len(members), len(columns),
-             "bf16 autocast" if bf16 else "fp32")
-
+def score_all(files: list[Path], members: list[Member], columns: list[str], args, device, bf16):
+    """Stream every file through the ensemble -> ({path: (n_rows, n_columns)}, problems, audio seconds)."""
     loader = torch.utils.data.DataLoader(DecodedFiles(files, [m.sample_rate for m in members]),
                                          batch_size=None, num_workers=args.workers,
                                          collate_fn=_single_item)
-    started = time.perf_counter()
-    results, problems, audio_seconds = {}, [], 0.0  # results: path -> (n_rows, n_columns)
+    results, problems, audio_seconds = {}, [], 0.0
     pending, pending_windows = [], 0
 
     def flush():
@@ -449,28 +443,93 @@ def main(args) -> dict:
             log.warning("%s: %s; writing %d row(s) of zeros", path, decoded["error"], n_rows)
     if pending:
         flush()
-    files_rows = [(path, len(results[path])) for path in files if path in results]
-    blocks = [results[path] for path, _ in files_rows]
-    ids = [row_id for path, n in files_rows for row_id in row_ids(path.stem, n)]
-    wall = time.perf_counter() - started
+    return results, problems, audio_seconds
 
-    submission = pd.DataFrame(np.concatenate(blocks) if blocks else np.zeros((0, len(columns))), columns=columns)
-    submission.insert(0, "row_id", ids)
-    write_output(submission, files_rows, args, members)
+
+def primary_labels_of(files: list[Path], audio_dir: Path, metadata: str | None) -> list[str]:
+    """Each training file's primary label: from train_metadata.csv, else its folder name."""
+    lookup = {}
+    metadata_path = Path(metadata) if metadata else audio_dir.parent / "train_metadata.csv"
+    if metadata_path.is_file():
+        table = pd.read_csv(metadata_path, usecols=["primary_label", "filename"], dtype=str)
+        lookup = dict(zip(table["filename"], table["primary_label"]))
+    return [lookup.get(path.relative_to(audio_dir).as_posix(), path.parent.name) for path in files]
+
+
+def write_detections(results: dict, files: list[Path], columns: list[str], args) -> pd.DataFrame:
+    """Per file and 5-s window: the top-k species with scores and the score of the file's primary label."""
+    audio_dir = Path(args.audio_dir)
+    index = {column: i for i, column in enumerate(columns)}
+    rows = []
+    for path, primary in zip(files, primary_labels_of(files, audio_dir, args.metadata)):
+        if path not in results:
+            continue
+        scores = results[path]
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :args.top_k]
+        for window, window_scores in enumerate(scores):
+            row = {"filename": path.relative_to(audio_dir).as_posix(), "start_s": window * ROW_SECONDS,
+                   "end_s": (window + 1) * ROW_SECONDS, "primary_label": primary,
+                   "primary_score": float(window_scores[index[primary]]) if primary in index else float("nan")}
+            for rank, column in enumerate(top[window], start=1):
+                row[f"top{rank}_label"] = columns[column]
+                row[f"top{rank}_score"] = float(window_scores[column])
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    Path(args.detections).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.detections, index=False)
+    return table
+
+
+def main(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    members = load_members(args.ckpts, args.average_weights)
+    for member in members:
+        member.model.to(device)
+        if device.type == "cpu":
+            member.model.to(memory_format=torch.channels_last)
+    columns = output_columns(members, args.sample_submission)
+    align(members, columns)
+    detections_mode = args.detections is not None
+    if detections_mode:
+        if not args.audio_dir:
+            raise ValueError("--detections needs --audio-dir (the train_audio folder)")
+        files = list_audio(args.audio_dir, recursive=True)
+    else:
+        files = list_audio(args.soundscapes)
+    bf16 = use_bf16(args.precision, device)
+    log.info("%d file(s), %d model(s), %d species, %s", len(files), len(members), len(columns),
+             "bf16 autocast" if bf16 else "fp32")
+
+    started = time.perf_counter()
+    results, problems, audio_seconds = score_all(files, members, columns, args, device, bf16)
+    wall = time.perf_counter() - started
     speed = audio_seconds / wall if wall > 0 else float("inf")
-    log.info("wrote %s: %d rows from %d file(s)", args.out, len(submission), len(files_rows))
+    summary = {"audio_seconds": audio_seconds, "wall_seconds": wall, "realtime_factor": speed,
+               "problems": problems}
+    if detections_mode:
+        summary["detections"] = write_detections(results, files, columns, args)
+        log.info("wrote %s: %d windows from %d file(s)", args.detections, len(summary["detections"]), len(results))
+    else:
+        files_rows = [(path, len(results[path])) for path in files if path in results]
+        blocks = [results[path] for path, _ in files_rows]
+        submission = pd.DataFrame(np.concatenate(blocks) if blocks else np.zeros((0, len(columns))),
+                                  columns=columns)
+        submission.insert(0, "row_id", [row_id for path, n in files_rows for row_id in row_ids(path.stem, n)])
+        write_output(submission, files_rows, args, members)
+        log.info("wrote %s: %d rows from %d file(s)", args.out, len(submission), len(files_rows))
+        summary.update(rows=len(submission), submission=submission)
     log.info("audio %.1f min, wall %.1f s, %.0fx real time; BirdCLEF 2023 test set (200 x 10 min) "
              "projected at %.1f min", audio_seconds / 60, wall, speed, 200 * 600 / speed / 60 if speed else float("nan"))
     for line in problems:
         log.warning("problem: %s", line)
-    results = {"rows": len(submission), "audio_seconds": audio_seconds, "wall_seconds": wall,
-               "realtime_factor": speed, "problems": problems, "submission": submission}
-    if args.labels:
-        scores = score_submission(submission, args.labels)
+    if args.labels and not detections_mode:
+        scores = score_submission(summary["submission"], args.labels)
         log.info("scored %d labelled rows: cmAP5 %.4f  cmAP3 %.4f  macro AP %.4f  LRAP %.4f",
                  scores["rows"], scores["cmap5"], scores["cmap3"], scores["macro_ap"], scores["lrap"])
-        results["scores"] = scores
-    return results
+        summary["scores"] = scores
+    return summary
 
 
 if __name__ == "__main__":

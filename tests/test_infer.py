@@ -216,3 +216,23 @@ def test_one_line_errors(checkpoint, tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     with pytest.raises(model_lib.CheckpointError, match="not a checkpoint written by train.py"):
         run_infer("--ckpts", tmp_path / "foreign.pt", "--soundscapes", empty)
+
+
+def test_detections_mode_on_training_audio(checkpoint, tiny_data, tmp_path):
+    result = run_infer("--ckpts", checkpoint, "--audio-dir", tiny_data / "train_audio",
+                       "--detections", tmp_path / "detections.csv", "--top-k", "2")
+    table = pd.read_csv(tmp_path / "detections.csv")
+    assert list(table.columns) == ["filename", "start_s", "end_s", "primary_label", "primary_score",
+                                   "top1_label", "top1_score", "top2_label", "top2_score"]
+    metadata = pd.read_csv(tiny_data / "train_metadata.csv")
+    assert set(table["filename"]) == set(metadata["filename"])
+    primary = dict(zip(metadata["filename"], metadata["primary_label"]))
+    assert (table["primary_label"] == table["filename"].map(primary)).all()
+    assert (table["top1_score"] >= table["top2_score"]).all()
+    assert (table["primary_score"] <= table["top1_score"] + 1e-7).all()
+    # Each file gives as many windows as it has 5-s rows.
+    durations = {name: sf.info(tiny_data / "train_audio" / name).duration for name in metadata["filename"]}
+    counts = table.groupby("filename").size()
+    for name, seconds in durations.items():
+        assert counts[name] == infer.row_count(int(seconds * 1000), 1000)
+    assert len(result["detections"]) == len(table)
