@@ -83,7 +83,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     group.add_argument("--workers", type=int, default=1, help="processes decoding audio ahead")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                       help="auto: bf16 autocast on CPUs with native bf16, else fp32")
+                       help="auto: bf16 on CPUs with native bf16 (torch autocast, OpenVINO), else fp32")
+    group.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                       help="CPU engine for the classifier; onnxruntime and openvino are optional "
+                            "installs, checked against torch on the first batch")
+    group.add_argument("--parity-tolerance", type=float, default=0.02,
+                       help="largest score difference from torch fp32 accepted on the first batch")
     group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     return parser
 
@@ -143,6 +148,7 @@ class Member:
     name: str
     model: model_lib.BirdCallModel
     column_index: np.ndarray = field(default=None)  # for each model label: output column, or -1
+    runner: object = None                           # waveforms (B, samples) -> logits (B, C)
 
     @property
     def sample_rate(self) -> int:
@@ -201,16 +207,115 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-@torch.inference_mode()
-def predict(member: Member, windows: np.ndarray, batch_size: int, device, bf16: bool) -> np.ndarray:
+class TorchRunner:
+    """Waveforms (B, samples) -> logits (B, C) float32 on the CPU, with plain PyTorch."""
+
+    def __init__(self, model: model_lib.BirdCallModel, device: torch.device, bf16: bool):
+        self.model, self.device, self.bf16 = model.to(device), device, bf16
+        if device.type == "cpu":
+            self.model.to(memory_format=torch.channels_last)  # faster convolutions with oneDNN
+
+    @torch.inference_mode()
+    def __call__(self, waveforms: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(waveforms.to(self.device)).float().cpu()
+
+
+class _Classifier(torch.nn.Module):
+    """The exported part: spectrogram image -> logits (the frontend stays the model's torch layer)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        return self.model.classify(image)
+
+
+def import_optional(name: str):
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise ValueError(f"--backend {name} needs the optional package '{name}' "
+                         f"(pip install {name}); it is not installed") from error
+
+
+class ExportedRunner:
+    """The model's own torch frontend, then its classifier exported to ONNX Runtime or OpenVINO.
+
+    The first batch is also run through plain fp32 PyTorch and the scores compared,
+    so an export that changes the predictions is refused instead of submitted.
+    """
+
+    def __init__(self, model: model_lib.BirdCallModel, backend: str, bf16: bool, threads: int,
+                 tolerance: float):
+        self.model, self.backend, self.tolerance, self.checked = model.float().cpu().eval(), backend, tolerance, False
+        with torch.no_grad():  # not inference_mode: exporters trace with these tensors
+            example = model.frontend(torch.randn(2, model.window_samples))     # (2, 1, n_mels, T)
+        if backend == "onnxruntime":
+            ort = import_optional("onnxruntime")
+            import tempfile
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "classifier.onnx"
+                torch.onnx.export(_Classifier(model).eval(), (example,), str(path), input_names=["image"],
+                                  output_names=["logits"], dynamo=False,
+                                  dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+                options = ort.SessionOptions()
+                if threads:
+                    options.intra_op_num_threads = threads
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.run = lambda image: session.run(None, {"image": image})[0]
+        elif backend == "openvino":
+            ov = import_optional("openvino")
+            config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = threads
+            compiled = ov.Core().compile_model(ov.convert_model(_Classifier(model), example_input=example),
+                                               "CPU", config)
+            self.run = lambda image: compiled(image)[0]
+        else:
+            raise ValueError(f"unknown backend {backend!r}")
+        self.model.eval()  # exporters restore the wrapper's train/eval mode onto the model; keep eval
+
+    @torch.inference_mode()
+    def __call__(self, waveforms: torch.Tensor) -> torch.Tensor:
+        image = self.model.frontend(waveforms).numpy()                         # (B, 1, n_mels, T)
+        logits = torch.from_numpy(np.asarray(self.run(image), dtype=np.float32))
+        if not self.checked:
+            self.check_against_torch(waveforms[:8], logits[:8])
+        return logits
+
+    def check_against_torch(self, waveforms, logits):
+        check_parity(self.model, waveforms, logits, self.backend, self.tolerance)
+        self.checked = True
+
+
+def check_parity(model, waveforms: torch.Tensor, logits: torch.Tensor, backend: str, tolerance: float) -> float:
+    """Compare a backend's logits for `waveforms` with plain fp32 PyTorch; raise if the scores differ."""
+    with torch.inference_mode():
+        reference = model_lib.activate(model(waveforms), model.activation)
+    difference = (model_lib.activate(logits, model.activation) - reference).abs().max().item()
+    if not difference <= tolerance:  # also catches nan
+        raise FloatingPointError(f"--backend {backend} disagrees with PyTorch on the first batch: "
+                                 f"scores differ by up to {difference:.4f} (> --parity-tolerance "
+                                 f"{tolerance}); use --backend torch")
+    log.info("%s matches PyTorch on the first batch (largest score difference %.2e)", backend, difference)
+    return difference
+
+
+def make_runner(model, args, device, bf16):
+    if args.backend == "torch":
+        return TorchRunner(model, device, bf16)
+    if device.type != "cpu":
+        raise ValueError(f"--backend {args.backend} runs on the CPU; use --backend torch with --device {device}")
+    return ExportedRunner(model, args.backend, bf16, args.threads, args.parity_tolerance)
+
+
+def predict(member: Member, windows: np.ndarray, batch_size: int) -> np.ndarray:
     """(W, window_samples) -> activated scores (W, n_model_labels), float32."""
-    outputs = []
-    for start in range(0, len(windows), batch_size):
-        batch = torch.from_numpy(windows[start:start + batch_size]).to(device)   # (B, samples)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = member.model(batch)                                         # (B, C)
-        outputs.append(logits.float().cpu())
-    logits = torch.cat(outputs)
+    logits = torch.cat([member.runner(torch.from_numpy(windows[start:start + batch_size]))
+                        for start in range(0, len(windows), batch_size)])       # (W, C)
     if not torch.isfinite(logits).all():
         raise FloatingPointError(f"{member.name} produced {int((~torch.isfinite(logits)).sum())} "
                                  f"non-finite logits; refusing to write them into a submission")
@@ -297,7 +402,7 @@ def header_seconds(path) -> float | None:
         return None
 
 
-def score_files(group: list[dict], members: list[Member], n_columns: int, args, device, bf16) -> list[np.ndarray]:
+def score_files(group: list[dict], members: list[Member], n_columns: int, args) -> list[np.ndarray]:
     """Decoded files -> one (n_rows, n_columns) score array per file.
 
     The windows of all files in the group go through each model together, so
@@ -311,7 +416,7 @@ def score_files(group: list[dict], members: list[Member], n_columns: int, args, 
         windows = np.concatenate([cut_windows(d["waveforms"][member.sample_rate], member.sample_rate,
                                               starts, member.window_seconds)
                                   for d, (starts, _) in zip(group, plans)])      # (sum W, samples)
-        window_scores = predict(member, windows, args.batch_size, device, bf16)  # (sum W, C_m)
+        window_scores = predict(member, windows, args.batch_size)                # (sum W, C_m)
         bounds = np.cumsum([0] + [len(starts) for starts, _ in plans])
         for i, (_, weights) in enumerate(plans):
             per_file[i].append(weights @ window_scores[bounds[i]:bounds[i + 1]])   # (n_rows, C_m)
@@ -411,7 +516,7 @@ def _single_item(item):
     return item
 
 
-def score_all(files: list[Path], members: list[Member], columns: list[str], args, device, bf16):
+def score_all(files: list[Path], members: list[Member], columns: list[str], args):
     """Stream every file through the ensemble -> ({path: (n_rows, n_columns)}, problems, audio seconds)."""
     loader = torch.utils.data.DataLoader(DecodedFiles(files, [m.sample_rate for m in members]),
                                          batch_size=None, num_workers=args.workers,
@@ -420,7 +525,7 @@ def score_all(files: list[Path], members: list[Member], columns: list[str], args
     pending, pending_windows = [], 0
 
     def flush():
-        for decoded, scores in zip(pending, score_files(pending, members, len(columns), args, device, bf16)):
+        for decoded, scores in zip(pending, score_files(pending, members, len(columns), args)):
             results[decoded["path"]] = scores
         pending.clear()
 
@@ -485,10 +590,9 @@ def main(args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     members = load_members(args.ckpts, args.average_weights)
+    bf16 = use_bf16(args.precision, device)
     for member in members:
-        member.model.to(device)
-        if device.type == "cpu":
-            member.model.to(memory_format=torch.channels_last)
+        member.runner = make_runner(member.model, args, device, bf16)
     columns = output_columns(members, args.sample_submission)
     align(members, columns)
     detections_mode = args.detections is not None
@@ -498,12 +602,11 @@ def main(args) -> dict:
         files = list_audio(args.audio_dir, recursive=True)
     else:
         files = list_audio(args.soundscapes)
-    bf16 = use_bf16(args.precision, device)
-    log.info("%d file(s), %d model(s), %d species, %s", len(files), len(members), len(columns),
-             "bf16 autocast" if bf16 else "fp32")
+    log.info("%d file(s), %d model(s), %d species, backend %s, %s", len(files), len(members), len(columns),
+             args.backend, "bf16" if bf16 else "fp32")
 
     started = time.perf_counter()
-    results, problems, audio_seconds = score_all(files, members, columns, args, device, bf16)
+    results, problems, audio_seconds = score_all(files, members, columns, args)
     wall = time.perf_counter() - started
     speed = audio_seconds / wall if wall > 0 else float("inf")
     summary = {"audio_seconds": audio_seconds, "wall_seconds": wall, "realtime_factor": speed,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 import pandas as pd
@@ -236,3 +237,35 @@ def test_detections_mode_on_training_audio(checkpoint, tiny_data, tmp_path):
     for name, seconds in durations.items():
         assert counts[name] == infer.row_count(int(seconds * 1000), 1000)
     assert len(result["detections"]) == len(table)
+
+
+def test_parity_check_refuses_a_backend_that_changes_scores(checkpoint):
+    import model as model_lib
+    model = model_lib.load_model(checkpoint)
+    waveforms = torch.randn(3, model.window_samples)
+    with torch.inference_mode():
+        logits = model(waveforms)
+    assert infer.check_parity(model, waveforms, logits, "fake", 1e-6) < 1e-6
+    with pytest.raises(FloatingPointError, match="disagrees with PyTorch"):
+        infer.check_parity(model, waveforms, logits + torch.tensor([3.0, 0, 0, 0]), "fake", 0.02)
+    with pytest.raises(FloatingPointError):
+        infer.check_parity(model, waveforms, logits * float("nan"), "fake", 0.02)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_optional_backends_match_torch(backend, checkpoint, tmp_path):
+    pytest.importorskip(backend)
+    folder = tmp_path / "s"
+    folder.mkdir()
+    write_audio(folder / "a.wav", 23.0)
+    common = ["--ckpts", checkpoint, "--soundscapes", folder, "--precision", "fp32"]
+    torch_scores = run_infer(*common, "--out", tmp_path / "t.csv")["submission"]
+    other = run_infer(*common, "--out", tmp_path / "o.csv", "--backend", backend)["submission"]
+    assert list(other["row_id"]) == list(torch_scores["row_id"])
+    np.testing.assert_allclose(other.iloc[:, 1:].to_numpy(), torch_scores.iloc[:, 1:].to_numpy(), atol=1e-4)
+
+
+def test_missing_optional_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
+    with pytest.raises(ValueError, match="needs the optional package 'openvino'"):
+        infer.import_optional("openvino")
