@@ -292,6 +292,25 @@ def ensure_demo_data(data_dir) -> Path:
     """The default --data-dir is the demo folder, generated on first use."""
     data_dir = Path(data_dir)
     if data_dir.resolve() == DEMO_DIR and not (data_dir / "train_metadata.csv").is_file():
+        import demo
         log.warning("writing the built-in demo data set to %s (first use)", data_dir)
-        write_demo_dataset(data_dir)
+        demo.write_demo_dataset(data_dir)
     return data_dir
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Data tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo_parser = commands.add_parser("demo", help="write the synthetic demo data set (BirdCLEF 2023 layout)",
+                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo_parser.add_argument("--out", default=str(DEMO_DIR), help="folder to write")
+    demo_parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        import demo
+        demo.write_demo_dataset(args.out, seed=args.seed)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    main()

@@ -63,7 +63,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     pretrained = group.add_mutually_exclusive_group()
     pretrained.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
                             help="start from the timm hub's pretrained weights")
-    pretrained.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+    pretrained.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=argparse.SUPPRESS,
                             help="start from random weights (offline machines)")
     group.add_argument("--pretrained-file", default=None,
                        help="local pretrained weights for --backbone (implies pretrained)")
@@ -462,6 +462,11 @@ def main(args) -> dict:
             path.unlink(missing_ok=True)
 
     val_loader = make_loader(val_set, args, device)
+    chance = metrics.classification_metrics(  # what random scores get on this validation set
+        val_set.targets, np.random.default_rng(args.seed).random(val_set.targets.shape))
+    log.info("chance level on this validation set (random scores): cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f",
+             chance["cmap5"], chance["cmap3"], chance["macro_ap"])
+    state["chance"] = chance
     stop_reason = []
 
     def on_eval() -> bool:

@@ -1,0 +1,76 @@
+"""The built-in demo data set: exact BirdCLEF 2023 layout, weak labels, determinism."""
+from __future__ import annotations
+
+import ast
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+import data
+import demo
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return demo.write_demo_dataset(tmp_path_factory.mktemp("demo"), seed=0)
+
+
+def test_layout_and_columns_are_birdclef_2023(demo_dir):
+    metadata = pd.read_csv(demo_dir / "train_metadata.csv")
+    assert list(metadata.columns) == ["primary_label", "secondary_labels", "type", "latitude", "longitude",
+                                      "scientific_name", "common_name", "author", "license", "rating", "url",
+                                      "filename"]
+    assert all(isinstance(ast.literal_eval(value), list) for value in metadata["secondary_labels"])
+    assert (metadata["filename"].str.split("/").str[0] == metadata["primary_label"]).all()
+    assert all((demo_dir / "train_audio" / name).is_file() for name in metadata["filename"])
+    species = sorted(metadata["primary_label"].unique())
+    assert len(species) >= 8
+    submission = pd.read_csv(demo_dir / "sample_submission.csv")
+    assert list(submission.columns) == ["row_id", *species]
+    # The project's own reader accepts it.
+    table = data.read_metadata(demo_dir)
+    assert data.read_vocabulary(demo_dir, table) == species
+    assert not data.check_audio_files(table["path"])[1]
+
+
+def test_long_tail_weak_labels_and_varied_audio(demo_dir):
+    metadata = pd.read_csv(demo_dir / "train_metadata.csv")
+    counts = metadata["primary_label"].value_counts()
+    assert counts.max() >= 10 * counts.min() and counts.min() >= 2   # long tail, all splittable
+    assert (metadata["secondary_labels"] != "[]").sum() >= 5          # another species audible sometimes
+    infos = [sf.info(demo_dir / "train_audio" / name) for name in metadata["filename"]]
+    assert {info.samplerate for info in infos} >= {32000, 44100, 48000}
+    assert {info.channels for info in infos} == {1, 2}
+    durations = np.array([info.duration for info in infos])
+    assert durations.min() < 5 and durations.max() > 30
+
+
+def test_soundscapes_have_5_second_labels(demo_dir):
+    labels = pd.read_csv(demo_dir / "test_soundscapes_labels.csv", keep_default_na=False)
+    assert list(labels.columns) == ["file", "start_s", "end_s", "labels"]
+    species = set(pd.read_csv(demo_dir / "train_metadata.csv")["primary_label"])
+    for name, rows in labels.groupby("file"):
+        info = sf.info(demo_dir / "test_soundscapes" / name)
+        assert 60 <= info.duration <= 120
+        assert list(rows["start_s"]) == list(range(0, int(info.duration), 5))
+        assert ((rows["end_s"] - rows["start_s"]) == 5).all()
+    codes = {code for value in labels["labels"] for code in value.split()}
+    assert codes <= species
+    share_with_calls = (labels["labels"] != "").mean()
+    assert 0.2 < share_with_calls < 0.9  # no-call windows exist, as in real soundscapes
+
+
+def test_small_and_deterministic(demo_dir, tmp_path):
+    size = sum(path.stat().st_size for path in demo_dir.rglob("*") if path.is_file())
+    assert size < 50e6
+    plan_a, plan_b = demo.plan_demo(0), demo.plan_demo(0)
+    assert plan_a == plan_b and demo.plan_demo(1) != plan_a
+    recording = plan_a["recordings"][0]
+    np.testing.assert_array_equal(demo.synth_recording(recording)[0], demo.synth_recording(recording)[0])
+    # OGG pages carry a random stream serial in libsndfile; the writer fixes it, so files are byte-identical.
+    audio = demo.synth_recording(recording)[0]
+    demo.write_ogg(tmp_path / "a.ogg", audio, recording["sr"], 1234)
+    demo.write_ogg(tmp_path / "b.ogg", audio, recording["sr"], 1234)
+    assert (tmp_path / "a.ogg").read_bytes() == (tmp_path / "b.ogg").read_bytes()
