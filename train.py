@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -35,7 +37,8 @@ import model as model_lib
 
 log = logging.getLogger("birdclef")
 
-MONITORED = ("cmap5", "cmap3", "macro_ap", "lrap", "val_loss")
+MONITORED = ("cmap5", "cmap3", "macro_ap", "lrap", "val_loss",
+             "ema_cmap5", "ema_cmap3", "ema_macro_ap", "ema_lrap", "ema_val_loss")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -79,9 +82,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--dropout", type=float, default=0.0, help="dropout before the linear head")
 
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--loss", choices=("ce", "bce"), default="ce",
-                       help="ce: softmax cross-entropy on soft targets; bce: sigmoid BCE. Sets the "
-                            "activation used by evaluation and inference")
+    group.add_argument("--loss", choices=LOSSES, default="ce",
+                       help="ce: softmax cross-entropy on soft targets; bce: sigmoid BCE; focal: sigmoid "
+                            "focal loss. Sets the activation (softmax for ce, else sigmoid) used by "
+                            "evaluation and inference")
+    group.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss focusing parameter")
+    group.add_argument("--focal-alpha", type=float, default=None, help="focal loss positive weight (None = off)")
+    group.add_argument("--label-smoothing", type=float, default=0.0,
+                       help="ce: mix targets with uniform; bce/focal: move targets towards 0.5")
+    group.add_argument("--loss-switch-epoch", type=int, default=None,
+                       help="epoch from which --loss-after replaces --loss")
+    group.add_argument("--loss-after", choices=LOSSES, default=None, help="loss used from --loss-switch-epoch on")
+    group.add_argument("--freeze-backbone-epochs", type=int, default=0,
+                       help="train only the head for this many epochs (backbone frozen, BatchNorm statistics too)")
+    group.add_argument("--ema", type=float, default=0.0,
+                       help="decay of an exponential moving average of the weights, evaluated and saved "
+                            "alongside (0 = off; e.g. 0.999)")
+    group.add_argument("--flush-denormal", action="store_true",
+                       help="flush denormal floats to zero on the CPU (log experiment 19)")
     group.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
     group.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
     group.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine")
@@ -98,7 +116,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--evals-per-epoch", type=int, default=2,
                        help="evaluations (each with a checkpoint) per epoch")
     group.add_argument("--monitor", choices=MONITORED, default="cmap5",
-                       help="metric for best.pt and patience (val_loss: lower is better)")
+                       help="metric for best.pt and patience (val_loss: lower is better; ema_*: of the "
+                            "--ema weights)")
     group.add_argument("--patience", type=int, default=8,
                        help="stop after this many evaluations without improvement (0 = never)")
     group.add_argument("--min-delta", type=float, default=0.0,
@@ -109,22 +128,62 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int, default=42, help="seed of every random stream")
     group.add_argument("--max-steps", type=int, default=0,
                        help="stop after this many optimiser steps in total (0 = no limit; for smoke tests)")
+    group.add_argument("--lr-find", action="store_true",
+                       help="run a learning-rate range test instead of training: writes lr_find.png "
+                            "and lr_find.csv and suggests --lr")
+    group.add_argument("--lr-find-steps", type=int, default=200, help="steps of the range test")
     return parser
 
 
 # ----------------------------------------------------------------------------- loss
 
-def compute_loss(logits: torch.Tensor, targets: torch.Tensor, loss_name: str) -> torch.Tensor:
-    """Mean loss of logits (B, C) against soft targets (B, C), in float32."""
+LOSSES = ("ce", "bce", "focal")
+
+
+def compute_loss(logits: torch.Tensor, targets: torch.Tensor, loss_name: str, label_smoothing: float = 0.0,
+                 focal_gamma: float = 2.0, focal_alpha: float | None = None) -> torch.Tensor:
+    """Mean loss of logits (B, C) against soft targets (B, C), in float32.
+
+    Always a mean, never a sum: a summed loss grows with batch and class count and
+    was what sent the original experiments' predictions to inf (log experiment 64).
+    """
     logits, targets = logits.float(), targets.float()
     if loss_name == "ce":
         # Soft-target cross-entropy; targets renormalised to a distribution so that
         # secondary labels share the mass instead of inflating it.
         distribution = targets / targets.sum(dim=1, keepdim=True).clamp_min(1e-8)
+        distribution = distribution * (1 - label_smoothing) + label_smoothing / logits.shape[1]
         return F.cross_entropy(logits, distribution)
+    targets = targets * (1 - label_smoothing) + label_smoothing / 2  # towards 0.5 for a binary target
     if loss_name == "bce":
         return F.binary_cross_entropy_with_logits(logits, targets)
+    if loss_name == "focal":
+        # Sigmoid focal loss (Lin et al. 2017): BCE down-weighted by (1 - p_t)^gamma on
+        # easy examples; with gamma 0 and no alpha it is exactly BCE.
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")   # (B, C)
+        probability = logits.sigmoid()
+        p_t = probability * targets + (1 - probability) * (1 - targets)
+        loss = bce * (1 - p_t) ** focal_gamma
+        if focal_alpha is not None:
+            loss = loss * (focal_alpha * targets + (1 - focal_alpha) * (1 - targets))
+        return loss.mean()
     raise ValueError(f"unknown loss {loss_name!r}")
+
+
+def activation_for_loss(loss_name: str) -> str:
+    """Softmax goes with cross-entropy; the per-species losses (bce, focal) go with sigmoid."""
+    return "softmax" if loss_name == "ce" else "sigmoid"
+
+
+def loss_at_epoch(args, epoch: int) -> str:
+    """--loss, or --loss-after from --loss-switch-epoch on (log experiments 28-29)."""
+    if args.loss_after and args.loss_switch_epoch is not None and epoch >= args.loss_switch_epoch:
+        return args.loss_after
+    return args.loss
+
+
+def batch_loss(logits, targets, args, loss_name: str) -> torch.Tensor:
+    return compute_loss(logits, targets, loss_name, args.label_smoothing, args.focal_gamma, args.focal_alpha)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -163,14 +222,36 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
 
 # ----------------------------------------------------------------------------- phases
 
-def train_one_epoch(model, optimizer, scaler, loader, args, state, schedule, device, on_eval):
+@dataclass
+class TrainingParts:
+    """What one optimiser step touches, bundled to keep the phase functions' signatures short."""
+    model: model_lib.BirdCallModel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    schedule: tuple            # (total steps, warm-up steps, peak learning rate)
+    ema: object = None         # torch.optim.swa_utils.AveragedModel, with --ema
+
+
+def set_train_mode(model, frozen_backbone: bool) -> None:
+    """Train mode; with a frozen backbone its weights get no gradients and its BatchNorm statistics stay."""
+    model.train()
+    model.backbone.requires_grad_(not frozen_backbone)
+    if frozen_backbone:
+        model.backbone.eval()
+
+
+def train_one_epoch(parts: TrainingParts, loader, args, state, on_eval) -> bool:
     """Run the optimiser steps of one epoch from state['step_in_epoch'].
 
     `on_eval()` is called after each step that completes an evaluation interval;
-    it returns True when training must stop (patience).
+    it returns True when training must stop. Returns True if training must stop.
     """
+    model, optimizer, scaler, device = parts.model, parts.optimizer, parts.scaler, parts.device
     autocast_on, autocast_dtype, _ = precision_settings(args.amp, device)
-    model.train()
+    loss_name = loss_at_epoch(args, state["epoch"])
+    frozen = state["epoch"] < args.freeze_backbone_epochs
+    set_train_mode(model, frozen)
     progress = tqdm(loader, total=len(loader), desc=f"epoch {state['epoch']}", leave=False,
                     dynamic_ncols=True, disable=not sys.stderr.isatty())
     for batch in progress:
@@ -183,10 +264,11 @@ def train_one_epoch(model, optimizer, scaler, loader, args, state, schedule, dev
             waveforms, targets = augment.mixup(waveforms, targets, args.mixup_alpha, args.mixup_prob, rng)
 
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(state["global_step"], *schedule)
+                group["lr"] = learning_rate(state["global_step"], *parts.schedule)
             with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_on):
-                logits = model(waveforms)                                  # (B, C)
-            loss = compute_loss(logits, targets, args.loss)
+                images = model.frontend(waveforms)                         # (B, 1, n_mels, T)
+                logits = model.classify(images)                            # (B, C)
+            loss = batch_loss(logits, targets, args, loss_name)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"non-finite training loss ({loss.item()}) at epoch {epoch} step {step}; "
@@ -198,6 +280,8 @@ def train_one_epoch(model, optimizer, scaler, loader, args, state, schedule, dev
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
+            if parts.ema is not None:
+                parts.ema.update_parameters(model)
             state["train_loss_sum"] += loss.item()
             state["train_loss_count"] += 1
             state["step_log"].append((state["global_step"], epoch, step, loss.item(),
@@ -210,12 +294,12 @@ def train_one_epoch(model, optimizer, scaler, loader, args, state, schedule, dev
         if state["step_in_epoch"] in state["eval_steps"] or (args.max_steps and state["global_step"] >= args.max_steps):
             if on_eval():
                 return True
-            model.train()
+            set_train_mode(model, frozen)
     return False
 
 
 @torch.inference_mode()
-def evaluate(model, loader, loss_name: str, device) -> dict:
+def evaluate(model, loader, args, loss_name: str, device) -> dict:
     """Validation loss and ranking metrics on the fixed validation windows."""
     model.eval()
     all_logits, all_targets = [], []
@@ -230,9 +314,67 @@ def evaluate(model, loader, loss_name: str, device) -> dict:
     if not torch.isfinite(logits).all():
         raise NonFiniteLossError(f"{int((~torch.isfinite(logits)).sum())} non-finite validation logits")
     scores = model_lib.activate(logits, model.activation).numpy()
-    results = {"val_loss": compute_loss(logits, targets, loss_name).item()}
+    # Validation loss without label smoothing, so runs with and without it compare.
+    loss = compute_loss(logits, targets, loss_name, 0.0, args.focal_gamma, args.focal_alpha)
+    results = {"val_loss": loss.item()}
     results.update(metrics.classification_metrics(targets.numpy(), scores))
     return results
+
+
+def endless_batches(train_set, args, device):
+    """Decoded training batches, epoch after epoch (for the range test, which ignores epochs)."""
+    for epoch in itertools.count():
+        sampler = data.EpochBatchSampler(data.epoch_draw(len(train_set), args.seed, epoch), args.batch_size, epoch)
+        for batch in make_loader(train_set, args, device, sampler):
+            if batch is not None:
+                yield batch
+
+
+def lr_range_test(parts: TrainingParts, train_set, args, out_dir: Path) -> float:
+    """Learning-rate range test: raise the rate exponentially over --lr-find-steps steps,
+    record the smoothed loss, stop when it diverges; write lr_find.csv/png and suggest
+    the rate where the loss falls fastest. Trains nothing that is kept."""
+    model, optimizer, device = parts.model, parts.optimizer, parts.device
+    low, high, steps = 1e-7, 1.0, args.lr_find_steps
+    rates, losses, smoothed, best = [], [], 0.0, float("inf")
+    set_train_mode(model, False)
+    for step, batch in zip(range(steps), endless_batches(train_set, args, device)):
+        rate = low * (high / low) ** (step / max(steps - 1, 1))
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        loss = batch_loss(model(batch["waveform"].to(device)), batch["target"].to(device), args, args.loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        smoothed = 0.9 * smoothed + 0.1 * loss.item()
+        rates.append(rate)
+        losses.append(smoothed / (1 - 0.9 ** (step + 1)))  # bias-corrected running mean
+        best = min(best, losses[-1])
+        if not math.isfinite(losses[-1]) or losses[-1] > 4 * best:
+            break  # diverged: higher rates say nothing more
+    log_rates = np.log10(rates)
+    slopes = np.gradient(np.asarray(losses), log_rates) if len(rates) > 2 else np.zeros(len(rates))
+    suggestion = float(rates[int(np.argmin(slopes))])
+    with open(out_dir / "lr_find.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["lr", "smoothed_loss"])
+        writer.writerows(zip(rates, losses))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(rates, losses)
+    axis.axvline(suggestion, color="red", linestyle="--", label=f"suggested {suggestion:.2e}")
+    axis.set_xscale("log")
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel("smoothed training loss")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_dir / "lr_find.png", dpi=100)
+    plt.close(figure)
+    log.info("learning-rate range test over %d steps: steepest descent at %.2e -> try --lr %.2e "
+             "(curve in %s)", len(rates), suggestion, suggestion, out_dir / "lr_find.png")
+    return suggestion
 
 
 # ----------------------------------------------------------------------------- checkpoints and logs
@@ -273,14 +415,14 @@ def plain_args(args) -> dict:
     return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
 
 
-def make_checkpoint(model, optimizer, scaler, args, state) -> dict:
-    return {
+def make_checkpoint(parts: TrainingParts, args, state) -> dict:
+    checkpoint = {
         "format": model_lib.CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
-        "model_config": model.config,
-        "labels": list(model.labels),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
+        "model": parts.model.state_dict(),
+        "model_config": parts.model.config,
+        "labels": list(parts.model.labels),
+        "optimizer": parts.optimizer.state_dict(),
+        "scaler": parts.scaler.state_dict(),
         "args": plain_args(args),
         "epoch": state["epoch"],
         "step_in_epoch": state["step_in_epoch"],
@@ -290,19 +432,27 @@ def make_checkpoint(model, optimizer, scaler, args, state) -> dict:
         "best_step": state["best_step"],
         "patience_counter": state["patience_counter"],
     }
+    if parts.ema is not None:  # the averaged weights, loadable with load_model(path, ema=True)
+        checkpoint["model_ema"] = parts.ema.module.state_dict()
+        checkpoint["ema_updates"] = int(parts.ema.n_averaged)
+    return checkpoint
 
 
-METRIC_COLUMNS = ["evaluation", "epoch", "global_step", "train_loss", "val_loss",
-                  "cmap5", "cmap3", "macro_ap", "lrap", "lr"]
+SCORE_COLUMNS = ["val_loss", "cmap5", "cmap3", "macro_ap", "lrap"]
 
 
-def append_metrics(path: Path, row: dict) -> None:
+def metric_columns(with_ema: bool) -> list[str]:
+    ema_columns = [f"ema_{column}" for column in SCORE_COLUMNS] if with_ema else []
+    return ["evaluation", "epoch", "global_step", "train_loss", *SCORE_COLUMNS, *ema_columns, "lr"]
+
+
+def append_metrics(path: Path, row: dict, columns: list[str]) -> None:
     new_file = not path.exists()
     with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         if new_file:
             writer.writeheader()
-        writer.writerow({key: row[key] for key in METRIC_COLUMNS})
+        writer.writerow({key: row[key] for key in columns})
 
 
 STEP_COLUMNS = ["global_step", "epoch", "step_in_epoch", "loss", "lr"]
@@ -357,7 +507,7 @@ def plot_metrics(csv_path: Path, png_path: Path) -> None:
 def is_improvement(value: float, best: float | None, monitor: str, min_delta: float) -> bool:
     if best is None:
         return True
-    if monitor == "val_loss":
+    if monitor.endswith("val_loss"):
         return value < best - min_delta
     return value > best + min_delta
 
@@ -415,45 +565,85 @@ def _worker_init(_):
     torch.set_num_threads(1)  # workers only decode and resample; don't fight the model for cores
 
 
-def main(args) -> dict:
-    """Train; returns the final state (used by tests)."""
+def set_activation(parts: TrainingParts, loss_name: str) -> None:
+    """The activation follows the loss in use (a loss switch from ce to bce switches softmax to sigmoid)."""
+    activation = activation_for_loss(loss_name)
+    for model in (parts.model, parts.ema.module if parts.ema is not None else None):
+        if model is not None:
+            model.config["activation"] = activation
+
+
+def build_parts(args, labels, device) -> TrainingParts:
+    torch.manual_seed(args.seed)  # the initial weights (later randomness is seeded per step)
+    model = model_lib.build_model(args, labels).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    _, _, use_scaler = precision_settings(args.amp, device)
+    ema = None
+    if args.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+    return TrainingParts(model, optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler), device,
+                         schedule=(), ema=ema)
+
+
+def restore(parts: TrainingParts, checkpoint: dict, state: dict) -> None:
+    parts.model.load_state_dict(checkpoint["model"])
+    parts.optimizer.load_state_dict(checkpoint["optimizer"])
+    parts.scaler.load_state_dict(checkpoint["scaler"])
+    if parts.ema is not None:
+        if "model_ema" not in checkpoint:
+            raise ValueError("--ema was given but the checkpoint has no EMA weights to resume")
+        parts.ema.module.load_state_dict(checkpoint["model_ema"])
+        parts.ema.n_averaged.fill_(checkpoint["ema_updates"])
+    for key in ("epoch", "step_in_epoch", "global_step", "evaluations", "best_metric",
+                "best_step", "patience_counter"):
+        state[key] = checkpoint[key]
+
+
+def check_arguments(args) -> None:
+    """Reject impossible combinations before any work is done."""
     if args.folds > 1 and not 0 <= args.fold < args.folds:
         raise ValueError(f"--fold {args.fold} must be in [0, {args.folds})")
+    if args.monitor.startswith("ema_") and not args.ema:
+        raise ValueError(f"--monitor {args.monitor} needs --ema")
+    if (args.loss_after is None) != (args.loss_switch_epoch is None):
+        raise ValueError("--loss-switch-epoch and --loss-after go together")
+    precision_settings(args.amp, resolve_device(args.device))
+    model_lib.check_backbone_name(args.backbone)  # fail before any data is read, with timm's error
+
+
+def main(args) -> dict:
+    """Train; returns the final state (used by tests)."""
+    check_arguments(args)
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
     resume = model_lib.read_checkpoint(args.resume) if args.resume else None
     if resume is not None and args.out_dir is None:
         args.out_dir = str(Path(args.resume).resolve().parent)
     out_dir = Path(args.out_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    precision_settings(args.amp, device)  # reject impossible settings before any work
-    model_lib.check_backbone_name(args.backbone)  # fail before any data is read, with timm's error
     (out_dir / "config.json").write_text(json.dumps(plain_args(args), indent=2) + "\n")
 
     labels, train_set, val_set = prepare_data(args, out_dir)
     if resume is not None and resume["labels"] != labels:
         raise ValueError(f"{args.resume} was trained on another label list than {args.data_dir}")
-    torch.manual_seed(args.seed)  # the initial weights (later randomness is seeded per step)
-    model = model_lib.build_model(args, labels).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    _, _, use_scaler = precision_settings(args.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    parts = build_parts(args, labels, device)
+    if args.lr_find:
+        return {"suggested_lr": lr_range_test(parts, train_set, args, out_dir), "out_dir": out_dir}
 
     steps_per_epoch = len(train_set) // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training recordings")
-    schedule = (args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch), args.lr)
+    parts.schedule = (args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch), args.lr)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "evaluations": 0, "best_metric": None,
              "best_step": None, "patience_counter": 0, "train_loss_sum": 0.0, "train_loss_count": 0, "step_log": [],
              "eval_steps": {max(1, round(steps_per_epoch * k / args.evals_per_epoch))
                             for k in range(1, args.evals_per_epoch + 1)}}
     metrics_path, steps_path = out_dir / "metrics.csv", out_dir / "steps.csv"
+    columns = metric_columns(parts.ema is not None)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        for key in ("epoch", "step_in_epoch", "global_step", "evaluations", "best_metric",
-                    "best_step", "patience_counter"):
-            state[key] = resume[key]
+        restore(parts, resume, state)
         truncate_log(metrics_path, "evaluation", state["evaluations"])
         truncate_log(steps_path, "global_step", state["global_step"] - 1)
         log.info("resumed from %s at epoch %d step %d", args.resume, state["epoch"], state["step_in_epoch"])
@@ -471,12 +661,16 @@ def main(args) -> dict:
 
     def on_eval() -> bool:
         state["evaluations"] += 1
-        results = evaluate(model, val_loader, args.loss, device)
+        loss_name = loss_at_epoch(args, state["epoch"])
+        results = evaluate(parts.model, val_loader, args, loss_name, device)
+        if parts.ema is not None:
+            ema_results = evaluate(parts.ema.module, val_loader, args, loss_name, device)
+            results.update({f"ema_{key}": value for key, value in ema_results.items()})
         row = {"evaluation": state["evaluations"],
                "epoch": round(state["epoch"] + state["step_in_epoch"] / steps_per_epoch, 4),
                "global_step": state["global_step"],
                "train_loss": state["train_loss_sum"] / max(state["train_loss_count"], 1),
-               "lr": optimizer.param_groups[0]["lr"], **results}
+               "lr": parts.optimizer.param_groups[0]["lr"], **results}
         state["train_loss_sum"], state["train_loss_count"] = 0.0, 0
         value = results[args.monitor]
         improved = is_improvement(value, state["best_metric"], args.monitor, args.min_delta)
@@ -488,18 +682,20 @@ def main(args) -> dict:
             state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
         # Logs first, checkpoint second: a crash in between leaves rows that the
         # resume from the previous checkpoint truncates, never a gap.
-        append_metrics(metrics_path, row)
+        append_metrics(metrics_path, row, columns)
         append_steps(steps_path, state["step_log"])
         state["step_log"].clear()
         plot_metrics(metrics_path, out_dir / "metrics.png")
-        checkpoint = make_checkpoint(model, optimizer, scaler, args, state)
+        checkpoint = make_checkpoint(parts, args, state)
         save_atomic(checkpoint, out_dir / f"checkpoint_step{state['global_step']:08d}.pt")
         if improved:
             save_atomic(checkpoint, out_dir / "best.pt")
         prune_checkpoints(out_dir, args.keep_last)
-        log.info("epoch %.2f  train_loss %.4f  val_loss %.4f  cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f  LRAP %.4f%s",
+        log.info("epoch %.2f  train_loss %.4f  val_loss %.4f  cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f  LRAP %.4f%s%s",
                  row["epoch"], row["train_loss"], row["val_loss"], row["cmap5"], row["cmap3"],
-                 row["macro_ap"], row["lrap"], "  (best)" if improved else "")
+                 row["macro_ap"], row["lrap"],
+                 f"  EMA cmAP5 {row['ema_cmap5']:.4f}" if parts.ema is not None else "",
+                 "  (best)" if improved else "")
         if args.patience and state["patience_counter"] >= args.patience:
             stop_reason.append(f"{args.monitor} did not improve by more than {args.min_delta} for "
                                f"{args.patience} evaluations (best {state['best_metric']:.4f} at step "
@@ -511,10 +707,10 @@ def main(args) -> dict:
     started = time.time()
     while state["epoch"] < args.epochs and not stop_reason:
         epoch = state["epoch"]
+        set_activation(parts, loss_at_epoch(args, epoch))
         sampler = data.EpochBatchSampler(data.epoch_draw(len(train_set), args.seed, epoch),
                                          args.batch_size, epoch, start_batch=state["step_in_epoch"])
-        train_one_epoch(model, optimizer, scaler, make_loader(train_set, args, device, sampler),
-                        args, state, schedule, device, on_eval)
+        train_one_epoch(parts, make_loader(train_set, args, device, sampler), args, state, on_eval)
         if state["epoch"] == epoch and not stop_reason:  # epoch ended between evaluations
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
     log.info("stopped: %s; %.0f s; best %s %.4f; run folder %s",

@@ -74,3 +74,24 @@ def test_small_and_deterministic(demo_dir, tmp_path):
     demo.write_ogg(tmp_path / "a.ogg", audio, recording["sr"], 1234)
     demo.write_ogg(tmp_path / "b.ogg", audio, recording["sr"], 1234)
     assert (tmp_path / "a.ogg").read_bytes() == (tmp_path / "b.ogg").read_bytes()
+
+
+def test_train_then_infer_on_the_demo_soundscapes(demo_dir, tmp_path):
+    """End to end: a checkpoint trained in the test, applied to the demo soundscapes, scored with --labels."""
+    import infer
+    import train
+    from conftest import quick_args
+    train.main(quick_args(demo_dir, tmp_path / "run", "--epochs", "1", "--batch-size", "16"))
+    labels_path = demo_dir / "test_soundscapes_labels.csv"
+    result = infer.main(infer.get_args_parser().parse_args([
+        "--ckpts", str(tmp_path / "run" / "best.pt"), "--soundscapes", str(demo_dir / "test_soundscapes"),
+        "--labels", str(labels_path), "--out", str(tmp_path / "submission.csv"),
+        "--sample-submission", str(demo_dir / "sample_submission.csv")]))
+    labels = pd.read_csv(labels_path, keep_default_na=False)
+    submission = pd.read_csv(tmp_path / "submission.csv")
+    expected_ids = [f"{name[:-4]}_{end}" for name, end in zip(labels["file"], labels["end_s"])]
+    assert sorted(submission["row_id"]) == sorted(expected_ids)
+    assert list(submission.columns) == list(pd.read_csv(demo_dir / "sample_submission.csv").columns)
+    scores = result["scores"]
+    assert scores["rows"] == len(labels)
+    assert 0.0 < scores["macro_ap"] <= 1.0 and scores["cmap5"] >= scores["cmap3"]

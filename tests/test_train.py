@@ -144,3 +144,106 @@ def test_parser_defaults_are_the_original_recipe():
     assert (args.mixup_alpha, args.evals_per_epoch, args.monitor, args.crop_policy) == (0.2, 2, "cmap5", "ends")
     assert args.pretrained and args.secondary_weight == 0.0
     assert not train.get_args_parser().parse_args(["--no-pretrained"]).pretrained
+
+
+# ----------------------------------------------------------------------------- losses and schedule knobs
+
+def test_focal_loss_is_bce_at_gamma_zero_and_matches_its_formula():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 5) * 3, (torch.rand(6, 5) > 0.7).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert torch.allclose(train.compute_loss(logits, targets, "focal", focal_gamma=0.0), bce, atol=1e-7)
+    # Hand formula: -alpha_t (1 - p_t)^gamma log(p_t).
+    p = logits.sigmoid()
+    p_t = torch.where(targets == 1, p, 1 - p)
+    alpha_t = torch.where(targets == 1, torch.tensor(0.25), torch.tensor(0.75))
+    expected = (-alpha_t * (1 - p_t) ** 2 * torch.log(p_t)).mean()
+    got = train.compute_loss(logits, targets, "focal", focal_gamma=2.0, focal_alpha=0.25)
+    assert torch.allclose(got, expected, rtol=1e-5)
+
+
+def test_label_smoothing_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0]])
+    smoothed = torch.tensor([[0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3]])
+    expected = -(smoothed * logits.log_softmax(dim=1)).sum()
+    assert torch.allclose(train.compute_loss(logits, target, "ce", label_smoothing=0.1), expected)
+    expected_bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([[0.95, 0.05, 0.05]]))
+    assert torch.allclose(train.compute_loss(logits, target, "bce", label_smoothing=0.1), expected_bce)
+
+
+def test_ce_renormalises_secondary_targets():
+    logits = torch.tensor([[1.0, 0.5, -1.0]])
+    with_secondary = torch.tensor([[1.0, 0.5, 0.0]])
+    expected = -(torch.tensor([[2 / 3, 1 / 3, 0.0]]) * logits.log_softmax(dim=1)).sum()
+    assert torch.allclose(train.compute_loss(logits, with_secondary, "ce"), expected)
+
+
+def test_loss_switch_changes_loss_and_activation(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train.main(quick_args(tiny_data, out, "--loss", "ce", "--loss-switch-epoch", "1", "--loss-after", "bce",
+                          "--keep-last", "10"))
+    first_epoch = torch.load(out / "checkpoint_step00000003.pt", weights_only=True)
+    second_epoch = torch.load(out / "checkpoint_step00000006.pt", weights_only=True)
+    assert first_epoch["model_config"]["activation"] == "softmax"
+    assert second_epoch["model_config"]["activation"] == "sigmoid"
+    with pytest.raises(ValueError, match="go together"):
+        train.main(quick_args(tiny_data, out, "--loss-after", "bce"))
+
+
+def test_freeze_backbone_trains_only_the_head(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train.main(quick_args(tiny_data, out, "--freeze-backbone-epochs", "1", "--epochs", "1", "--keep-last", "10"))
+    torch.manual_seed(42)  # the run's seed: the initial weights
+    import model as model_lib
+    initial = model_lib.build_model(quick_args(tiny_data, out), ["aaabbb1", "cccddd1", "eeefff1", "ggghhh1"])
+    trained = torch.load(out / "checkpoint_step00000003.pt", weights_only=True)["model"]
+    for name, tensor in initial.state_dict().items():
+        if name.startswith("backbone."):  # weights and BatchNorm statistics untouched
+            assert torch.equal(tensor, trained[name]), name
+    assert not torch.equal(initial.state_dict()["head.weight"], trained["head.weight"])
+
+
+def test_ema_is_evaluated_saved_and_resumed_exactly(tiny_data, tmp_path):
+    full = tmp_path / "full"
+    train.main(quick_args(tiny_data, full, "--ema", "0.9", "--monitor", "ema_cmap5"))
+    rows = read_rows(full / "metrics.csv")
+    assert {"ema_cmap5", "ema_val_loss"} <= set(rows[0])
+    checkpoint = torch.load(full / "best.pt", weights_only=True)
+    assert checkpoint["ema_updates"] > 0
+    assert not torch.equal(checkpoint["model_ema"]["head.weight"], checkpoint["model"]["head.weight"])
+
+    interrupted = tmp_path / "interrupted"
+    train.main(quick_args(tiny_data, interrupted, "--ema", "0.9", "--monitor", "ema_cmap5", "--max-steps", "2"))
+    train.main(quick_args(tiny_data, interrupted, "--ema", "0.9", "--monitor", "ema_cmap5",
+                          "--resume", str(interrupted / "checkpoint_step00000002.pt")))
+    assert read_rows(interrupted / "metrics.csv") == rows
+
+
+def test_non_finite_loss_stops_naming_files_and_keeps_last_checkpoint(tiny_data, tmp_path, monkeypatch):
+    real_loss = train.batch_loss
+    calls = {"n": 0}
+
+    def loss_that_breaks(logits, targets, args, loss_name):
+        calls["n"] += 1
+        loss = real_loss(logits, targets, args, loss_name)
+        return loss * float("inf") if calls["n"] == 3 else loss
+    monkeypatch.setattr(train, "batch_loss", loss_that_breaks)
+    out = tmp_path / "run"
+    with pytest.raises(train.NonFiniteLossError, match=r"step 2; batch files: .*XC\d+\.ogg"):
+        train.main(quick_args(tiny_data, out))
+    # The evaluation after step 2 wrote a checkpoint before the bad step 3; it is intact.
+    good = torch.load(out / "checkpoint_step00000002.pt", weights_only=True)
+    assert good["global_step"] == 2
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_lr_find_writes_curve_and_suggests_a_rate(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = train.main(quick_args(tiny_data, out, "--lr-find", "--lr-find-steps", "12"))
+    assert 1e-7 <= result["suggested_lr"] <= 1.0
+    curve = read_rows(out / "lr_find.csv")
+    rates = [float(row["lr"]) for row in curve]
+    assert rates == sorted(rates) and rates[0] == pytest.approx(1e-7)
+    assert (out / "lr_find.png").stat().st_size > 1000
+    assert not train.periodic_checkpoints(out)  # nothing trained is kept
