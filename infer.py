@@ -68,6 +68,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--combine", choices=("mean", "power"), default="mean",
                        help="how checkpoints' scores are combined")
     group.add_argument("--power", type=float, default=2.0, help="exponent of --combine power")
+    group.add_argument("--ema", action="store_true",
+                       help="use the checkpoints' exponential-moving-average weights (trained with --ema)")
     group.add_argument("--average-weights", action="store_true",
                        help="average the checkpoints' weights into one model (same run, same config)")
     group.add_argument("--hop", type=float, default=ROW_SECONDS,
@@ -159,8 +161,8 @@ class Member:
         return self.model.config["window_seconds"]
 
 
-def load_members(paths, average_weights: bool) -> list[Member]:
-    models = [model_lib.load_model(path) for path in paths]
+def load_members(paths, average_weights: bool, ema: bool = False) -> list[Member]:
+    models = [model_lib.load_model(path, ema=ema) for path in paths]
     if average_weights and len(models) > 1:
         reference = models[0].config
         for path, other in zip(paths[1:], models[1:]):
@@ -589,7 +591,7 @@ def main(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    members = load_members(args.ckpts, args.average_weights)
+    members = load_members(args.ckpts, args.average_weights, args.ema)
     bf16 = use_bf16(args.precision, device)
     for member in members:
         member.runner = make_runner(member.model, args, device, bf16)

@@ -376,6 +376,11 @@ class BirdCallModel(nn.Module):
         return self.sed_outputs(waveform)[1]
 
 
+def activation_for_loss(loss_name: str) -> str:
+    """Softmax goes with cross-entropy; the per-species losses (bce, focal) go with sigmoid."""
+    return "softmax" if loss_name == "ce" else "sigmoid"
+
+
 def model_config(args, labels: list[str]) -> dict:
     """The plain-dict description of a model, from train.py's arguments.
 
@@ -386,7 +391,7 @@ def model_config(args, labels: list[str]) -> dict:
     config = {
         "backbone": args.backbone,
         "labels": list(labels),
-        "activation": "softmax" if args.loss == "ce" else "sigmoid",
+        "activation": activation_for_loss(args.loss),
         "sample_rate": args.sample_rate,
         "window_seconds": args.window_seconds,
         "n_fft": args.n_fft,
@@ -436,9 +441,14 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     return checkpoint
 
 
-def load_model(path, map_location="cpu") -> BirdCallModel:
-    """Rebuild the exact trained model from a checkpoint alone, in eval mode."""
+def load_model(path, map_location="cpu", ema: bool = False) -> BirdCallModel:
+    """Rebuild the exact trained model from a checkpoint alone, in eval mode.
+
+    ema=True loads the exponential moving average of the weights (train.py --ema).
+    """
     checkpoint = read_checkpoint(path, map_location)
+    if ema and "model_ema" not in checkpoint:
+        raise CheckpointError(f"{path} has no EMA weights (it was not trained with --ema)")
     model = BirdCallModel(checkpoint["model_config"], pretrained=False)
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(checkpoint["model_ema" if ema else "model"])
     return model.eval()

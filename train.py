@@ -79,7 +79,32 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--fmax", type=float, default=16000.0, help="highest mel frequency (Hz)")
     group.add_argument("--normalization", choices=("standard", "minmax", "none"), default="standard",
                        help="per-example normalisation of the dB spectrogram")
-    group.add_argument("--dropout", type=float, default=0.0, help="dropout before the linear head")
+    group.add_argument("--dropout", type=float, default=0.0, help="dropout in the head")
+    group.add_argument("--head", choices=model_lib.HEADS, default="linear",
+                       help="linear; mlp: Linear-ReLU-Dropout-Linear (the log's complex head); sed: "
+                            "attention pooling over time with framewise outputs")
+    group.add_argument("--frontend", choices=model_lib.FRONTENDS, default="mel",
+                       help="mel: log-mel in dB; pcen: per-channel energy normalisation (log experiment 12)")
+    group.add_argument("--pcen-gain", dest="pcen_gain", type=float, default=model_lib.PCEN_DEFAULTS["pcen_gain"],
+                       help="PCEN gain")
+    group.add_argument("--pcen-bias", dest="pcen_bias", type=float, default=model_lib.PCEN_DEFAULTS["pcen_bias"],
+                       help="PCEN bias")
+    group.add_argument("--pcen-power", dest="pcen_power", type=float, default=model_lib.PCEN_DEFAULTS["pcen_power"],
+                       help="PCEN compression exponent")
+    group.add_argument("--pcen-time-constant", dest="pcen_time_constant", type=float,
+                       default=model_lib.PCEN_DEFAULTS["pcen_time_constant"], help="PCEN smoother time constant (s)")
+    group.add_argument("--pcen-eps", dest="pcen_eps", type=float, default=model_lib.PCEN_DEFAULTS["pcen_eps"],
+                       help="PCEN epsilon")
+    group.add_argument("--pcen-input-scale", dest="pcen_input_scale", type=float,
+                       default=model_lib.PCEN_DEFAULTS["pcen_input_scale"],
+                       help="multiplier on the magnitude mel spectrogram before PCEN (librosa's defaults "
+                            "assume int32-range audio; ours is in [-1, 1])")
+    group.add_argument("--pcen-initial-state", dest="pcen_initial_state", choices=model_lib.PCEN_INITIAL_STATES,
+                       default=model_lib.PCEN_DEFAULTS["pcen_initial_state"],
+                       help="first_frame: smoother starts at the first frame's level; librosa: "
+                            "librosa.pcen's default state")
+    group.add_argument("--img-size", type=image_size, default=None,
+                       help="resize the spectrogram image to HxW, e.g. 256x256 (the log's 256x157, 256x256)")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--loss", choices=LOSSES, default="ce",
@@ -135,6 +160,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def image_size(text: str) -> list[int]:
+    """'256x157' -> [256, 157]."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 256x157, got {text!r}") from None
+    return [height, width]
+
+
 # ----------------------------------------------------------------------------- loss
 
 LOSSES = ("ce", "bce", "focal")
@@ -168,11 +202,6 @@ def compute_loss(logits: torch.Tensor, targets: torch.Tensor, loss_name: str, la
             loss = loss * (focal_alpha * targets + (1 - focal_alpha) * (1 - targets))
         return loss.mean()
     raise ValueError(f"unknown loss {loss_name!r}")
-
-
-def activation_for_loss(loss_name: str) -> str:
-    """Softmax goes with cross-entropy; the per-species losses (bce, focal) go with sigmoid."""
-    return "softmax" if loss_name == "ce" else "sigmoid"
 
 
 def loss_at_epoch(args, epoch: int) -> str:
@@ -567,7 +596,7 @@ def _worker_init(_):
 
 def set_activation(parts: TrainingParts, loss_name: str) -> None:
     """The activation follows the loss in use (a loss switch from ce to bce switches softmax to sigmoid)."""
-    activation = activation_for_loss(loss_name)
+    activation = model_lib.activation_for_loss(loss_name)
     for model in (parts.model, parts.ema.module if parts.ema is not None else None):
         if model is not None:
             model.config["activation"] = activation

@@ -269,3 +269,21 @@ def test_missing_optional_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
     with pytest.raises(ValueError, match="needs the optional package 'openvino'"):
         infer.import_optional("openvino")
+
+
+def test_ema_weights_are_used_when_asked(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train.main(quick_args(tiny_data, out, "--epochs", "1", "--ema", "0.5"))
+    folder = tmp_path / "s"
+    folder.mkdir()
+    write_audio(folder / "a.wav", 7.0)
+    common = ["--ckpts", out / "best.pt", "--soundscapes", folder, "--precision", "fp32"]
+    raw = run_infer(*common, "--out", tmp_path / "raw.csv")["submission"]
+    ema = run_infer(*common, "--out", tmp_path / "ema.csv", "--ema")["submission"]
+    assert not np.allclose(raw.iloc[:, 1:].to_numpy(), ema.iloc[:, 1:].to_numpy())
+    import model as model_lib
+    plain = torch.load(out / "best.pt", weights_only=True)
+    del plain["model_ema"]
+    torch.save(plain, tmp_path / "plain.pt")
+    with pytest.raises(model_lib.CheckpointError, match="no EMA weights"):
+        model_lib.load_model(tmp_path / "plain.pt", ema=True)

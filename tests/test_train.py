@@ -247,3 +247,17 @@ def test_lr_find_writes_curve_and_suggests_a_rate(tiny_data, tmp_path):
     assert rates == sorted(rates) and rates[0] == pytest.approx(1e-7)
     assert (out / "lr_find.png").stat().st_size > 1000
     assert not train.periodic_checkpoints(out)  # nothing trained is kept
+
+
+def test_model_flags_reach_the_checkpoint(tiny_data, tmp_path):
+    import model as model_lib
+    out = tmp_path / "run"
+    train.main(quick_args(tiny_data, out, "--frontend", "pcen", "--pcen-gain", "0.8", "--head", "sed",
+                          "--img-size", "40x24", "--max-steps", "1", "--evals-per-epoch", "3"))
+    loaded = model_lib.load_model(out / "best.pt")
+    assert (loaded.config["frontend"], loaded.config["head"], loaded.config["img_size"]) == ("pcen", "sed", [40, 24])
+    assert loaded.config["pcen_gain"] == 0.8
+    with torch.inference_mode():
+        assert loaded.frontend(torch.randn(2, loaded.window_samples)).shape == (2, 1, 40, 24)
+    with pytest.raises(SystemExit):
+        train.get_args_parser().parse_args(["--img-size", "256"])
