@@ -129,7 +129,7 @@ def test_coloured_noise_checks_its_arguments():
         augment.coloured_noise(signals(2), (0.0, 1.0), 1.5, np.random.default_rng(0))
 
 
-# ----------------------------------------------------------------------------- probability and determinism, every waveform op
+# ----------------------------------------------------------------------------- probability, determinism
 
 def apply_op(name: str, waveforms: torch.Tensor, probability: float, rng, bank=None) -> torch.Tensor:
     if name == "coloured_noise":
@@ -471,3 +471,35 @@ def test_augment_waveforms_everything_on(noise_bank):
     assert torch.allclose(out_targets.sum(dim=1), torch.ones(16))
     # without a bank the background step is skipped, not an error
     augment.augment_waveforms(waveforms, targets, settings, np.random.default_rng(0), None)
+
+
+def test_augment_waveforms_adds_background_only_with_a_bank(noise_bank):
+    waveforms, targets = signals(16), torch.eye(16)
+    settings = AugmentSettings(bg_prob=1.0, bg_snr=(4.0, 4.0))
+    out, out_targets = augment.augment_waveforms(waveforms, targets, settings, np.random.default_rng(0), noise_bank)
+    assert np.all(np.abs(measured_snr_db(waveforms, out) - 4.0) < 0.5)
+    assert torch.equal(out_targets, targets)
+    unbanked, _ = augment.augment_waveforms(waveforms, targets, settings, np.random.default_rng(0), None)
+    assert torch.equal(unbanked, waveforms)
+
+
+def test_augment_waveforms_applies_the_documented_order(noise_bank):
+    """gain -> shift -> coloured noise -> background -> cutmix, each from the same generator in turn."""
+    waveforms, targets = signals(16), torch.eye(16)
+    settings = AugmentSettings(noise_prob=0.8, bg_prob=0.8, cutmix_prob=0.8, gain_prob=0.8, shift_prob=0.8)
+    out, out_targets = augment.augment_waveforms(waveforms, targets, settings, np.random.default_rng(4), noise_bank)
+    rng = np.random.default_rng(4)
+    expected = augment.random_gain(waveforms, (-6.0, 6.0), 0.8, rng)
+    expected = augment.time_shift(expected, 0.5, 0.8, rng)
+    expected = augment.coloured_noise(expected, (3.0, 30.0), 0.8, rng)
+    expected = augment.background_noise(expected, noise_bank, (0.0, 2.0), 0.8, rng)
+    expected, expected_targets = augment.cutmix_time(expected, targets, 1.0, 0.8, rng)
+    assert torch.equal(out, expected) and torch.equal(out_targets, expected_targets)
+
+
+def test_augment_images_applies_spec_augment():
+    images = torch.randn(8, 1, 32, 50, generator=torch.Generator().manual_seed(0))
+    settings = AugmentSettings(freq_masks=2, time_masks=3, mask_max_pct=0.2)
+    out = augment.augment_images(images, settings, np.random.default_rng(5))
+    assert torch.equal(out, augment.spec_augment(images, 2, 3, 0.2, np.random.default_rng(5)))
+    assert not torch.equal(out, images)
