@@ -137,6 +137,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="mixed precision; auto = bf16 or fp16+GradScaler on CUDA, off on CPU")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
+    group = parser.add_argument_group("augmentation (training only; all off by default except mixup)")
+    group.add_argument("--aug-strength", type=float, default=1.0,
+                       help="scales every augmentation's probability and magnitude at once (the log's AUG "
+                            "factor); 0 turns all of them off, mixup included")
+    group.add_argument("--noise-prob", type=float, default=0.0, help="probability of coloured noise")
+    group.add_argument("--noise-snr", type=float, nargs=2, default=[3.0, 30.0], metavar=("LOW", "HIGH"),
+                       help="SNR range of coloured (white, pink, brown) noise in dB")
+    group.add_argument("--bg-dir", default=None,
+                       help="folder of background audio (e.g. no-call soundscape segments) mixed into training crops")
+    group.add_argument("--bg-prob", type=float, default=0.5, help="probability of background noise, with --bg-dir")
+    group.add_argument("--bg-snr", type=float, nargs=2, default=[0.0, 2.0], metavar=("LOW", "HIGH"),
+                       help="SNR range of background noise in dB")
+    group.add_argument("--cutmix-prob", type=float, default=0.0, help="probability of cutmix along time")
+    group.add_argument("--cutmix-alpha", type=float, default=1.0, help="cutmix Beta(alpha, alpha)")
+    group.add_argument("--gain-prob", type=float, default=0.0, help="probability of a random gain")
+    group.add_argument("--gain-db", type=float, default=6.0, help="random gain range, +-dB")
+    group.add_argument("--shift-prob", type=float, default=0.0, help="probability of a circular time shift")
+    group.add_argument("--shift-max", type=float, default=0.5, help="largest time shift, fraction of the window")
+    group.add_argument("--freq-masks", type=int, default=0, help="SpecAugment frequency masks per example")
+    group.add_argument("--time-masks", type=int, default=0, help="SpecAugment time masks per example")
+    group.add_argument("--mask-max-pct", type=float, default=0.1,
+                       help="SpecAugment: widest mask as a fraction of the bands or frames")
+
     group = parser.add_argument_group("evaluation and checkpoints")
     group.add_argument("--evals-per-epoch", type=int, default=2,
                        help="evaluations (each with a checkpoint) per epoch")
@@ -260,6 +283,8 @@ class TrainingParts:
     device: torch.device
     schedule: tuple            # (total steps, warm-up steps, peak learning rate)
     ema: object = None         # torch.optim.swa_utils.AveragedModel, with --ema
+    augment: augment.AugmentSettings = None
+    background: augment.BackgroundBank | None = None
 
 
 def set_train_mode(model, frozen_backbone: bool) -> None:
@@ -290,12 +315,15 @@ def train_one_epoch(parts: TrainingParts, loader, args, state, on_eval) -> bool:
             rng = np.random.default_rng([args.seed, epoch, step, 1])
             waveforms = batch["waveform"].to(device, non_blocking=True)   # (B, samples)
             targets = batch["target"].to(device, non_blocking=True)       # (B, C)
-            waveforms, targets = augment.mixup(waveforms, targets, args.mixup_alpha, args.mixup_prob, rng)
+            waveforms, targets = augment.augment_waveforms(waveforms, targets, parts.augment, rng, parts.background)
+            waveforms, targets = augment.mixup(waveforms, targets, args.mixup_alpha,
+                                               min(args.mixup_prob * args.aug_strength, 1.0), rng)
 
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(state["global_step"], *parts.schedule)
             with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_on):
                 images = model.frontend(waveforms)                         # (B, 1, n_mels, T)
+                images = augment.augment_images(images, parts.augment, rng)  # SpecAugment
                 logits = model.classify(images)                            # (B, C)
             loss = batch_loss(logits, targets, args, loss_name)
             if not torch.isfinite(loss):
@@ -611,8 +639,17 @@ def build_parts(args, labels, device) -> TrainingParts:
     if args.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+    settings = augment.AugmentSettings(
+        noise_prob=args.noise_prob, noise_snr=tuple(args.noise_snr), bg_prob=args.bg_prob if args.bg_dir else 0.0,
+        bg_snr=tuple(args.bg_snr), cutmix_prob=args.cutmix_prob, cutmix_alpha=args.cutmix_alpha,
+        gain_prob=args.gain_prob, gain_db=args.gain_db, shift_prob=args.shift_prob, shift_max=args.shift_max,
+        freq_masks=args.freq_masks, time_masks=args.time_masks, mask_max_pct=args.mask_max_pct)
+    background = None
+    if args.bg_dir and args.aug_strength > 0:
+        background = augment.BackgroundBank(args.bg_dir, args.sample_rate, model.window_samples)
+        log.info("background noise: %d file(s) from %s", len(background), args.bg_dir)
     return TrainingParts(model, optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler), device,
-                         schedule=(), ema=ema)
+                         schedule=(), ema=ema, augment=settings.scaled(args.aug_strength), background=background)
 
 
 def restore(parts: TrainingParts, checkpoint: dict, state: dict) -> None:

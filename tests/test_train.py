@@ -261,3 +261,38 @@ def test_model_flags_reach_the_checkpoint(tiny_data, tmp_path):
         assert loaded.frontend(torch.randn(2, loaded.window_samples)).shape == (2, 1, 40, 24)
     with pytest.raises(SystemExit):
         train.get_args_parser().parse_args(["--img-size", "256"])
+
+
+def test_augmentations_touch_training_batches_only(tiny_data, tmp_path, monkeypatch):
+    import augment
+    calls = {"waveforms": 0, "images": 0}
+    real_waveforms, real_images = augment.augment_waveforms, augment.augment_images
+
+    def count_waveforms(*args, **kwargs):
+        calls["waveforms"] += 1
+        return real_waveforms(*args, **kwargs)
+
+    def count_images(*args, **kwargs):
+        calls["images"] += 1
+        return real_images(*args, **kwargs)
+    monkeypatch.setattr(augment, "augment_waveforms", count_waveforms)
+    monkeypatch.setattr(augment, "augment_images", count_images)
+    strong = ["--noise-prob", "1", "--gain-prob", "1", "--freq-masks", "2", "--time-masks", "2", "--epochs", "1"]
+    train.main(quick_args(tiny_data, tmp_path / "augmented", *strong))
+    # 3 training steps and 2 evaluations of 4 validation windows: augmentation ran once per step only.
+    assert calls == {"waveforms": 3, "images": 3}
+    train.main(quick_args(tiny_data, tmp_path / "plain", "--epochs", "1"))
+    train.main(quick_args(tiny_data, tmp_path / "off", *strong, "--aug-strength", "0", "--mixup-prob", "0.5"))
+    augmented = read_rows(tmp_path / "augmented" / "steps.csv")
+    plain = read_rows(tmp_path / "plain" / "steps.csv")
+    assert augmented[0]["loss"] != plain[0]["loss"]  # the first batch already differs
+    assert read_rows(tmp_path / "off" / "steps.csv") != plain  # strength 0 also turns off the mixup plain has
+    train.main(quick_args(tiny_data, tmp_path / "off_nomix", *strong, "--aug-strength", "0", "--mixup-prob", "0"))
+    assert read_rows(tmp_path / "off" / "steps.csv") == read_rows(tmp_path / "off_nomix" / "steps.csv")
+
+
+def test_inference_never_imports_augment():
+    import subprocess
+    import sys
+    code = "import sys, infer; assert 'augment' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(train.Path(train.__file__).parent))
