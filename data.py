@@ -225,12 +225,14 @@ class RecordingDataset(torch.utils.data.Dataset):
     (seed, epoch, position). Evaluation items are plain indices: the first window.
     """
 
-    def __init__(self, paths, durations, targets: np.ndarray, crop: CropSettings, seed: int = 0):
+    def __init__(self, paths, durations, targets: np.ndarray, crop: CropSettings, seed: int = 0,
+                 primary_labels=None):
         self.paths = list(paths)
         self.durations = list(durations)
         self.targets = targets
         self.crop = crop
         self.seed = seed
+        self.primary_labels = list(primary_labels) if primary_labels is not None else None  # for samplers
 
     def __len__(self):
         return len(self.paths)

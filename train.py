@@ -60,6 +60,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--secondary-weight", type=float, default=0.0,
                        help="target value for secondary labels (0 = ignore them)")
     group.add_argument("--workers", type=int, default=2, help="data loader processes")
+    group.add_argument("--sampler", choices=data.SAMPLERS, default="none",
+                       help="none: every recording once per epoch; inverse / sqrt: draws weighted 1/N or "
+                            "1/sqrt(N) per species (with replacement); cap: at most --cap-per-class "
+                            "recordings per species per epoch. Check with --audit-sampling")
+    group.add_argument("--cap-per-class", type=int, default=0, help="recordings per species per epoch, --sampler cap")
+    group.add_argument("--audit-sampling", action="store_true",
+                       help="build the sampler exactly as training would, write sampling_audit.csv, print "
+                            "the summary and exit without training")
 
     group = parser.add_argument_group("model")
     group.add_argument("--backbone", default="tf_efficientnet_b0.ns_jft_in1k", help="timm model name")
@@ -378,10 +386,16 @@ def evaluate(model, loader, args, loss_name: str, device) -> dict:
     return results
 
 
+def draw_for_epoch(train_set, args, epoch: int) -> np.ndarray:
+    """The records one epoch visits, in order, as --sampler draws them."""
+    return data.epoch_draw(len(train_set), args.seed, epoch, train_set.primary_labels, args.sampler,
+                           args.cap_per_class)
+
+
 def endless_batches(train_set, args, device):
     """Decoded training batches, epoch after epoch (for the range test, which ignores epochs)."""
     for epoch in itertools.count():
-        sampler = data.EpochBatchSampler(data.epoch_draw(len(train_set), args.seed, epoch), args.batch_size, epoch)
+        sampler = data.EpochBatchSampler(draw_for_epoch(train_set, args, epoch), args.batch_size, epoch)
         for batch in make_loader(train_set, args, device, sampler):
             if batch is not None:
                 yield batch
@@ -605,7 +619,7 @@ def prepare_data(args, out_dir: Path):
 
     def subset(index):
         return data.RecordingDataset(table["path"].iloc[index], [durations[i] for i in index],
-                                     targets[index], crop, args.seed)
+                                     targets[index], crop, args.seed, table["primary_label"].iloc[index])
     log.info("%d species, %d training and %d validation recordings", len(labels), len(train_index), len(val_index))
     return labels, subset(train_index), subset(val_index)
 
@@ -620,6 +634,13 @@ def make_loader(dataset, args, device, batch_sampler=None):
 
 def _worker_init(_):
     torch.set_num_threads(1)  # workers only decode and resample; don't fight the model for cores
+
+
+def record_drawn_species(train_set, args, epoch: int, n_drawn: int, path: Path) -> None:
+    """Append the species an epoch actually drew to drawn_counts.csv (the part of the draw its steps used)."""
+    counter = data.DrawCounter(len(train_set))
+    counter.add(draw_for_epoch(train_set, args, epoch)[:n_drawn])
+    data.append_drawn_counts(path, counter.to_frame(train_set.primary_labels, epoch))
 
 
 def set_activation(parts: TrainingParts, loss_name: str) -> None:
@@ -694,27 +715,34 @@ def main(args) -> dict:
     labels, train_set, val_set = prepare_data(args, out_dir)
     if resume is not None and resume["labels"] != labels:
         raise ValueError(f"{args.resume} was trained on another label list than {args.data_dir}")
+    audit_table, audit = data.sampling_audit(train_set.primary_labels, args.sampler, args.cap_per_class)
+    data.write_sampling_audit(audit_table, out_dir / "sampling_audit.csv")
+    for line in data.format_sampling_audit(audit_table, audit, args.sampler).splitlines():
+        (log.warning if line.startswith("WARNING") else log.info)("%s", line)
+    if args.audit_sampling:
+        return {"audit": audit, "audit_table": audit_table, "out_dir": out_dir}
     parts = build_parts(args, labels, device)
     if args.lr_find:
         return {"suggested_lr": lr_range_test(parts, train_set, args, out_dir), "out_dir": out_dir}
 
-    steps_per_epoch = len(train_set) // args.batch_size
+    steps_per_epoch = audit["epoch_length"] // args.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training recordings")
+        raise ValueError(f"--batch-size {args.batch_size} is larger than an epoch's {audit['epoch_length']} draws")
     parts.schedule = (args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch), args.lr)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "evaluations": 0, "best_metric": None,
              "best_step": None, "patience_counter": 0, "train_loss_sum": 0.0, "train_loss_count": 0, "step_log": [],
              "eval_steps": {max(1, round(steps_per_epoch * k / args.evals_per_epoch))
                             for k in range(1, args.evals_per_epoch + 1)}}
-    metrics_path, steps_path = out_dir / "metrics.csv", out_dir / "steps.csv"
+    metrics_path, steps_path, drawn_path = out_dir / "metrics.csv", out_dir / "steps.csv", out_dir / "drawn_counts.csv"
     columns = metric_columns(parts.ema is not None)
     if resume is not None:
         restore(parts, resume, state)
         truncate_log(metrics_path, "evaluation", state["evaluations"])
         truncate_log(steps_path, "global_step", state["global_step"] - 1)
+        truncate_log(drawn_path, "epoch", state["epoch"] - 1)
         log.info("resumed from %s at epoch %d step %d", args.resume, state["epoch"], state["step_in_epoch"])
     else:  # a fresh run in an old folder starts fresh logs
-        for path in (metrics_path, steps_path):
+        for path in (metrics_path, steps_path, drawn_path):
             path.unlink(missing_ok=True)
 
     val_loader = make_loader(val_set, args, device)
@@ -745,6 +773,7 @@ def main(args) -> dict:
         else:
             state["patience_counter"] += 1
         if state["step_in_epoch"] >= steps_per_epoch:  # the checkpoint resumes at the next epoch
+            record_drawn_species(train_set, args, state["epoch"], steps_per_epoch * args.batch_size, drawn_path)
             state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
         # Logs first, checkpoint second: a crash in between leaves rows that the
         # resume from the previous checkpoint truncates, never a gap.
@@ -774,8 +803,8 @@ def main(args) -> dict:
     while state["epoch"] < args.epochs and not stop_reason:
         epoch = state["epoch"]
         set_activation(parts, loss_at_epoch(args, epoch))
-        sampler = data.EpochBatchSampler(data.epoch_draw(len(train_set), args.seed, epoch),
-                                         args.batch_size, epoch, start_batch=state["step_in_epoch"])
+        sampler = data.EpochBatchSampler(draw_for_epoch(train_set, args, epoch), args.batch_size, epoch,
+                                         start_batch=state["step_in_epoch"])
         train_one_epoch(parts, make_loader(train_set, args, device, sampler), args, state, on_eval)
         if state["epoch"] == epoch and not stop_reason:  # epoch ended between evaluations
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0

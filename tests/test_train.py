@@ -296,3 +296,31 @@ def test_inference_never_imports_augment():
     import sys
     code = "import sys, infer; assert 'augment' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(train.Path(train.__file__).parent))
+
+
+def test_audit_sampling_builds_the_training_sampler_and_trains_nothing(tiny_data, tmp_path, caplog):
+    out = tmp_path / "audit"
+    with caplog.at_level("INFO"):
+        result = train.main(quick_args(tiny_data, out, "--audit-sampling", "--sampler", "inverse"))
+    table = pd.read_csv(out / "sampling_audit.csv")
+    # inverse: every species gets the same expected share of the 14 training draws.
+    assert table["expected_draws_per_epoch"].to_numpy() == pytest.approx([14 / 4] * 4)
+    assert result["audit"]["imbalance_after"] == pytest.approx(1.0)
+    assert "sampling audit" in caplog.text
+    assert not train.periodic_checkpoints(out) and not (out / "metrics.csv").exists()
+
+
+def test_drawn_counts_follow_the_sampler_and_survive_resume(tiny_data, tmp_path):
+    full = tmp_path / "full"
+    train.main(quick_args(tiny_data, full, "--sampler", "cap", "--cap-per-class", "2", "--batch-size", "2",
+                          "--epochs", "2"))
+    drawn = pd.read_csv(full / "drawn_counts.csv")
+    assert sorted(drawn["epoch"].unique()) == [0, 1]
+    assert (drawn["draws"] == 2).all()  # cap 2 per species, 8 draws = 4 steps of 2
+    interrupted = tmp_path / "interrupted"
+    common = ["--sampler", "cap", "--cap-per-class", "2", "--batch-size", "2", "--epochs", "2"]
+    train.main(quick_args(tiny_data, interrupted, *common, "--max-steps", "6"))
+    train.main(quick_args(tiny_data, interrupted, *common, "--resume",
+                          str(train.periodic_checkpoints(interrupted)[-1])))
+    assert pd.read_csv(interrupted / "drawn_counts.csv").equals(drawn)
+    assert read_rows(interrupted / "steps.csv") == read_rows(full / "steps.csv")
