@@ -468,3 +468,15 @@ def test_checkpoint_round_trip_pcen_sed_img_size(tmp_path):
         assert loaded.frontend(x).shape == (3, 1, 48, 160)
         assert torch.equal(loaded(x), original(x))
         assert torch.equal(loaded.framewise_logits(x), original.framewise_logits(x))
+
+
+def test_the_logs_efficientnetv2_backbone_builds_with_one_channel():
+    """tf_efficientnetv2_s.in21k (log experiments 1-6) must work too; random weights, no download."""
+    import model as model_lib
+    config = {"backbone": "tf_efficientnetv2_s.in21k", "labels": ["a", "b", "c"], "activation": "softmax",
+              "sample_rate": 32000, "window_seconds": 1.0, "n_fft": 1024, "hop": 512, "n_mels": 64,
+              "fmin": 20.0, "fmax": 16000.0, "normalization": "standard", "dropout": 0.0}
+    model = model_lib.BirdCallModel(config).eval()
+    assert model.backbone.conv_stem.in_channels == 1
+    with torch.inference_mode():
+        assert model(torch.randn(2, 32000)).shape == (2, 3)
