@@ -161,7 +161,10 @@ _resamplers: dict[tuple[int, int], torchaudio.transforms.Resample] = {}
 
 def to_mono_resampled(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
     """(frames, channels) float -> (samples,) float32 mono at target_rate, NaN/inf zeroed."""
-    mono = audio.mean(axis=1, dtype=np.float32) if audio.ndim == 2 else audio.astype(np.float32)
+    if audio.ndim == 2 and audio.shape[1] > 1:
+        mono = audio.mean(axis=1, dtype=np.float32)
+    else:  # already one channel: a view, not a 77 MB average over one column for a 10-min file
+        mono = np.asarray(audio.reshape(len(audio)), dtype=np.float32)
     if not np.isfinite(mono).all():
         mono = np.nan_to_num(mono, nan=0.0, posinf=0.0, neginf=0.0)
     if source_rate == target_rate or len(mono) == 0:
@@ -172,7 +175,7 @@ def to_mono_resampled(audio: np.ndarray, source_rate: int, target_rate: int) -> 
     return _resamplers[key](torch.from_numpy(mono)).numpy()
 
 
-def read_window(path, start_seconds: float, seconds: float, sample_rate: int) -> np.ndarray:
+def read_window(path, start_seconds: float, seconds: float, sample_rate: int, pad: str = "zero") -> np.ndarray:
     """Decode only [start, start + seconds) of a file -> (round(seconds*sample_rate),) float32.
 
     Seeks instead of decoding the whole file; pads with zeros past the end.
@@ -182,12 +185,20 @@ def read_window(path, start_seconds: float, seconds: float, sample_rate: int) ->
         start = min(int(round(start_seconds * source_rate)), audio_file.frames)
         audio_file.seek(start)
         audio = audio_file.read(int(math.ceil(seconds * source_rate)), dtype="float32", always_2d=True)
-    return fit_length(to_mono_resampled(audio, source_rate, sample_rate), int(round(seconds * sample_rate)))
+    return fit_length(to_mono_resampled(audio, source_rate, sample_rate), int(round(seconds * sample_rate)), pad)
 
 
-def fit_length(waveform: np.ndarray, samples: int) -> np.ndarray:
+PAD_MODES = ("zero", "repeat")
+
+
+def fit_length(waveform: np.ndarray, samples: int, pad: str = "zero") -> np.ndarray:
+    """Cut or pad to `samples`: zeros after the end, or the clip repeated ("repeat")."""
     if len(waveform) >= samples:
         return waveform[:samples]
+    if pad == "repeat" and len(waveform) > 0:
+        return np.tile(waveform, -(-samples // len(waveform)))[:samples]
+    if pad not in PAD_MODES:
+        raise ValueError(f"unknown pad mode {pad!r}; expected one of {PAD_MODES}")
     return np.pad(waveform, (0, samples - len(waveform)))
 
 
@@ -216,6 +227,7 @@ class CropSettings:
     window_seconds: float = 5.0
     policy: str = "ends"
     ends_seconds: float = 8.0
+    pad: str = "zero"          # clips shorter than the window: "zero" or "repeat"
 
 
 class RecordingDataset(torch.utils.data.Dataset):
@@ -247,7 +259,7 @@ class RecordingDataset(torch.utils.data.Dataset):
         start = choose_crop_start(self.durations[index], self.crop.window_seconds,
                                   self.crop.policy, self.crop.ends_seconds, rng)
         try:
-            waveform = read_window(path, start, self.crop.window_seconds, self.crop.sample_rate)
+            waveform = read_window(path, start, self.crop.window_seconds, self.crop.sample_rate, self.crop.pad)
         except Exception as error:  # the header was fine but decoding failed: skip, never crash
             log.warning("skipping %s: %s: %s", path, type(error).__name__, error)
             return None

@@ -139,7 +139,8 @@ def cut_windows(waveform: np.ndarray, sample_rate: int, starts: np.ndarray, wind
     needed = offsets.max() + length
     if needed > len(padded):
         padded = np.pad(padded, (0, needed - len(padded)))
-    return np.stack([padded[offset:offset + length] for offset in offsets])
+    # One copy of exactly the windows, through a strided view of the padded waveform.
+    return np.lib.stride_tricks.sliding_window_view(padded, length)[offsets]
 
 
 # ----------------------------------------------------------------------------- ensemble members
@@ -264,6 +265,7 @@ class ExportedRunner:
                                   output_names=["logits"], dynamo=False,
                                   dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
                 options = ort.SessionOptions()
+                options.enable_cpu_mem_arena = False  # the arena kept ~1 GB more at peak for no speed gain
                 if threads:
                     options.intra_op_num_threads = threads
                 session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -387,7 +389,9 @@ class DecodedFiles(torch.utils.data.Dataset):
             audio, source_rate = sf.read(path, dtype="float32", always_2d=True)
             if len(audio) == 0:
                 raise ValueError("no audio frames")
-            waveforms = {rate: data.to_mono_resampled(audio, source_rate, rate) for rate in self.rates}
+            # torch tensors cross from the loader worker through shared memory, numpy arrays by pickling.
+            waveforms = {rate: torch.from_numpy(data.to_mono_resampled(audio, source_rate, rate))
+                         for rate in self.rates}
             return {"path": path, "waveforms": waveforms, "error": None,
                     "seconds": len(audio) / source_rate}
         except Exception as error:  # reported in the summary; the submission is still written
@@ -415,7 +419,7 @@ def score_files(group: list[dict], members: list[Member], n_columns: int, args) 
     per_file = [[] for _ in group]
     for member in members:
         plans = [window_plan(rows, member.window_seconds, args.hop) for rows in n_rows]
-        windows = np.concatenate([cut_windows(d["waveforms"][member.sample_rate], member.sample_rate,
+        windows = np.concatenate([cut_windows(d["waveforms"][member.sample_rate].numpy(), member.sample_rate,
                                               starts, member.window_seconds)
                                   for d, (starts, _) in zip(group, plans)])      # (sum W, samples)
         window_scores = predict(member, windows, args.batch_size)                # (sum W, C_m)

@@ -19,7 +19,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,6 +62,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--secondary-weight", type=float, default=0.0,
                        help="target value for secondary labels (0 = ignore them)")
     group.add_argument("--workers", type=int, default=2, help="data loader processes")
+    group.add_argument("--pad", choices=data.PAD_MODES, default="zero",
+                       help="recordings shorter than the window: pad with zeros or repeat the clip")
+    group.add_argument("--strict", action="store_true",
+                       help="stop if any recording cannot be read (default: skip it, listed in bad_files.csv)")
     group.add_argument("--sampler", choices=data.SAMPLERS, default="none",
                        help="none: every recording once per epoch; inverse / sqrt: draws weighted 1/N or "
                             "1/sqrt(N) per species (with replacement); cap: at most --cap-per-class "
@@ -141,6 +147,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--mixup-alpha", type=float, default=0.2, help="Beta(alpha, alpha); 0 turns mixup off")
     group.add_argument("--mixup-prob", type=float, default=0.5, help="share of examples mixed")
     group.add_argument("--clip-grad-norm", type=float, default=0.0, help="gradient norm clip (0 = off)")
+    group.add_argument("--skip-nonfinite", type=int, default=0,
+                       help="skip up to this many batches with a non-finite loss or gradient (each logged); "
+                            "0 = stop at the first, naming its files")
     group.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"), default="auto",
                        help="mixed precision; auto = bf16 or fp16+GradScaler on CUDA, off on CPU")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -180,7 +189,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="smallest change of the monitored metric that counts as improvement")
     group.add_argument("--keep-last", type=int, default=3, help="periodic checkpoints kept on disk")
     group.add_argument("--out-dir", default=None, help="run folder (default runs/<date-time>)")
-    group.add_argument("--resume", default=None, help="checkpoint to continue from")
+    group.add_argument("--resume", default=None,
+                       help="checkpoint to continue from, or 'auto': the newest complete one in --out-dir")
     group.add_argument("--seed", type=int, default=42, help="seed of every random stream")
     group.add_argument("--max-steps", type=int, default=0,
                        help="stop after this many optimiser steps in total (0 = no limit; for smoke tests)")
@@ -334,24 +344,24 @@ def train_one_epoch(parts: TrainingParts, loader, args, state, on_eval) -> bool:
                 images = augment.augment_images(images, parts.augment, rng)  # SpecAugment
                 logits = model.classify(images)                            # (B, C)
             loss = batch_loss(logits, targets, args, loss_name)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({loss.item()}) at epoch {epoch} step {step}; "
-                    f"batch files: {', '.join(batch['path'])}")
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            if parts.ema is not None:
-                parts.ema.update_parameters(model)
-            state["train_loss_sum"] += loss.item()
-            state["train_loss_count"] += 1
-            state["step_log"].append((state["global_step"], epoch, step, loss.item(),
-                                      optimizer.param_groups[0]["lr"]))
-            progress.set_postfix(loss=f"{loss.item():.4f}")
+            problem = None if torch.isfinite(loss) else f"non-finite training loss ({loss.item()})"
+            if problem is None:
+                scaler.scale(loss).backward()
+                problem = check_gradients(parts, args)
+            if problem is None:
+                scaler.step(optimizer)
+                scaler.update()
+                if parts.ema is not None:
+                    parts.ema.update_parameters(model)
+                state["train_loss_sum"] += loss.item()
+                state["train_loss_count"] += 1
+                state["step_log"].append((state["global_step"], epoch, step, loss.item(),
+                                          optimizer.param_groups[0]["lr"]))
+                progress.set_postfix(loss=f"{loss.item():.4f}")
+            else:
+                skip_or_stop(problem, state, args, batch["path"])
+                optimizer.zero_grad(set_to_none=True)
         else:
             log.warning("epoch %d step %d: no file of the batch could be decoded; step skipped", epoch, step)
         state["step_in_epoch"] += 1
@@ -360,7 +370,36 @@ def train_one_epoch(parts: TrainingParts, loader, args, state, on_eval) -> bool:
             if on_eval():
                 return True
             set_train_mode(model, frozen)
+        elif state["interrupt_requested"]:
+            return True  # main() saves a checkpoint at this step
     return False
+
+
+def check_gradients(parts: TrainingParts, args) -> str | None:
+    """Unscale and clip; return a description if the gradient norm is not finite.
+
+    With fp16 and a GradScaler, inf gradients are routine (the scaler skips that step
+    and lowers its scale), so only the unscaled, non-fp16 case is treated as a fault.
+    """
+    if parts.scaler.is_enabled():
+        if args.clip_grad_norm > 0:
+            parts.scaler.unscale_(parts.optimizer)
+            torch.nn.utils.clip_grad_norm_(parts.model.parameters(), args.clip_grad_norm)
+        return None
+    max_norm = args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), max_norm)  # (also the check's cost)
+    return None if torch.isfinite(norm) else f"non-finite gradient norm ({norm.item()})"
+
+
+def skip_or_stop(problem: str, state: dict, args, paths) -> None:
+    """--skip-nonfinite K: skip up to K bad batches, logging each; otherwise stop naming the files."""
+    where = f"epoch {state['epoch']} step {state['step_in_epoch']}; batch files: {', '.join(paths)}"
+    if state["skipped_nonfinite"] < args.skip_nonfinite:
+        state["skipped_nonfinite"] += 1
+        log.warning("skipping batch %d of at most %d with a %s at %s", state["skipped_nonfinite"],
+                    args.skip_nonfinite, problem, where)
+        return
+    raise NonFiniteLossError(f"{problem} at {where}")
 
 
 @torch.inference_mode()
@@ -453,8 +492,16 @@ def lr_range_test(parts: TrainingParts, train_set, args, out_dir: Path) -> float
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_step(\d+)\.pt$")
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (full disk, permissions); earlier ones are untouched."""
+
+
 def save_atomic(payload: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, then os.replace: never a half file."""
+    """Write to a temporary file in the same folder, then os.replace: never a half file.
+
+    A kill at any moment leaves either the old file or the new one; a failed write
+    (a full disk) removes the temporary file and leaves the earlier checkpoints as they were.
+    """
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as handle:
@@ -462,6 +509,10 @@ def save_atomic(payload: dict, path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        raise CheckpointSaveError(
+            f"could not write {path} ({error.strerror or error}); the previous checkpoints in {path.parent} "
+            f"are intact: free some space and continue with --resume auto") from error
     finally:
         if temporary.exists():
             temporary.unlink()
@@ -472,6 +523,17 @@ def periodic_checkpoints(out_dir: Path) -> list[Path]:
     found = [(int(match.group(1)), path) for path in out_dir.iterdir()
              if (match := CHECKPOINT_PATTERN.match(path.name))]
     return [path for _, path in sorted(found)]
+
+
+def newest_complete_checkpoint(out_dir: Path) -> Path:
+    """--resume auto: the newest periodic checkpoint that loads; broken ones are reported and passed over."""
+    for path in reversed(periodic_checkpoints(out_dir) if out_dir.is_dir() else []):
+        try:
+            model_lib.read_checkpoint(path)
+            return path
+        except model_lib.CheckpointError as error:
+            log.warning("passing over %s: %s", path, error)
+    raise FileNotFoundError(f"--resume auto: no complete checkpoint in {out_dir}")
 
 
 def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
@@ -502,6 +564,9 @@ def make_checkpoint(parts: TrainingParts, args, state) -> dict:
         "best_metric": state["best_metric"],
         "best_step": state["best_step"],
         "patience_counter": state["patience_counter"],
+        "train_loss_sum": state["train_loss_sum"],       # non-zero only in a Ctrl-C checkpoint
+        "train_loss_count": state["train_loss_count"],
+        "skipped_nonfinite": state["skipped_nonfinite"],
     }
     if parts.ema is not None:  # the averaged weights, loadable with load_model(path, ema=True)
         checkpoint["model_ema"] = parts.ema.module.state_dict()
@@ -597,6 +662,9 @@ def prepare_data(args, out_dir: Path):
     table = data.read_metadata(data_dir)
     labels = data.read_vocabulary(data_dir, table)
     headers, bad = data.check_audio_files(table["path"])
+    if bad and args.strict:
+        raise ValueError(f"--strict: {len(bad)} of {len(table)} recordings cannot be read, e.g. "
+                         f"{bad[0][0]} ({bad[0][1]})")
     if bad:
         with open(out_dir / "bad_files.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -608,14 +676,18 @@ def prepare_data(args, out_dir: Path):
     usable = np.array([header is not None for header in headers])
     table = table[usable].reset_index(drop=True)
     if table.empty:
-        raise RuntimeError("no readable recordings")
+        raise ValueError(f"none of the recordings in {data_dir} can be read")
+    missing = sorted(set(labels) - set(table["primary_label"]))
+    if missing:
+        log.warning("%d species of the vocabulary have no usable recording (they can never be predicted "
+                    "well): %s", len(missing), " ".join(missing[:20]))
     durations = [frames / rate for frames, rate in (header for header in headers if header is not None)]
     targets = data.make_targets(table, labels, args.secondary_weight)
     train_index, val_index = data.split_recordings(table["primary_label"], args.val_fraction,
                                                    args.folds, args.fold, args.seed)
     if len(val_index) == 0:
-        raise RuntimeError("the validation split is empty (every species has fewer than 2 recordings)")
-    crop = data.CropSettings(args.sample_rate, args.window_seconds, args.crop_policy, args.ends_seconds)
+        raise ValueError("the validation split is empty (every species has fewer than 2 recordings)")
+    crop = data.CropSettings(args.sample_rate, args.window_seconds, args.crop_policy, args.ends_seconds, args.pad)
 
     def subset(index):
         return data.RecordingDataset(table["path"].iloc[index], [durations[i] for i in index],
@@ -683,7 +755,7 @@ def restore(parts: TrainingParts, checkpoint: dict, state: dict) -> None:
         parts.ema.module.load_state_dict(checkpoint["model_ema"])
         parts.ema.n_averaged.fill_(checkpoint["ema_updates"])
     for key in ("epoch", "step_in_epoch", "global_step", "evaluations", "best_metric",
-                "best_step", "patience_counter"):
+                "best_step", "patience_counter", "train_loss_sum", "train_loss_count", "skipped_nonfinite"):
         state[key] = checkpoint[key]
 
 
@@ -704,6 +776,15 @@ def main(args) -> dict:
     check_arguments(args)
     if args.flush_denormal:
         torch.set_flush_denormal(True)
+    if args.resume == "auto":
+        if not args.out_dir:
+            raise ValueError("--resume auto needs --out-dir (the run folder to continue)")
+        try:
+            args.resume = str(newest_complete_checkpoint(Path(args.out_dir)))
+            log.info("--resume auto: continuing from %s", args.resume)
+        except FileNotFoundError:  # killed before its first checkpoint: nothing to continue
+            args.resume = None
+            log.info("--resume auto: no checkpoint in %s yet, starting from the beginning", args.out_dir)
     resume = model_lib.read_checkpoint(args.resume) if args.resume else None
     if resume is not None and args.out_dir is None:
         args.out_dir = str(Path(args.resume).resolve().parent)
@@ -731,6 +812,7 @@ def main(args) -> dict:
     parts.schedule = (args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch), args.lr)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "evaluations": 0, "best_metric": None,
              "best_step": None, "patience_counter": 0, "train_loss_sum": 0.0, "train_loss_count": 0, "step_log": [],
+             "skipped_nonfinite": 0, "interrupt_requested": False,
              "eval_steps": {max(1, round(steps_per_epoch * k / args.evals_per_epoch))
                             for k in range(1, args.evals_per_epoch + 1)}}
     metrics_path, steps_path, drawn_path = out_dir / "metrics.csv", out_dir / "steps.csv", out_dir / "drawn_counts.csv"
@@ -799,15 +881,37 @@ def main(args) -> dict:
             stop_reason.append(f"reached --max-steps {args.max_steps}")
         return bool(stop_reason)
 
+    def on_interrupt() -> None:
+        """Ctrl-C: finish the step in flight, save a checkpoint at it, then stop."""
+        append_steps(steps_path, state["step_log"])
+        state["step_log"].clear()
+        path = out_dir / f"checkpoint_step{state['global_step']:08d}.pt"
+        save_atomic(make_checkpoint(parts, args, state), path)
+        prune_checkpoints(out_dir, args.keep_last)
+        stop_reason.append(f"interrupted: saved {path.name}; continue with --resume auto --out-dir {out_dir}")
+
+    def request_interrupt(signum, frame):
+        log.warning("Ctrl-C: saving a checkpoint after the current step (press again to quit at once)")
+        state["interrupt_requested"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
+    previous_handler = signal.signal(signal.SIGINT, request_interrupt) if in_main_thread else None
     started = time.time()
-    while state["epoch"] < args.epochs and not stop_reason:
-        epoch = state["epoch"]
-        set_activation(parts, loss_at_epoch(args, epoch))
-        sampler = data.EpochBatchSampler(draw_for_epoch(train_set, args, epoch), args.batch_size, epoch,
-                                         start_batch=state["step_in_epoch"])
-        train_one_epoch(parts, make_loader(train_set, args, device, sampler), args, state, on_eval)
-        if state["epoch"] == epoch and not stop_reason:  # epoch ended between evaluations
-            state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+    try:
+        while state["epoch"] < args.epochs and not stop_reason:
+            epoch = state["epoch"]
+            set_activation(parts, loss_at_epoch(args, epoch))
+            sampler = data.EpochBatchSampler(draw_for_epoch(train_set, args, epoch), args.batch_size, epoch,
+                                             start_batch=state["step_in_epoch"])
+            train_one_epoch(parts, make_loader(train_set, args, device, sampler), args, state, on_eval)
+            if state["interrupt_requested"] and not stop_reason:
+                on_interrupt()
+            elif state["epoch"] == epoch and not stop_reason:  # epoch ended between evaluations
+                state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
     log.info("stopped: %s; %.0f s; best %s %.4f; run folder %s",
              stop_reason[0] if stop_reason else f"completed {args.epochs} epochs", time.time() - started,
              args.monitor, state["best_metric"] if state["best_metric"] is not None else float("nan"), out_dir)
@@ -821,6 +925,6 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except (model_lib.PretrainedWeightsError, model_lib.CheckpointError, NonFiniteLossError,
-            FileNotFoundError, ValueError) as error:
+            CheckpointSaveError, FileNotFoundError, ValueError) as error:
         log.error("%s", error)
         sys.exit(1)

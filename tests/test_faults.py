@@ -1,0 +1,221 @@
+"""Fault injection: bad audio and metadata, interruptions, full disks, non-finite numbers.
+
+Every bad file is generated here, inside the test; nothing is committed.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+import data
+import infer
+import train
+from conftest import TINY_SPECIES, quick_args, tone_recording
+
+
+def read_rows(path):
+    return pd.read_csv(path).to_dict("records")
+
+
+def write_bad_audio(folder, sample_rate=16000):
+    """Every kind of bad or awkward audio file the issue lists -> {name: what it is}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    good = tone_recording(2500.0, 7.0, sample_rate, rng)
+    kinds = {}
+    open(folder / "zero_length.ogg", "wb").close()
+    kinds["zero_length.ogg"] = "unreadable"
+    (folder / "text.ogg").write_text("this is a text file named .ogg")
+    kinds["text.ogg"] = "unreadable"
+    sf.write(folder / "whole.ogg", good, sample_rate, format="OGG", subtype="VORBIS")
+    data_bytes = (folder / "whole.ogg").read_bytes()
+    (folder / "truncated.ogg").write_bytes(data_bytes[: len(data_bytes) // 3])
+    kinds["truncated.ogg"] = "truncated"
+    (folder / "whole.ogg").unlink()
+    nan_audio = good.copy()
+    nan_audio[1000:1100] = np.nan
+    nan_audio[2000] = np.inf
+    sf.write(folder / "nan.wav", nan_audio, sample_rate, subtype="FLOAT")
+    kinds["nan.wav"] = "nan"
+    sf.write(folder / "silence.wav", np.zeros(sample_rate * 6, dtype=np.float32), sample_rate)
+    kinds["silence.wav"] = "silence"
+    sf.write(folder / "stereo.flac", np.stack([good, good], axis=1), sample_rate)
+    kinds["stereo.flac"] = "ok"
+    sf.write(folder / "six_channels.wav", np.stack([good] * 6, axis=1), sample_rate)
+    kinds["six_channels.wav"] = "ok"
+    for rate in (8000, 22050, 44100, 48000, 96000):
+        sf.write(folder / f"rate_{rate}.wav", tone_recording(2500.0, 6.0, rate, rng), rate)
+        kinds[f"rate_{rate}.wav"] = "ok"
+    sf.write(folder / "short.wav", good[: sample_rate // 2], sample_rate)
+    kinds["short.wav"] = "ok"
+    return kinds
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train.main(quick_args(tiny_data, out, "--epochs", "1"))
+    return out / "best.pt"
+
+
+# ----------------------------------------------------------------------------- bad audio
+
+def test_inference_on_a_folder_of_bad_files_writes_the_good_ones(checkpoint, tmp_path):
+    folder = tmp_path / "bad"
+    kinds = write_bad_audio(folder)
+    result = infer.main(infer.get_args_parser().parse_args(
+        ["--ckpts", str(checkpoint), "--soundscapes", str(folder), "--out", str(tmp_path / "sub.csv")]))
+    submission = pd.read_csv(tmp_path / "sub.csv")
+    assert np.isfinite(submission.iloc[:, 1:].to_numpy()).all()
+    stems = {row_id.rsplit("_", 1)[0] for row_id in submission["row_id"]}
+    for name, kind in kinds.items():
+        stem = name.rsplit(".", 1)[0]
+        if kind in ("ok", "nan", "silence"):
+            assert stem in stems, name
+    assert {"zero_length", "text"}.isdisjoint(stems)
+    reported = " ".join(result["problems"])
+    assert "zero_length.ogg" in reported and "text.ogg" in reported
+    assert len(submission[submission["row_id"].str.startswith("six_channels_")]) == 2  # 7 s -> 2 rows
+
+
+def test_training_skips_bad_recordings_and_strict_refuses(tmp_path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(write_tiny_dataset_once(tmp_path), data_dir)
+    table = pd.read_csv(data_dir / "train_metadata.csv")
+    first = data_dir / "train_audio" / table.loc[0, "filename"]
+    first.write_bytes(first.read_bytes()[:200])  # truncated ogg
+    (data_dir / "train_audio" / table.loc[1, "filename"]).write_text("not audio")
+    state = train.main(quick_args(data_dir, tmp_path / "run", "--epochs", "1"))
+    assert state["global_step"] > 0
+    bad = pd.read_csv(tmp_path / "run" / "bad_files.csv")
+    assert len(bad) >= 1 and bad["reason"].str.len().min() > 5
+    with pytest.raises(ValueError, match="--strict"):
+        train.main(quick_args(data_dir, tmp_path / "strict", "--strict"))
+
+
+def write_tiny_dataset_once(tmp_path):
+    from conftest import write_tiny_dataset
+    return write_tiny_dataset(tmp_path / "source")
+
+
+def test_nan_samples_are_zeroed_and_short_clips_padded(tmp_path):
+    kinds = write_bad_audio(tmp_path / "audio")
+    assert kinds["nan.wav"] == "nan"
+    waveform = data.read_window(tmp_path / "audio" / "nan.wav", 0.0, 1.0, 16000)
+    assert np.isfinite(waveform).all() and (waveform[1000:1100] == 0).all()
+    short = data.read_window(tmp_path / "audio" / "short.wav", 0.0, 2.0, 16000, pad="zero")
+    assert short.shape == (32000,) and (short[8000:] == 0).all()
+    repeated = data.read_window(tmp_path / "audio" / "short.wav", 0.0, 2.0, 16000, pad="repeat")
+    np.testing.assert_array_equal(repeated[8000:16000], repeated[:8000])
+    assert np.abs(repeated[8000:]).max() > 0
+
+
+def test_species_without_usable_recordings_is_warned(tmp_path, caplog):
+    from conftest import write_tiny_dataset
+    data_dir = write_tiny_dataset(tmp_path / "data")
+    table = pd.read_csv(data_dir / "train_metadata.csv")
+    for name in table.loc[table["primary_label"] == "ggghhh1", "filename"]:
+        (data_dir / "train_audio" / name).write_text("broken")
+    with caplog.at_level("WARNING"):
+        train.prepare_data(quick_args(data_dir, tmp_path / "run"), tmp_path)
+    assert "no usable recording" in caplog.text and "ggghhh1" in caplog.text
+
+
+# ----------------------------------------------------------------------------- interruptions
+
+def test_ctrl_c_saves_the_current_step_and_resume_auto_continues_exactly(tiny_data, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    train.main(quick_args(tiny_data, full))
+
+    real_loss = train.batch_loss
+    calls = {"n": 0}
+
+    def loss_with_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives during step 0
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(train, "batch_loss", loss_with_ctrl_c)
+    interrupted = tmp_path / "interrupted"
+    state = train.main(quick_args(tiny_data, interrupted))
+    assert state["stop_reason"].startswith("interrupted: saved checkpoint_step00000001.pt")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.setattr(train, "batch_loss", real_loss)
+    train.main(quick_args(tiny_data, interrupted, "--resume", "auto"))
+    assert read_rows(interrupted / "steps.csv") == read_rows(full / "steps.csv")
+    assert read_rows(interrupted / "metrics.csv") == read_rows(full / "metrics.csv")
+
+
+def test_resume_auto_passes_over_a_corrupt_newest_checkpoint(tiny_data, tmp_path, caplog):
+    out = tmp_path / "run"
+    train.main(quick_args(tiny_data, out, "--max-steps", "3"))
+    newest = train.periodic_checkpoints(out)[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # as if torn (cannot happen with os.replace, but be safe)
+    with caplog.at_level("WARNING"):
+        assert train.newest_complete_checkpoint(out).name == "checkpoint_step00000002.pt"
+    assert "passing over" in caplog.text
+    with pytest.raises(ValueError, match="needs --out-dir"):
+        train.main(train.get_args_parser().parse_args(["--resume", "auto"]))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train.newest_complete_checkpoint(tmp_path / "empty")
+
+
+def test_full_disk_keeps_previous_checkpoints_and_says_so(tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def save_until_disk_is_full(payload, handle, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] > 2:  # the first evaluation writes checkpoint + best.pt; then the disk is full
+            handle.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(payload, handle, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save_until_disk_is_full)
+    with pytest.raises(train.CheckpointSaveError, match="No space left on device.*intact.*--resume auto"):
+        train.main(quick_args(tiny_data, out))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [p.name for p in train.periodic_checkpoints(out)] == ["checkpoint_step00000002.pt"]
+    assert torch.load(out / "checkpoint_step00000002.pt", weights_only=True)["global_step"] == 2
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- numerics
+
+def test_skip_nonfinite_skips_up_to_k_batches(tiny_data, tmp_path, monkeypatch, caplog):
+    real_loss = train.batch_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in (2, 4) else loss
+    monkeypatch.setattr(train, "batch_loss", sometimes_nan)
+    with caplog.at_level("WARNING"):
+        state = train.main(quick_args(tiny_data, tmp_path / "run", "--skip-nonfinite", "2"))
+    assert state["skipped_nonfinite"] == 2 and caplog.text.count("skipping batch") == 2
+    steps = pd.read_csv(tmp_path / "run" / "steps.csv")
+    assert list(steps["global_step"]) == [0, 2, 4, 5]  # the skipped steps logged no loss
+    calls["n"] = 0
+    with pytest.raises(train.NonFiniteLossError, match="batch files"):
+        train.main(quick_args(tiny_data, tmp_path / "run2", "--skip-nonfinite", "1"))
+
+
+def test_non_finite_gradient_is_caught_like_a_loss(tiny_data, tmp_path, monkeypatch):
+    real_check = train.check_gradients
+
+    def poisoned(parts, args):
+        for parameter in parts.model.head.parameters():
+            parameter.grad = torch.full_like(parameter, float("inf"))
+        return real_check(parts, args)
+    monkeypatch.setattr(train, "check_gradients", poisoned)
+    with pytest.raises(train.NonFiniteLossError, match="non-finite gradient norm"):
+        train.main(quick_args(tiny_data, tmp_path / "run"))
