@@ -265,7 +265,6 @@ class ExportedRunner:
                                   output_names=["logits"], dynamo=False,
                                   dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
                 options = ort.SessionOptions()
-                options.enable_cpu_mem_arena = False  # the arena kept ~1 GB more at peak for no speed gain
                 if threads:
                     options.intra_op_num_threads = threads
                 session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
