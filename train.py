@@ -605,17 +605,29 @@ def append_steps(path: Path, rows: list[tuple]) -> None:
 
 
 def truncate_log(path: Path, column: str, last: int) -> None:
-    """On resume, drop rows past what the checkpoint had reached, so logs never hold duplicates."""
+    """On resume, drop rows past what the checkpoint had reached, so logs never hold duplicates.
+
+    A kill can tear the last appended line; such a line is dropped too. The file is
+    rewritten through a temporary file and os.replace, so a kill during the rewrite
+    cannot lose the rows before it.
+    """
     if not path.exists():
         return
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
-        fieldnames = reader.fieldnames
-        rows = [row for row in reader if int(row[column]) <= last]
-    with open(path, "w", newline="") as handle:
+        fieldnames = reader.fieldnames or []
+        rows = [row for row in reader if is_complete_row(row, fieldnames) and int(row[column]) <= last]
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(temporary, path)
+
+
+def is_complete_row(row: dict, fieldnames: list[str]) -> bool:
+    """A line torn by a kill has missing fields (or, as DictReader says, surplus ones under None)."""
+    return None not in row and all(row.get(name) not in (None, "") for name in fieldnames)
 
 
 def plot_metrics(csv_path: Path, png_path: Path) -> None:
