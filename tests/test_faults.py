@@ -219,3 +219,46 @@ def test_non_finite_gradient_is_caught_like_a_loss(tiny_data, tmp_path, monkeypa
     monkeypatch.setattr(train, "check_gradients", poisoned)
     with pytest.raises(train.NonFiniteLossError, match="non-finite gradient norm"):
         train.main(quick_args(tiny_data, tmp_path / "run"))
+
+
+def test_one_hour_file_gives_720_rows(checkpoint, tmp_path):
+    folder = tmp_path / "long"
+    folder.mkdir()
+    rate = 8000  # the checkpoint runs at 16 kHz: this also exercises resampling of a long file
+    with sf.SoundFile(folder / "hour.wav", "w", rate, 1) as handle:
+        block = (0.01 * np.random.default_rng(0).standard_normal(rate * 60)).astype(np.float32)
+        for _ in range(60):
+            handle.write(block)
+    result = infer.main(infer.get_args_parser().parse_args(
+        ["--ckpts", str(checkpoint), "--soundscapes", str(folder), "--out", str(tmp_path / "sub.csv"),
+         "--batch-size", "128"]))
+    assert result["rows"] == 720 and not result["problems"]
+    assert pd.read_csv(tmp_path / "sub.csv")["row_id"].iloc[-1] == "hour_3600"
+
+
+def test_ensemble_members_with_other_rates_and_windows_each_get_their_own_input(checkpoint, tmp_path):
+    """A member trained at another sample rate / window is fed its own resampled windows, not mixed."""
+    other = torch.load(checkpoint, weights_only=True)
+    other["model_config"].update(sample_rate=22050, window_seconds=3.0, fmax=11025.0)
+    for key in [k for k in other["model"] if k.startswith("frontend.")]:
+        del other["model"][key]  # the frontend's buffers follow the new rate
+    import model as model_lib
+    rebuilt = model_lib.BirdCallModel(other["model_config"])
+    other["model"].update({k: v for k, v in rebuilt.state_dict().items() if k.startswith("frontend.")})
+    torch.save(other, tmp_path / "other.pt")
+    folder = tmp_path / "s"
+    folder.mkdir()
+    sf.write(folder / "a.wav", tone_recording(2500.0, 12.0, 44100, np.random.default_rng(0)), 44100)
+    fed = []
+    real_predict = infer.predict
+
+    def spy(member, windows, batch_size):
+        fed.append((member.sample_rate, windows.shape))
+        return real_predict(member, windows, batch_size)
+    import unittest.mock
+    with unittest.mock.patch.object(infer, "predict", spy):
+        result = infer.main(infer.get_args_parser().parse_args(
+            ["--ckpts", str(checkpoint), str(tmp_path / "other.pt"), "--soundscapes", str(folder),
+             "--out", str(tmp_path / "sub.csv")]))
+    assert result["rows"] == 3
+    assert sorted(fed) == [(16000, (3, 32000)), (22050, (3, 66150))]
