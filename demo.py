@@ -470,7 +470,7 @@ def synth_recording(rec):
             _ensure_call_in(rng, c2, k2, sr, n, 0, n)
         lo2, hi2 = _BAND[rec["secondary"]]
         snr2 = snr - rng.uniform(6, 12)
-        for s, x, m in c2:
+        for s, x, _ in c2:
             L = min(len(x), n - s)
             mix[s:s + L] += band(lo2, hi2) * 10 ** ((snr2 + rng.uniform(-3, 3)) / 20) * x[:L]
     if rec["channels"] == 2:

@@ -18,7 +18,7 @@ import torch
 import data
 import infer
 import train
-from conftest import TINY_SPECIES, quick_args, tone_recording
+from conftest import quick_args, tone_recording
 
 
 def read_rows(path):
