@@ -287,3 +287,33 @@ def test_ema_weights_are_used_when_asked(tiny_data, tmp_path):
     torch.save(plain, tmp_path / "plain.pt")
     with pytest.raises(model_lib.CheckpointError, match="no EMA weights"):
         model_lib.load_model(tmp_path / "plain.pt", ema=True)
+
+
+def test_average_weights_is_one_model_with_the_mean_weights(checkpoint, tmp_path):
+    import model as model_lib
+    first, second = sorted(checkpoint.parent.glob("checkpoint_step*.pt"))[:2]
+    members = infer.load_members([first, second], average_weights=True)
+    assert len(members) == 1
+    a, b = model_lib.load_model(first).state_dict(), model_lib.load_model(second).state_dict()
+    averaged = members[0].model.state_dict()
+    assert torch.allclose(averaged["head.weight"], (a["head.weight"] + b["head.weight"]) / 2, atol=1e-7)
+    assert not torch.equal(a["head.weight"], b["head.weight"])
+    other = torch.load(second, weights_only=True)
+    other["model_config"]["fmax"] = 7000.0
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="one configuration"):
+        infer.load_members([first, tmp_path / "other.pt"], average_weights=True)
+
+
+def test_nocall_takes_part_in_the_softmax_then_is_dropped(checkpoint, tmp_path):
+    state = torch.load(checkpoint, weights_only=True)
+    state["model_config"]["labels"] = ["nocall"] + state["model_config"]["labels"][1:]
+    torch.save(state, tmp_path / "with_nocall.pt")
+    folder = tmp_path / "s"
+    folder.mkdir()
+    write_audio(folder / "a.wav", 10.0)
+    submission = run_infer("--ckpts", tmp_path / "with_nocall.pt", "--soundscapes", folder,
+                           "--out", tmp_path / "sub.csv", "--precision", "fp32")["submission"]
+    assert list(submission.columns) == ["row_id", *sorted(TINY_SPECIES)[1:]]
+    row_sums = submission.iloc[:, 1:].to_numpy().sum(axis=1)
+    assert (row_sums < 1 - 1e-4).all()  # the nocall share of the softmax is not redistributed
