@@ -324,3 +324,18 @@ def test_drawn_counts_follow_the_sampler_and_survive_resume(tiny_data, tmp_path)
                           str(train.periodic_checkpoints(interrupted)[-1])))
     assert pd.read_csv(interrupted / "drawn_counts.csv").equals(drawn)
     assert read_rows(interrupted / "steps.csv") == read_rows(full / "steps.csv")
+
+
+def test_background_noise_folder_is_mixed_into_training(tiny_data, tmp_path):
+    import numpy as np
+    import soundfile as sf
+    background = tmp_path / "nocall"
+    background.mkdir()
+    sf.write(background / "rain.wav", (0.1 * np.random.default_rng(0).standard_normal(16000 * 3)).astype("float32"), 16000)
+    train.main(quick_args(tiny_data, tmp_path / "plain", "--max-steps", "2"))
+    train.main(quick_args(tiny_data, tmp_path / "noisy", "--max-steps", "2", "--bg-dir", str(background),
+                          "--bg-prob", "1"))
+    plain, noisy = read_rows(tmp_path / "plain" / "steps.csv"), read_rows(tmp_path / "noisy" / "steps.csv")
+    assert plain[0]["loss"] != noisy[0]["loss"]
+    with pytest.raises(ValueError, match="empty"):
+        train.main(quick_args(tiny_data, tmp_path / "bad", "--bg-dir", str(tmp_path / "empty_folder")))
