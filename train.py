@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -40,7 +41,8 @@ import model as model_lib
 log = logging.getLogger("birdclef")
 
 MONITORED = ("cmap5", "cmap3", "macro_ap", "lrap", "val_loss",
-             "ema_cmap5", "ema_cmap3", "ema_macro_ap", "ema_lrap", "ema_val_loss")
+             "ema_cmap5", "ema_cmap3", "ema_macro_ap", "ema_lrap", "ema_val_loss",
+             "soundscape_cmap5", "soundscape_cmap3", "soundscape_macro_ap", "soundscape_lrap")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -182,7 +184,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="evaluations (each with a checkpoint) per epoch")
     group.add_argument("--monitor", choices=MONITORED, default="cmap5",
                        help="metric for best.pt and patience (val_loss: lower is better; ema_*: of the "
-                            "--ema weights)")
+                            "--ema weights; soundscape_*: on --val-soundscapes)")
+    group.add_argument("--val-soundscapes", default=None,
+                       help="file,start_s,end_s,labels table of labelled soundscape segments (e.g. "
+                            "demo_data/test_soundscapes_labels.csv): scored at every evaluation next to "
+                            "the clip-level numbers")
+    group.add_argument("--val-soundscape-audio", default=None,
+                       help="folder of those soundscapes' audio (default: test_soundscapes/ beside the table)")
     group.add_argument("--patience", type=int, default=8,
                        help="stop after this many evaluations without improvement (0 = never)")
     group.add_argument("--min-delta", type=float, default=0.0,
@@ -425,6 +433,61 @@ def evaluate(model, loader, args, loss_name: str, device) -> dict:
     return results
 
 
+class SoundscapeValidation:
+    """Labelled soundscape segments, decoded once, scored at every evaluation.
+
+    Clip crops from the training recordings say little about soundscapes (the
+    log's own conclusion); this is the number a leaderboard measures. Windows are
+    cut exactly as infer.py cuts them, so the two agree.
+    """
+
+    def __init__(self, table_path, audio_dir, model):
+        import infer  # the one implementation of soundscape windows and label tables
+        table = pd.read_csv(table_path, keep_default_na=False)
+        audio_dir = Path(audio_dir) if audio_dir else Path(table_path).parent / "test_soundscapes"
+        rate, window = model.config["sample_rate"], model.config["window_seconds"]
+        windows, weights, row_ids = [], [], []
+        for name in dict.fromkeys(table["file"]):
+            waveform = data.to_mono_resampled(*_read_audio(audio_dir / name), rate)
+            n_rows = infer.row_count(len(waveform), rate)
+            starts, row_weights = infer.window_plan(n_rows, window, infer.ROW_SECONDS)
+            windows.append(infer.cut_windows(waveform, rate, starts, window))
+            weights.append(row_weights)
+            row_ids += infer.row_ids(Path(name).stem, n_rows)
+        labelled = infer.read_labels(table_path, list(model.labels))
+        keep = np.array([row_id in labelled.index for row_id in row_ids])
+        self.windows = torch.from_numpy(np.concatenate(windows))                  # (W, samples)
+        self.weights = _block_diagonal(weights)[keep]                              # (labelled rows, W)
+        self.targets = labelled.loc[np.array(row_ids)[keep]].to_numpy()            # (labelled rows, C)
+        log.info("soundscape validation: %d labelled 5-s rows from %d file(s) in %s", len(self.targets),
+                 len(windows), audio_dir)
+
+    @torch.inference_mode()
+    def evaluate(self, model, batch_size: int, device) -> dict:
+        model.eval()
+        logits = torch.cat([model(self.windows[start:start + batch_size].to(device)).float().cpu()
+                            for start in range(0, len(self.windows), batch_size)])
+        if not torch.isfinite(logits).all():
+            raise NonFiniteLossError("non-finite logits on the validation soundscapes")
+        scores = self.weights @ model_lib.activate(logits, model.activation).numpy()
+        return {f"soundscape_{key}": value for key, value in metrics.classification_metrics(self.targets, scores).items()}
+
+
+def _read_audio(path):
+    import soundfile as sf
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    return audio, rate
+
+
+def _block_diagonal(blocks: list[np.ndarray]) -> np.ndarray:
+    rows, columns = sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)
+    out, row, column = np.zeros((rows, columns), dtype=np.float32), 0, 0
+    for block in blocks:
+        out[row:row + block.shape[0], column:column + block.shape[1]] = block
+        row, column = row + block.shape[0], column + block.shape[1]
+    return out
+
+
 def draw_for_epoch(train_set, args, epoch: int) -> np.ndarray:
     """The records one epoch visits, in order, as --sampler draws them."""
     return data.epoch_draw(len(train_set), args.seed, epoch, train_set.primary_labels, args.sampler,
@@ -577,9 +640,11 @@ def make_checkpoint(parts: TrainingParts, args, state) -> dict:
 SCORE_COLUMNS = ["val_loss", "cmap5", "cmap3", "macro_ap", "lrap"]
 
 
-def metric_columns(with_ema: bool) -> list[str]:
+def metric_columns(with_ema: bool, with_soundscapes: bool = False) -> list[str]:
     ema_columns = [f"ema_{column}" for column in SCORE_COLUMNS] if with_ema else []
-    return ["evaluation", "epoch", "global_step", "train_loss", *SCORE_COLUMNS, *ema_columns, "lr"]
+    soundscape_columns = [f"soundscape_{column}" for column in SCORE_COLUMNS[1:]] if with_soundscapes else []
+    return ["evaluation", "epoch", "global_step", "train_loss", *SCORE_COLUMNS, *ema_columns,
+            *soundscape_columns, "lr"]
 
 
 def append_metrics(path: Path, row: dict, columns: list[str]) -> None:
@@ -634,7 +699,6 @@ def plot_metrics(csv_path: Path, png_path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
 
     table = pd.read_csv(csv_path)
     figure, (loss_axis, score_axis) = plt.subplots(1, 2, figsize=(11, 4))
@@ -642,8 +706,9 @@ def plot_metrics(csv_path: Path, png_path: Path) -> None:
     loss_axis.plot(table["epoch"], table["val_loss"], marker=".", label="validation loss")
     loss_axis.set_xlabel("epoch")
     loss_axis.legend()
-    for column in ("cmap5", "cmap3", "macro_ap", "lrap"):
-        score_axis.plot(table["epoch"], table[column], marker=".", label=column)
+    for column in ("cmap5", "cmap3", "macro_ap", "lrap", "soundscape_cmap5", "soundscape_macro_ap"):
+        if column in table:
+            score_axis.plot(table["epoch"], table[column], marker=".", label=column)
     score_axis.set_xlabel("epoch")
     score_axis.set_ylim(0, 1)
     score_axis.legend()
@@ -777,6 +842,8 @@ def check_arguments(args) -> None:
         raise ValueError(f"--fold {args.fold} must be in [0, {args.folds})")
     if args.monitor.startswith("ema_") and not args.ema:
         raise ValueError(f"--monitor {args.monitor} needs --ema")
+    if args.monitor.startswith("soundscape_") and not args.val_soundscapes:
+        raise ValueError(f"--monitor {args.monitor} needs --val-soundscapes")
     if (args.loss_after is None) != (args.loss_switch_epoch is None):
         raise ValueError("--loss-switch-epoch and --loss-after go together")
     precision_settings(args.amp, resolve_device(args.device))
@@ -828,7 +895,9 @@ def main(args) -> dict:
              "eval_steps": {max(1, round(steps_per_epoch * k / args.evals_per_epoch))
                             for k in range(1, args.evals_per_epoch + 1)}}
     metrics_path, steps_path, drawn_path = out_dir / "metrics.csv", out_dir / "steps.csv", out_dir / "drawn_counts.csv"
-    columns = metric_columns(parts.ema is not None)
+    soundscapes = (SoundscapeValidation(args.val_soundscapes, args.val_soundscape_audio, parts.model)
+                   if args.val_soundscapes else None)
+    columns = metric_columns(parts.ema is not None, soundscapes is not None)
     if resume is not None:
         restore(parts, resume, state)
         truncate_log(metrics_path, "evaluation", state["evaluations"])
@@ -854,6 +923,8 @@ def main(args) -> dict:
         if parts.ema is not None:
             ema_results = evaluate(parts.ema.module, val_loader, args, loss_name, device)
             results.update({f"ema_{key}": value for key, value in ema_results.items()})
+        if soundscapes is not None:
+            results.update(soundscapes.evaluate(parts.model, args.batch_size, device))
         row = {"evaluation": state["evaluations"],
                "epoch": round(state["epoch"] + state["step_in_epoch"] / steps_per_epoch, 4),
                "global_step": state["global_step"],
@@ -883,7 +954,9 @@ def main(args) -> dict:
         log.info("epoch %.2f  train_loss %.4f  val_loss %.4f  cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f  LRAP %.4f%s%s",
                  row["epoch"], row["train_loss"], row["val_loss"], row["cmap5"], row["cmap3"],
                  row["macro_ap"], row["lrap"],
-                 f"  EMA cmAP5 {row['ema_cmap5']:.4f}" if parts.ema is not None else "",
+                 (f"  EMA cmAP5 {row['ema_cmap5']:.4f}" if parts.ema is not None else "")
+                 + (f"  soundscape cmAP5 {row['soundscape_cmap5']:.4f} macroAP {row['soundscape_macro_ap']:.4f}"
+                    if soundscapes is not None else ""),
                  "  (best)" if improved else "")
         if args.patience and state["patience_counter"] >= args.patience:
             stop_reason.append(f"{args.monitor} did not improve by more than {args.min_delta} for "

@@ -339,3 +339,34 @@ def test_background_noise_folder_is_mixed_into_training(tiny_data, tmp_path):
     assert plain[0]["loss"] != noisy[0]["loss"]
     with pytest.raises(ValueError, match="empty"):
         train.main(quick_args(tiny_data, tmp_path / "bad", "--bg-dir", str(tmp_path / "empty_folder")))
+
+
+def test_soundscape_validation_is_logged_and_agrees_with_infer(tiny_data, tmp_path):
+    import numpy as np
+    import soundfile as sf
+    import infer
+    from conftest import TINY_SPECIES, tone_recording
+    folder = tmp_path / "soundscapes"
+    folder.mkdir()
+    species = sorted(TINY_SPECIES)
+    rng = np.random.default_rng(5)
+    audio = np.concatenate([tone_recording(TINY_SPECIES[code], 5.0, 22050, rng) for code in species * 2])
+    sf.write(folder / "scape.wav", audio, 22050)
+    labels = pd.DataFrame({"file": "scape.wav", "start_s": range(0, 40, 5), "end_s": range(5, 45, 5),
+                           "labels": species * 2})
+    labels.loc[3, "labels"] = ""  # a no-call row
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "run"
+    train.main(quick_args(tiny_data, out, "--epochs", "1", "--val-soundscapes", str(tmp_path / "labels.csv"),
+                          "--val-soundscape-audio", str(folder), "--monitor", "soundscape_cmap5",
+                          "--keep-last", "5"))
+    rows = read_rows(out / "metrics.csv")
+    assert {"soundscape_cmap5", "soundscape_macro_ap"} <= set(rows[-1])
+    # The same checkpoint scored by infer.py on the same labels gives the same number.
+    scored = infer.main(infer.get_args_parser().parse_args([
+        "--ckpts", str(out / "checkpoint_step00000003.pt"), "--soundscapes", str(folder),
+        "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "sub.csv"), "--precision", "fp32"]))
+    assert float(rows[-1]["soundscape_cmap5"]) == pytest.approx(scored["scores"]["cmap5"], abs=1e-6)
+    assert float(rows[-1]["soundscape_macro_ap"]) == pytest.approx(scored["scores"]["macro_ap"], abs=1e-6)
+    with pytest.raises(ValueError, match="needs --val-soundscapes"):
+        train.main(quick_args(tiny_data, out, "--monitor", "soundscape_cmap5"))
