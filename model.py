@@ -441,6 +441,36 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     return checkpoint
 
 
+def transfer_weights(model: BirdCallModel, checkpoint: dict) -> dict:
+    """Initialise `model` from a checkpoint trained on another vocabulary (pre-train -> fine-tune).
+
+    Frontend and backbone weights are copied; in the head, every tensor indexed by
+    species (its first dimension is the label count) gets the rows of the species
+    both vocabularies share, matched by name; other species keep their fresh
+    initialisation. Returns counts for the log.
+    """
+    source_config, target = checkpoint["model_config"], model.state_dict()
+    for key in ("backbone", "head", "frontend", "n_mels", "sample_rate"):
+        if source_config.get(key) != model.config.get(key):
+            raise ValueError(f"--init-from: the checkpoint's {key} is {source_config.get(key)!r}, "
+                             f"this run's is {model.config.get(key)!r}")
+    source_labels, target_labels = source_config["labels"], model.labels
+    source_row = {label: i for i, label in enumerate(source_labels)}
+    shared = [(i, source_row[label]) for i, label in enumerate(target_labels) if label in source_row]
+    rows_to, rows_from = [i for i, _ in shared], [j for _, j in shared]
+    for key, value in checkpoint["model"].items():
+        if key not in target:
+            continue
+        if (key.startswith("head.") and value.dim() >= 1 and value.shape[0] == len(source_labels)
+                and target[key].shape[0] == len(target_labels) and value.shape[1:] == target[key].shape[1:]):
+            target[key][rows_to] = value[rows_from].to(target[key].dtype)     # species rows, by name
+        elif value.shape == target[key].shape:
+            target[key] = value
+    model.load_state_dict(target)
+    return {"shared_species": len(shared), "new_species": len(target_labels) - len(shared),
+            "dropped_species": len(source_labels) - len(shared)}
+
+
 def load_model(path, map_location="cpu", ema: bool = False) -> BirdCallModel:
     """Rebuild the exact trained model from a checkpoint alone, in eval mode.
 

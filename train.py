@@ -134,6 +134,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--loss-switch-epoch", type=int, default=None,
                        help="epoch from which --loss-after replaces --loss")
     group.add_argument("--loss-after", choices=LOSSES, default=None, help="loss used from --loss-switch-epoch on")
+    group.add_argument("--init-from", default=None,
+                       help="start from a (pre-training) checkpoint with another vocabulary: frontend and "
+                            "backbone copied, head rows of shared species copied by name")
     group.add_argument("--freeze-backbone-epochs", type=int, default=0,
                        help="train only the head for this many epochs (backbone frozen, BatchNorm statistics too)")
     group.add_argument("--ema", type=float, default=0.0,
@@ -802,7 +805,13 @@ def set_activation(parts: TrainingParts, loss_name: str) -> None:
 
 def build_parts(args, labels, device) -> TrainingParts:
     torch.manual_seed(args.seed)  # the initial weights (later randomness is seeded per step)
-    model = model_lib.build_model(args, labels).to(device)
+    model = model_lib.build_model(args, labels)
+    if args.init_from and not args.resume:
+        counts = model_lib.transfer_weights(model, model_lib.read_checkpoint(args.init_from))
+        log.info("--init-from %s: frontend and backbone copied; head rows of %d shared species copied by "
+                 "name, %d new species start fresh, %d of the checkpoint's species unused", args.init_from,
+                 counts["shared_species"], counts["new_species"], counts["dropped_species"])
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     _, _, use_scaler = precision_settings(args.amp, device)
     ema = None

@@ -370,3 +370,30 @@ def test_soundscape_validation_is_logged_and_agrees_with_infer(tiny_data, tmp_pa
     assert float(rows[-1]["soundscape_macro_ap"]) == pytest.approx(scored["scores"]["macro_ap"], abs=1e-6)
     with pytest.raises(ValueError, match="needs --val-soundscapes"):
         train.main(quick_args(tiny_data, out, "--monitor", "soundscape_cmap5"))
+
+
+def test_init_from_copies_shared_species_rows_by_name(tiny_data, tmp_path):
+    source_dir = tmp_path / "pretrain"
+    train.main(quick_args(tiny_data, source_dir, "--epochs", "1"))
+    source = torch.load(source_dir / "best.pt", weights_only=True)
+
+    target_data = tmp_path / "finetune_data"
+    shutil.copytree(tiny_data, target_data)
+    vocabulary = ["eeefff1", "zzzzzz1", "aaabbb1", "ggghhh1", "cccddd1"]  # permuted, plus a new species
+    pd.DataFrame(columns=["row_id", *vocabulary]).to_csv(target_data / "sample_submission.csv", index=False)
+    out = tmp_path / "finetune"
+    train.main(quick_args(target_data, out, "--init-from", str(source_dir / "best.pt"), "--max-steps", "1",
+                          "--lr", "0", "--evals-per-epoch", "3", "--mixup-prob", "0"))
+    target = torch.load(out / "best.pt", weights_only=True)
+    assert target["labels"] == vocabulary
+    source_row = {label: i for i, label in enumerate(source["labels"])}
+    for row, label in enumerate(vocabulary):
+        if label in source_row:
+            assert torch.equal(target["model"]["head.weight"][row], source["model"]["head.weight"][source_row[label]])
+            assert torch.equal(target["model"]["head.bias"][row], source["model"]["head.bias"][source_row[label]])
+        else:
+            assert not any(torch.equal(target["model"]["head.weight"][row], source["model"]["head.weight"][i])
+                           for i in range(4))
+    # lr 0: the backbone's weights are the source's (BatchNorm statistics move in train mode, weights do not)
+    name = "backbone.conv_stem.weight"
+    assert torch.equal(target["model"][name], source["model"][name])
