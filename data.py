@@ -634,6 +634,56 @@ def ensure_demo_data(data_dir) -> Path:
     return data_dir
 
 
+# ----------------------------------------------------------------------------- detector-built extras
+
+def select_extras(detections: pd.DataFrame, threshold: float, minimum: int, maximum: int, divisor: float,
+                  keep_all_below: int) -> pd.DataFrame:
+    """Extra training windows from `infer.py --detections` (log experiments 61-91).
+
+    A window whose score for its recording's primary label is at least `threshold`
+    is a detection. Each recording keeps its best clip(floor(n / divisor), minimum,
+    maximum) detections, never more than the n it has; species with fewer than
+    `keep_all_below` recordings keep all of theirs. -> filename, start_s, primary_score, labels.
+    """
+    recordings_per_species = detections.groupby("primary_label")["filename"].nunique()
+    hits = detections[detections["primary_score"] >= threshold]
+    chosen = []
+    for filename, windows in hits.groupby("filename", sort=True):
+        species = windows["primary_label"].iloc[0]
+        n = len(windows)
+        if recordings_per_species[species] < keep_all_below:
+            keep = n
+        else:
+            keep = min(max(int(math.floor(n / divisor)), minimum), maximum, n)
+        best = windows.sort_values(["primary_score", "start_s"], ascending=[False, True], kind="stable")
+        chosen.append(best.head(keep))
+    if not chosen:
+        return pd.DataFrame(columns=["filename", "start_s", "primary_score", "labels"])
+    extras = pd.concat(chosen)
+    return pd.DataFrame({"filename": extras["filename"].to_numpy(), "start_s": extras["start_s"].to_numpy(),
+                         "primary_score": extras["primary_score"].to_numpy(),
+                         "labels": extras["primary_label"].to_numpy()})
+
+
+def write_extra_audio(extras: pd.DataFrame, audio_dir, out_dir, chunk_seconds: float) -> int:
+    """Write each extra window as `<XC id>_<start s>.ogg` of `chunk_seconds`, centred on the 5-s window."""
+    out_dir = Path(out_dir)
+    written = 0
+    for filename, start in zip(extras["filename"], extras["start_s"]):
+        source = Path(audio_dir) / filename
+        with sf.SoundFile(source) as handle:
+            rate = handle.samplerate
+        chunk_start = max(float(start) + 2.5 - chunk_seconds / 2, 0.0)
+        audio = read_window(source, chunk_start, chunk_seconds, rate)
+        target = out_dir / Path(filename).parent / f"{Path(filename).stem}_{int(round(float(start)))}.ogg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with sf.SoundFile(target, "w", rate, 1, format="OGG", subtype="VORBIS") as handle:
+            for block in range(0, len(audio), rate):  # blocks: libsndfile's Vorbis encoder crashes on huge writes
+                handle.write(audio[block:block + rate])
+        written += 1
+    return written
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Data tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -641,10 +691,37 @@ def main(argv=None) -> None:
                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo_parser.add_argument("--out", default=str(DEMO_DIR), help="folder to write")
     demo_parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    extras_parser = commands.add_parser("extras", help="select extra training windows from infer.py --detections",
+                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    extras_parser.add_argument("--detections", required=True, help="CSV written by infer.py --detections")
+    extras_parser.add_argument("--threshold", type=float, default=0.5, help="primary-label score of a detection")
+    extras_parser.add_argument("--min", type=int, default=4, help="extras per recording, at least (if it has them)")
+    extras_parser.add_argument("--max", type=int, default=12, help="extras per recording, at most")
+    extras_parser.add_argument("--divisor", type=float, default=1.5, help="extras = floor(detections / divisor)")
+    extras_parser.add_argument("--keep-all-below", type=int, default=12,
+                               help="species with fewer recordings keep all their detections")
+    extras_parser.add_argument("--out", default="extras.csv", help="where to write the selection")
+    extras_parser.add_argument("--write-audio", default=None, help="also write each extra as an ogg chunk here")
+    extras_parser.add_argument("--audio-dir", default=None, help="train_audio folder, with --write-audio")
+    extras_parser.add_argument("--chunk", type=float, default=8.0, help="seconds per written chunk")
     args = parser.parse_args(argv)
     if args.command == "demo":
         import demo
         demo.write_demo_dataset(args.out, seed=args.seed)
+    elif args.command == "extras":
+        detections = pd.read_csv(args.detections)
+        extras = select_extras(detections, args.threshold, args.min, args.max, args.divisor, args.keep_all_below)
+        extras.to_csv(args.out, index=False)
+        per_species = extras.groupby("labels").size().sort_values(ascending=False)
+        print(per_species.to_string(header=False))
+        print(f"{len(extras)} extras from {extras['filename'].nunique()} recordings of {len(per_species)} species "
+              f"({args.min}-{args.max}//{args.divisor:g}, keep all below {args.keep_all_below}, threshold "
+              f"{args.threshold:g}) -> {args.out}")
+        if args.write_audio:
+            if not args.audio_dir:
+                parser.error("--write-audio needs --audio-dir")
+            print(f"wrote {write_extra_audio(extras, args.audio_dir, args.write_audio, args.chunk)} chunks to "
+                  f"{args.write_audio}")
 
 
 if __name__ == "__main__":
