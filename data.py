@@ -175,6 +175,12 @@ def to_mono_resampled(audio: np.ndarray, source_rate: int, target_rate: int) -> 
     return _resamplers[key](torch.from_numpy(mono)).numpy()
 
 
+def read_audio(path, sample_rate: int) -> np.ndarray:
+    """A whole file -> (samples,) float32 mono at sample_rate (soundscapes; crops use read_window)."""
+    audio, source_rate = sf.read(path, dtype="float32", always_2d=True)
+    return to_mono_resampled(audio, source_rate, sample_rate)
+
+
 def read_window(path, start_seconds: float, seconds: float, sample_rate: int, pad: str = "zero") -> np.ndarray:
     """Decode only [start, start + seconds) of a file -> (round(seconds*sample_rate),) float32.
 

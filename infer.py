@@ -319,10 +319,7 @@ def predict(member: Member, windows: np.ndarray, batch_size: int) -> np.ndarray:
     """(W, window_samples) -> activated scores (W, n_model_labels), float32."""
     logits = torch.cat([member.runner(torch.from_numpy(windows[start:start + batch_size]))
                         for start in range(0, len(windows), batch_size)])       # (W, C)
-    if not torch.isfinite(logits).all():
-        raise FloatingPointError(f"{member.name} produced {int((~torch.isfinite(logits)).sum())} "
-                                 f"non-finite logits; refusing to write them into a submission")
-    return model_lib.activate(logits, member.model.activation).numpy()
+    return model_lib.checked_scores(logits, member.model.activation, member.name)
 
 
 def combine(per_member: list[np.ndarray], members: list[Member], n_columns: int, how: str,
@@ -400,11 +397,9 @@ class DecodedFiles(torch.utils.data.Dataset):
 
 
 def header_seconds(path) -> float | None:
-    try:
-        info = sf.info(path)
-        return info.frames / info.samplerate if info.samplerate > 0 else None
-    except Exception:
-        return None
+    """The file's length from its header (the same check training runs), or None if unreadable."""
+    header = data.check_audio_files([path])[0][0]
+    return header[0] / header[1] if header is not None else None
 
 
 def score_files(group: list[dict], members: list[Member], n_columns: int, args) -> list[np.ndarray]:

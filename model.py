@@ -15,6 +15,7 @@ import copy
 import math
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn as nn
@@ -52,6 +53,18 @@ def activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "sigmoid":
         return logits.float().sigmoid()
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def checked_scores(logits: torch.Tensor, activation: str, source: str) -> np.ndarray:
+    """Logits (N, C) -> activated scores as numpy, refusing non-finite logits.
+
+    Evaluation, soundscape validation and inference all pass through here, so no
+    nan/inf ever reaches a metric or a submission.
+    """
+    bad = int((~torch.isfinite(logits)).sum())
+    if bad:
+        raise FloatingPointError(f"{source} produced {bad} non-finite logits; refusing to score or submit them")
+    return activate(logits, activation).numpy()
 
 
 def pcen_smoothing_coefficient(time_constant: float, sample_rate: float, hop: int) -> float:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -426,9 +427,7 @@ def evaluate(model, loader, args, loss_name: str, device) -> dict:
     if not all_logits:
         raise RuntimeError("no validation window could be decoded")
     logits, targets = torch.cat(all_logits), torch.cat(all_targets)              # (N, C)
-    if not torch.isfinite(logits).all():
-        raise NonFiniteLossError(f"{int((~torch.isfinite(logits)).sum())} non-finite validation logits")
-    scores = model_lib.activate(logits, model.activation).numpy()
+    scores = model_lib.checked_scores(logits, model.activation, "the model on the validation windows")
     # Validation loss without label smoothing, so runs with and without it compare.
     loss = compute_loss(logits, targets, loss_name, 0.0, args.focal_gamma, args.focal_alpha)
     results = {"val_loss": loss.item()}
@@ -451,7 +450,7 @@ class SoundscapeValidation:
         rate, window = model.config["sample_rate"], model.config["window_seconds"]
         windows, weights, row_ids = [], [], []
         for name in dict.fromkeys(table["file"]):
-            waveform = data.to_mono_resampled(*_read_audio(audio_dir / name), rate)
+            waveform = data.read_audio(audio_dir / name, rate)
             n_rows = infer.row_count(len(waveform), rate)
             starts, row_weights = infer.window_plan(n_rows, window, infer.ROW_SECONDS)
             windows.append(infer.cut_windows(waveform, rate, starts, window))
@@ -460,7 +459,7 @@ class SoundscapeValidation:
         labelled = infer.read_labels(table_path, list(model.labels))
         keep = np.array([row_id in labelled.index for row_id in row_ids])
         self.windows = torch.from_numpy(np.concatenate(windows))                  # (W, samples)
-        self.weights = _block_diagonal(weights)[keep]                              # (labelled rows, W)
+        self.weights = scipy.linalg.block_diag(*weights)[keep]                     # (labelled rows, W)
         self.targets = labelled.loc[np.array(row_ids)[keep]].to_numpy()            # (labelled rows, C)
         log.info("soundscape validation: %d labelled 5-s rows from %d file(s) in %s", len(self.targets),
                  len(windows), audio_dir)
@@ -470,25 +469,9 @@ class SoundscapeValidation:
         model.eval()
         logits = torch.cat([model(self.windows[start:start + batch_size].to(device)).float().cpu()
                             for start in range(0, len(self.windows), batch_size)])
-        if not torch.isfinite(logits).all():
-            raise NonFiniteLossError("non-finite logits on the validation soundscapes")
-        scores = self.weights @ model_lib.activate(logits, model.activation).numpy()
+        scores = self.weights @ model_lib.checked_scores(logits, model.activation,
+                                                         "the model on the validation soundscapes")
         return {f"soundscape_{key}": value for key, value in metrics.classification_metrics(self.targets, scores).items()}
-
-
-def _read_audio(path):
-    import soundfile as sf
-    audio, rate = sf.read(path, dtype="float32", always_2d=True)
-    return audio, rate
-
-
-def _block_diagonal(blocks: list[np.ndarray]) -> np.ndarray:
-    rows, columns = sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)
-    out, row, column = np.zeros((rows, columns), dtype=np.float32), 0, 0
-    for block in blocks:
-        out[row:row + block.shape[0], column:column + block.shape[1]] = block
-        row, column = row + block.shape[0], column + block.shape[1]
-    return out
 
 
 def draw_for_epoch(train_set, args, epoch: int) -> np.ndarray:
@@ -1018,7 +1001,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         main(get_args_parser().parse_args())
-    except (model_lib.PretrainedWeightsError, model_lib.CheckpointError, NonFiniteLossError,
+    except (model_lib.PretrainedWeightsError, model_lib.CheckpointError, NonFiniteLossError, FloatingPointError,
             CheckpointSaveError, FileNotFoundError, ValueError) as error:
         log.error("%s", error)
         sys.exit(1)

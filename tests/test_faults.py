@@ -262,3 +262,30 @@ def test_ensemble_members_with_other_rates_and_windows_each_get_their_own_input(
              "--out", str(tmp_path / "sub.csv")]))
     assert result["rows"] == 3
     assert sorted(fed) == [(16000, (3, 32000)), (22050, (3, 66150))]
+
+
+def test_non_finite_logits_never_reach_a_metric_or_a_submission(checkpoint, tiny_data, tmp_path, monkeypatch):
+    import model as model_lib
+    with pytest.raises(FloatingPointError, match="2 non-finite logits"):
+        model_lib.checked_scores(torch.tensor([[0.0, float("nan")], [float("inf"), 1.0]]), "softmax", "test")
+    # Inference: a checkpoint whose head emits nan writes no submission.
+    broken = torch.load(checkpoint, weights_only=True)
+    broken["model"]["head.bias"][0] = float("nan")
+    torch.save(broken, tmp_path / "broken.pt")
+    folder = tmp_path / "s"
+    folder.mkdir()
+    sf.write(folder / "a.wav", tone_recording(2500.0, 6.0, 16000, np.random.default_rng(0)), 16000)
+    with pytest.raises(FloatingPointError, match="non-finite logits"):
+        infer.main(infer.get_args_parser().parse_args(
+            ["--ckpts", str(tmp_path / "broken.pt"), "--soundscapes", str(folder), "--out", str(tmp_path / "sub.csv")]))
+    assert not (tmp_path / "sub.csv").exists()
+    # Training: nan validation logits stop the run before a metrics row or checkpoint is written.
+    real_classify = model_lib.BirdCallModel.classify
+
+    def nan_in_eval(self, image):
+        logits = real_classify(self, image)
+        return logits if self.training else logits * float("nan")
+    monkeypatch.setattr(model_lib.BirdCallModel, "classify", nan_in_eval)
+    with pytest.raises(FloatingPointError, match="validation windows"):
+        train.main(quick_args(tiny_data, tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.csv").exists() and not train.periodic_checkpoints(tmp_path / "run")
