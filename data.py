@@ -654,7 +654,7 @@ def select_extras(detections: pd.DataFrame, threshold: float, minimum: int, maxi
     recordings_per_species = detections.groupby("primary_label")["filename"].nunique()
     hits = detections[detections["primary_score"] >= threshold]
     chosen = []
-    for filename, windows in hits.groupby("filename", sort=True):
+    for _, windows in hits.groupby("filename", sort=True):  # one recording at a time
         species = windows["primary_label"].iloc[0]
         n = len(windows)
         if recordings_per_species[species] < keep_all_below:
