@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,45 +31,114 @@ import torchaudio
 log = logging.getLogger("birdclef")
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
-METADATA_COLUMNS = ("primary_label", "secondary_labels", "filename")
 CROP_POLICIES = ("ends", "random")
+ROW_SECONDS = 5.0           # BirdCLEF labels and scores 5-second rows
+NOCALL = "nocall"           # the no-call class (train.py --nocall); never a submission column
 
 
 # ----------------------------------------------------------------------------- metadata
+#
+# One BirdCLEF year per folder; `detect_layout` tells the years apart by their files:
+#   2021  train_metadata.csv; audio in train_short_audio/<primary_label>/<filename> (the
+#         filename has no folder); train_soundscapes/ with train_soundscape_labels.csv
+#         (row_id, site, audio_id, seconds, birds); sample_submission.csv is row_id,birds
+#   2022  train_metadata.csv; train_audio/<filename>, filename "<label>/XC....ogg";
+#         scored_birds.json (the 21 scored species); sample_submission.csv is row_id,target
+#   2023  train_metadata.csv; train_audio/; sample_submission.csv row_id + species columns
+#   2024  as 2023, plus unlabeled_soundscapes/
+#   2025  train.csv with a `collection` column (XC, iNat, CSA); train_audio/; taxonomy.csv
+# Several folders (--data-dir A B C) are read one by one and concatenated; a
+# xeno-canto recording that appears in more than one is kept once, from the first.
+
+METADATA_COLUMNS = ("primary_label", "secondary_labels", "filename")
+
+
+@dataclass(frozen=True)
+class Layout:
+    year: str
+    metadata: str                     # the metadata table's file name
+    audio: str                        # the training audio folder
+    folder_in_filename: bool          # False (2021): audio is <audio>/<primary_label>/<filename>
+    extra_columns: tuple = ()         # columns this year must have besides METADATA_COLUMNS
+
+
+LAYOUTS = {
+    "2021": Layout("2021", "train_metadata.csv", "train_short_audio", False),
+    "2022": Layout("2022", "train_metadata.csv", "train_audio", True),
+    "2023": Layout("2023", "train_metadata.csv", "train_audio", True),
+    "2024": Layout("2024", "train_metadata.csv", "train_audio", True),
+    "2025": Layout("2025", "train.csv", "train_audio", True, ("collection",)),
+}
+
+
+def detect_layout(data_dir) -> Layout:
+    """Which BirdCLEF year a folder is, from the files each year ships."""
+    data_dir = Path(data_dir)
+    if (data_dir / "train.csv").is_file():
+        return LAYOUTS["2025"]
+    if (data_dir / "train_metadata.csv").is_file():
+        if (data_dir / "train_short_audio").is_dir():
+            return LAYOUTS["2021"]
+        if (data_dir / "scored_birds.json").is_file():
+            return LAYOUTS["2022"]
+        if (data_dir / "unlabeled_soundscapes").is_dir():
+            return LAYOUTS["2024"]
+        return LAYOUTS["2023"]
+    raise FileNotFoundError(f"{data_dir / 'train_metadata.csv'} not found: --data-dir must be a BirdCLEF folder "
+                            f"(2021-2024: train_metadata.csv with train_audio/ or train_short_audio/; "
+                            f"2025: train.csv with train_audio/)")
+
 
 def read_metadata(data_dir) -> pd.DataFrame:
-    """train_metadata.csv -> one row per recording with parsed labels and an absolute path.
+    """The folder's metadata table -> one row per recording with parsed labels and an absolute path.
 
-    Columns added: `secondary` (list of codes) and `path`.
+    Columns added: `secondary` (list of codes), `path`, `source` (the folder) and
+    `recording_id` ("XC<number>" for xeno-canto recordings, else "").
     """
     data_dir = Path(data_dir)
-    csv_path = data_dir / "train_metadata.csv"
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv_path} not found: --data-dir must be a BirdCLEF 2023 folder "
-                                f"(train_metadata.csv, train_audio/)")
-    table = pd.read_csv(csv_path, dtype={"primary_label": str, "filename": str},
-                        keep_default_na=False)
-    missing = [column for column in METADATA_COLUMNS if column not in table.columns]
+    layout = detect_layout(data_dir)
+    csv_path = data_dir / layout.metadata
+    table = pd.read_csv(csv_path, dtype={"primary_label": str, "filename": str}, keep_default_na=False)
+    missing = [column for column in METADATA_COLUMNS + layout.extra_columns if column not in table.columns]
     if missing:
-        raise ValueError(f"{csv_path} lacks column(s) {missing}; found {list(table.columns)}")
+        raise ValueError(f"{csv_path} lacks column(s) {missing} of the BirdCLEF {layout.year} layout; "
+                         f"found {list(table.columns)}")
     if table.empty:
         raise ValueError(f"{csv_path} has no rows")
 
-    audio_root = (data_dir / "train_audio").resolve()
-    secondary, paths = [], []
-    for row_number, (text, filename) in enumerate(zip(table["secondary_labels"], table["filename"]), start=2):
+    audio_root = (data_dir / layout.audio).resolve()
+    urls = table["url"] if "url" in table.columns else [""] * len(table)
+    secondary, paths, recording_ids = [], [], []
+    for row_number, (primary, text, filename, url) in enumerate(
+            zip(table["primary_label"], table["secondary_labels"], table["filename"], urls), start=2):
         secondary.append(parse_label_list(text, f"{csv_path} row {row_number}"))
-        path = (audio_root / filename).resolve()
+        relative = filename if layout.folder_in_filename else Path(primary) / filename
+        path = (audio_root / relative).resolve()
         if not path.is_relative_to(audio_root):
             raise ValueError(f"{csv_path} row {row_number}: filename {filename!r} points outside {audio_root}")
         paths.append(str(path))
+        recording_ids.append(xeno_canto_id(filename, url))
     table["secondary"] = secondary
     table["path"] = paths
+    table["source"] = str(data_dir)
+    table["recording_id"] = recording_ids
     return table
 
 
+def xeno_canto_id(filename: str, url: str = "") -> str:
+    """"XC134896" from a filename like "asbfly/XC134896.ogg" or a xeno-canto URL; "" otherwise
+    (iNaturalist and CSA recordings of 2025 have no xeno-canto id)."""
+    match = re.fullmatch(r"XC(\d+)", Path(str(filename)).stem, flags=re.IGNORECASE)
+    if match is None:
+        match = re.search(r"xeno-canto\.org/(\d+)", str(url))
+    return f"XC{int(match.group(1))}" if match else ""
+
+
 def parse_label_list(text: str, where: str) -> list[str]:
-    """"['abethr1', 'gnbcam2']" -> ['abethr1', 'gnbcam2'], with the row named on error."""
+    """"['abethr1', 'gnbcam2']" -> ['abethr1', 'gnbcam2'], with the row named on error.
+
+    Empty codes are dropped: 2025's train.csv writes "no secondary label" as "['']".
+    """
     if text is None or str(text).strip() in ("", "[]"):
         return []
     try:
@@ -76,16 +147,123 @@ def parse_label_list(text: str, where: str) -> list[str]:
         raise ValueError(f"{where}: secondary_labels {text!r} is not a Python list string") from error
     if not isinstance(value, (list, tuple)) or not all(isinstance(code, str) for code in value):
         raise ValueError(f"{where}: secondary_labels {text!r} is not a list of species codes")
-    return list(value)
+    return [code.strip() for code in value if code.strip()]
 
 
 def read_vocabulary(data_dir, table: pd.DataFrame) -> list[str]:
-    """Species columns of sample_submission.csv in their order, else the sorted primary labels."""
+    """Species columns of sample_submission.csv in their order, else the sorted primary labels.
+
+    Only a wide sample submission (row_id + one column per species: 2023-2025)
+    names species; 2021's (row_id, birds) and 2022's (row_id, target) do not.
+    """
     sample_submission = Path(data_dir) / "sample_submission.csv"
     if sample_submission.is_file():
-        columns = list(pd.read_csv(sample_submission, nrows=0).columns)
-        return [column for column in columns if column != "row_id"]
+        columns = [column for column in pd.read_csv(sample_submission, nrows=0).columns if column != "row_id"]
+        if columns and not set(columns) <= {"birds", "target"}:
+            return columns
     return sorted(table["primary_label"].unique())
+
+
+def scored_species(data_dir) -> list[str] | None:
+    """BirdCLEF 2022's scored_birds.json (the species the leaderboard scored), else None."""
+    path = Path(data_dir) / "scored_birds.json"
+    if not path.is_file():
+        return None
+    species = json.loads(path.read_text())
+    if not isinstance(species, list) or not all(isinstance(code, str) for code in species):
+        raise ValueError(f"{path} must be a JSON list of species codes")
+    return species
+
+
+def read_training_data(data_dirs) -> tuple[pd.DataFrame, list[str]]:
+    """One or more BirdCLEF folders -> (recordings, vocabulary).
+
+    One folder: its table and vocabulary as they are. Several: the tables
+    concatenated in the order given, a xeno-canto recording present in more than
+    one folder kept once (from the first; the secondary labels of all its copies
+    united), and the vocabulary the sorted union of the folders' vocabularies.
+    """
+    if isinstance(data_dirs, (str, Path)):
+        data_dirs = [data_dirs]
+    tables, vocabularies = [], []
+    for data_dir in data_dirs:
+        table = read_metadata(data_dir)
+        tables.append(table)
+        vocabularies.append(read_vocabulary(data_dir, table))
+        scored = scored_species(data_dir)
+        log.info("%s: BirdCLEF %s layout, %d recordings of %d species%s", data_dir, detect_layout(data_dir).year,
+                 len(table), table["primary_label"].nunique(),
+                 f", {len(scored)} scored species in scored_birds.json" if scored else "")
+    if len(tables) == 1:
+        return tables[0], vocabularies[0]
+    table, merged = drop_duplicate_recordings(pd.concat(tables, ignore_index=True))
+    labels = sorted(set().union(*vocabularies))
+    log.info("%d folders: %d recordings of %d species after merging %d xeno-canto recording(s) that appear in "
+             "more than one folder (each is used once, from the first folder listed)",
+             len(tables), len(table), len(labels), merged)
+    return table, labels
+
+
+def drop_duplicate_recordings(table: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Keep the first row of each xeno-canto id (rows without one are all kept) -> (table, rows dropped).
+
+    The kept row's secondary labels become the union over its copies (a later
+    year may list more background species), without its own primary label.
+    """
+    has_id = table["recording_id"] != ""
+    duplicate = has_id & table["recording_id"].duplicated(keep="first")
+    if not duplicate.any():
+        return table.reset_index(drop=True), 0
+    united = {}
+    for recording_id, secondary in zip(table["recording_id"][has_id], table["secondary"][has_id]):
+        codes = united.setdefault(recording_id, [])
+        codes += [code for code in secondary if code not in codes]
+    kept = table[~duplicate].copy()
+    kept["secondary"] = [
+        [code for code in united[recording_id] if code != primary] if recording_id else secondary
+        for recording_id, secondary, primary in zip(kept["recording_id"], kept["secondary"], kept["primary_label"])]
+    return kept.reset_index(drop=True), int(duplicate.sum())
+
+SOUNDSCAPE_2021_COLUMNS = {"row_id", "site", "audio_id", "seconds", "birds"}
+SOUNDSCAPE_FILE_COLUMNS = {"file", "start_s", "end_s", "labels"}
+
+
+def read_soundscape_labels(path, audio_dir=None) -> tuple[pd.DataFrame, Path]:
+    """A labelled-soundscape table -> (rows file, start_s, end_s, labels; the audio folder).
+
+    Two formats: file,start_s,end_s,labels (the demo's test_soundscapes_labels.csv,
+    ../shared/real-soundscapes/labels_5s.csv) and BirdCLEF 2021's
+    train_soundscape_labels.csv (row_id, site, audio_id, seconds, birds: `seconds` is
+    the end of the 5-s row, `birds` space-separated codes or "nocall"), whose audio
+    file <audio_id>_<site>_<date>.ogg is looked up in the audio folder. `labels` is a
+    space-separated string ("nocall" or "" for a row without a target species). The
+    audio folder is `audio_dir`, else train_soundscapes/ (2021) or test_soundscapes/
+    beside the table, else the table's own folder.
+    """
+    path = Path(path)
+    table = pd.read_csv(path, keep_default_na=False, dtype=str)
+    is_2021 = SOUNDSCAPE_2021_COLUMNS <= set(table.columns)
+    if audio_dir is None:
+        beside = path.parent / ("train_soundscapes" if is_2021 else "test_soundscapes")
+        audio_dir = beside if beside.is_dir() else path.parent
+    audio_dir = Path(audio_dir)
+    if SOUNDSCAPE_FILE_COLUMNS <= set(table.columns):
+        rows = pd.DataFrame({"file": table["file"], "start_s": table["start_s"].astype(float),
+                             "end_s": table["end_s"].astype(float), "labels": table["labels"]})
+        return rows, audio_dir
+    if not is_2021:
+        raise ValueError(f"{path}: expected columns file,start_s,end_s,labels or BirdCLEF 2021's "
+                         f"row_id,site,audio_id,seconds,birds; found {list(table.columns)}")
+    files = {}
+    for audio_id, site in dict.fromkeys(zip(table["audio_id"], table["site"])):
+        found = sorted(audio_dir.glob(f"{audio_id}_{site}_*"))
+        if not found:
+            raise FileNotFoundError(f"{path}: no audio file {audio_id}_{site}_*.ogg in {audio_dir}")
+        files[audio_id, site] = found[0].name
+    end = table["seconds"].astype(float)
+    rows = pd.DataFrame({"file": [files[key] for key in zip(table["audio_id"], table["site"])],
+                         "start_s": end - 5.0, "end_s": end, "labels": table["birds"]})
+    return rows, audio_dir
 
 
 def make_targets(table: pd.DataFrame, labels: list[str], secondary_weight: float) -> np.ndarray:
@@ -227,6 +405,13 @@ def choose_crop_start(duration: float, window: float, policy: str, ends_seconds:
     raise ValueError(f"unknown crop policy {policy!r}; expected one of {CROP_POLICIES}")
 
 
+def fixed_window_start(row_start: float, duration: float, window: float) -> float:
+    """Start of a `window`-second crop centred on the 5-s row starting at `row_start`,
+    kept inside the recording (a 5-s window is the row itself)."""
+    centred = row_start + (ROW_SECONDS - window) / 2
+    return float(min(max(centred, 0.0), max(duration - window, 0.0)))
+
+
 @dataclass
 class CropSettings:
     sample_rate: int = 32000
@@ -244,13 +429,17 @@ class RecordingDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths, durations, targets: np.ndarray, crop: CropSettings, seed: int = 0,
-                 primary_labels=None):
+                 primary_labels=None, starts=None):
         self.paths = list(paths)
         self.durations = list(durations)
         self.targets = targets
         self.crop = crop
         self.seed = seed
         self.primary_labels = list(primary_labels) if primary_labels is not None else None  # for samplers
+        # a fixed 5-s window (extras, no-call rows of soundscapes) instead of a crop by policy; NaN: by policy
+        self.starts = np.full(len(self.paths), np.nan) if starts is None else np.asarray(starts, dtype=np.float64)
+        if len(self.starts) != len(self.paths):
+            raise ValueError(f"{len(self.starts)} starts for {len(self.paths)} recordings")
 
     def __len__(self):
         return len(self.paths)
@@ -262,8 +451,11 @@ class RecordingDataset(torch.utils.data.Dataset):
         else:
             index, rng = item, None
         path = self.paths[index]
-        start = choose_crop_start(self.durations[index], self.crop.window_seconds,
-                                  self.crop.policy, self.crop.ends_seconds, rng)
+        if np.isnan(self.starts[index]):
+            start = choose_crop_start(self.durations[index], self.crop.window_seconds,
+                                      self.crop.policy, self.crop.ends_seconds, rng)
+        else:
+            start = fixed_window_start(self.starts[index], self.durations[index], self.crop.window_seconds)
         try:
             waveform = read_window(path, start, self.crop.window_seconds, self.crop.sample_rate, self.crop.pad)
         except Exception as error:  # the header was fine but decoding failed: skip, never crash
@@ -669,6 +861,54 @@ def select_extras(detections: pd.DataFrame, threshold: float, minimum: int, maxi
     return pd.DataFrame({"filename": extras["filename"].to_numpy(), "start_s": extras["start_s"].to_numpy(),
                          "primary_score": extras["primary_score"].to_numpy(),
                          "labels": extras["primary_label"].to_numpy()})
+
+
+def audio_names(table: pd.DataFrame) -> list[str]:
+    """Each recording's path relative to its folder's audio root, as infer.py --detections and
+    extras.csv name it ("asbfly/XC134896.ogg"; 2021: "<primary_label>/<filename>")."""
+    names = []
+    for path, source in zip(table["path"], table["source"]):
+        root = (Path(source) / detect_layout(source).audio).resolve()
+        names.append(Path(path).relative_to(root).as_posix())
+    return names
+
+
+def match_recordings(filenames, table: pd.DataFrame) -> np.ndarray:
+    """extras.csv / detections filenames -> row of `table` (-1 where no recording has that name)."""
+    index = {}
+    for row, name in enumerate(audio_names(table)):
+        index.setdefault(name, row)          # several folders: the first, as read_training_data keeps it
+    return np.array([index.get(str(name), -1) for name in filenames], dtype=np.int64)
+
+
+def read_extras(path) -> pd.DataFrame:
+    """extras.csv written by `python data.py extras` -> filename, start_s (checked)."""
+    extras = pd.read_csv(path, dtype={"filename": str}, keep_default_na=False)
+    missing = [column for column in ("filename", "start_s") if column not in extras.columns]
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {missing}; expected the table `python data.py extras` writes")
+    extras["start_s"] = pd.to_numeric(extras["start_s"], errors="raise").astype(float)
+    return extras
+
+
+def select_nocall_detections(detections: pd.DataFrame, max_score: float, per_recording: int) -> pd.DataFrame:
+    """No-call windows from infer.py --detections: windows whose best score of any species is below
+    `max_score`, the `per_recording` quietest of each recording -> filename, start_s."""
+    if "top1_score" not in detections.columns:
+        raise ValueError("the detections table lacks top1_score; write it with infer.py --detections")
+    quiet = detections[detections["top1_score"] < max_score]
+    quiet = quiet.sort_values(["filename", "top1_score", "start_s"], kind="stable")
+    chosen = quiet.groupby("filename", sort=True).head(per_recording)
+    return chosen[["filename", "start_s"]].reset_index(drop=True)
+
+
+def nocall_soundscape_rows(path, audio_dir=None) -> pd.DataFrame:
+    """5-s rows of a labelled-soundscape table with no species ("nocall" or empty) -> path, start_s."""
+    table, audio_dir = read_soundscape_labels(path, audio_dir)
+    empty = [set(str(labels).split()) <= {NOCALL} for labels in table["labels"]]
+    rows = table[empty]
+    return pd.DataFrame({"path": [str(audio_dir / name) for name in rows["file"]],
+                         "start_s": rows["start_s"].to_numpy(dtype=float)})
 
 
 def write_extra_audio(extras: pd.DataFrame, audio_dir, out_dir, chunk_seconds: float) -> int:

@@ -31,9 +31,9 @@ import model as model_lib
 log = logging.getLogger("birdclef")
 
 AUDIO_EXTENSIONS = (".ogg", ".mp3", ".flac", ".wav")
-ROW_SECONDS = 5.0       # BirdCLEF scores 5-second rows
-MIN_LAST_ROW = 1.0      # a final partial row needs at least this much audio
-NOCALL = "nocall"
+ROW_SECONDS = data.ROW_SECONDS   # BirdCLEF scores 5-second rows
+MIN_LAST_ROW = 1.0               # a final partial row needs at least this much audio
+NOCALL = data.NOCALL
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -72,6 +72,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="use the checkpoints' exponential-moving-average weights (trained with --ema)")
     group.add_argument("--average-weights", action="store_true",
                        help="average the checkpoints' weights into one model (same run, same config)")
+    group.add_argument("--nocall-gate", action="store_true",
+                       help="checkpoints trained with --nocall: scale every species by 1 - p(nocall)")
     group.add_argument("--hop", type=float, default=ROW_SECONDS,
                        help="seconds between window starts; below 5, overlapping windows are "
                             "averaged into the rows, weighted by overlap")
@@ -315,11 +317,22 @@ def make_runner(model, args, device, bf16):
     return ExportedRunner(model, args.backend, bf16, args.threads, args.parity_tolerance)
 
 
-def predict(member: Member, windows: np.ndarray, batch_size: int) -> np.ndarray:
+def predict(member: Member, windows: np.ndarray, batch_size: int, nocall_gate: bool = False) -> np.ndarray:
     """(W, window_samples) -> activated scores (W, n_model_labels), float32."""
     logits = torch.cat([member.runner(torch.from_numpy(windows[start:start + batch_size]))
                         for start in range(0, len(windows), batch_size)])       # (W, C)
-    return model_lib.checked_scores(logits, member.model.activation, member.name)
+    scores = model_lib.checked_scores(logits, member.model.activation, member.name)
+    return gate_by_nocall(scores, member.model.labels) if nocall_gate else scores
+
+
+def gate_by_nocall(scores: np.ndarray, labels: list[str]) -> np.ndarray:
+    """(W, C) scores -> every species times 1 - p(nocall); unchanged for a model without nocall."""
+    if NOCALL not in labels:
+        return scores
+    nocall = labels.index(NOCALL)
+    gated = scores * (1.0 - scores[:, nocall:nocall + 1])
+    gated[:, nocall] = scores[:, nocall]
+    return gated
 
 
 def combine(per_member: list[np.ndarray], members: list[Member], n_columns: int, how: str,
@@ -416,7 +429,7 @@ def score_files(group: list[dict], members: list[Member], n_columns: int, args) 
         windows = np.concatenate([cut_windows(d["waveforms"][member.sample_rate].numpy(), member.sample_rate,
                                               starts, member.window_seconds)
                                   for d, (starts, _) in zip(group, plans)])      # (sum W, samples)
-        window_scores = predict(member, windows, args.batch_size)                # (sum W, C_m)
+        window_scores = predict(member, windows, args.batch_size, args.nocall_gate)   # (sum W, C_m)
         bounds = np.cumsum([0] + [len(starts) for starts, _ in plans])
         for i, (_, weights) in enumerate(plans):
             per_file[i].append(weights @ window_scores[bounds[i]:bounds[i + 1]])   # (n_rows, C_m)
@@ -433,31 +446,31 @@ def score_files(group: list[dict], members: list[Member], n_columns: int, args) 
 
 # ----------------------------------------------------------------------------- labels and scoring
 
-def read_labels(path, columns: list[str]) -> pd.DataFrame:
-    """A row_id x species 0/1 table, or file,start_s,end_s,labels rows -> row_id-indexed 0/1 frame."""
-    table = pd.read_csv(path, keep_default_na=False)
-    if {"file", "start_s", "end_s", "labels"} <= set(table.columns):
-        row_index = [f"{Path(f).stem}_{int(round(end))}" for f, end in zip(table["file"], table["end_s"])]
-        targets = pd.DataFrame(0, index=row_index, columns=columns, dtype=np.int8)
-        unknown = set()
-        for row_id, labels in zip(row_index, table["labels"]):
-            for code in str(labels).split():
-                if code in targets.columns:
-                    targets.loc[row_id, code] = 1
-                elif code != NOCALL:
-                    unknown.add(code)
-        if unknown:
-            log.warning("labels of %d species no model predicts are ignored: %s", len(unknown),
-                        " ".join(sorted(unknown)[:10]))
-        return targets
-    if "row_id" in table.columns:
-        return table.set_index("row_id").reindex(columns=columns, fill_value=0).astype(np.int8)
-    raise ValueError(f"{path}: expected columns row_id + species, or file,start_s,end_s,labels")
+def read_labels(path, columns: list[str], audio_dir=None) -> pd.DataFrame:
+    """A row_id x species 0/1 table, or labelled 5-s rows (file,start_s,end_s,labels or BirdCLEF
+    2021's train_soundscape_labels.csv, see data.read_soundscape_labels) -> row_id-indexed 0/1 frame."""
+    header = set(pd.read_csv(path, nrows=0).columns)
+    if "row_id" in header and not data.SOUNDSCAPE_2021_COLUMNS <= header:
+        return pd.read_csv(path).set_index("row_id").reindex(columns=columns, fill_value=0).astype(np.int8)
+    table, _ = data.read_soundscape_labels(path, audio_dir)
+    row_index = [f"{Path(f).stem}_{int(round(end))}" for f, end in zip(table["file"], table["end_s"])]
+    targets = pd.DataFrame(0, index=row_index, columns=columns, dtype=np.int8)
+    unknown = set()
+    for row_id, labels in zip(row_index, table["labels"]):
+        for code in str(labels).split():
+            if code in targets.columns:
+                targets.loc[row_id, code] = 1
+            elif code != NOCALL:
+                unknown.add(code)
+    if unknown:
+        log.warning("labels of %d species no model predicts are ignored: %s", len(unknown),
+                    " ".join(sorted(unknown)[:10]))
+    return targets
 
 
-def score_submission(submission: pd.DataFrame, labels_path) -> dict:
+def score_submission(submission: pd.DataFrame, labels_path, audio_dir=None) -> dict:
     columns = [c for c in submission.columns if c != "row_id"]
-    targets = read_labels(labels_path, columns)
+    targets = read_labels(labels_path, columns, audio_dir)
     predictions = submission.set_index("row_id")
     common = [row for row in targets.index if row in predictions.index]
     if not common:
@@ -628,7 +641,7 @@ def main(args) -> dict:
     for line in problems:
         log.warning("problem: %s", line)
     if args.labels and not detections_mode:
-        scores = score_submission(summary["submission"], args.labels)
+        scores = score_submission(summary["submission"], args.labels, args.soundscapes)
         log.info("scored %d labelled rows: cmAP5 %.4f  cmAP3 %.4f  macro AP %.4f  LRAP %.4f",
                  scores["rows"], scores["cmap5"], scores["cmap3"], scores["macro_ap"], scores["lrap"])
         summary["scores"] = scores

@@ -51,9 +51,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                      add_help=add_help,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("data")
-    group.add_argument("--data-dir", default=str(data.DEMO_DIR),
-                       help="BirdCLEF 2023 folder (train_metadata.csv, train_audio/); the default "
-                            "demo folder is generated on first use")
+    group.add_argument("--data-dir", nargs="+", default=[str(data.DEMO_DIR)],
+                       help="one or more BirdCLEF folders (the 2021-2025 layouts are recognised); several "
+                            "are merged: the vocabulary is their union and a xeno-canto recording in more "
+                            "than one is used once. The default demo folder is generated on first use")
     group.add_argument("--val-fraction", type=float, default=0.2,
                        help="share of each species' recordings held out (ignored with --folds)")
     group.add_argument("--folds", type=int, default=0, help="K-fold split when > 1")
@@ -74,6 +75,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "1/sqrt(N) per species (with replacement); cap: at most --cap-per-class "
                             "recordings per species per epoch. Check with --audit-sampling")
     group.add_argument("--cap-per-class", type=int, default=0, help="recordings per species per epoch, --sampler cap")
+    group.add_argument("--extras", default=None,
+                       help="extras.csv from `python data.py extras`: fixed 5-s windows of training "
+                            "recordings added to each epoch (windows of validation recordings are dropped)")
+    group.add_argument("--nocall", action="store_true",
+                       help="add a 'nocall' class trained on background windows: --bg-dir audio, "
+                            "--nocall-soundscapes rows and --nocall-detections windows")
+    group.add_argument("--nocall-soundscapes", default=None,
+                       help="labelled-soundscape table (file,start_s,end_s,labels or BirdCLEF 2021's "
+                            "train_soundscape_labels.csv) whose no-call rows train the nocall class")
+    group.add_argument("--nocall-detections", default=None,
+                       help="infer.py --detections table: windows whose best score is below "
+                            "--nocall-max-score train the nocall class")
+    group.add_argument("--nocall-max-score", type=float, default=0.05,
+                       help="a detections window is no-call below this best score")
+    group.add_argument("--nocall-per-recording", type=int, default=1,
+                       help="no-call windows taken from each recording's detections, quietest first")
     group.add_argument("--audit-sampling", action="store_true",
                        help="build the sampler exactly as training would, write sampling_audit.csv, print "
                             "the summary and exit without training")
@@ -431,7 +448,8 @@ def evaluate(model, loader, args, loss_name: str, device) -> dict:
     # Validation loss without label smoothing, so runs with and without it compare.
     loss = compute_loss(logits, targets, loss_name, 0.0, args.focal_gamma, args.focal_alpha)
     results = {"val_loss": loss.item()}
-    results.update(metrics.classification_metrics(targets.numpy(), scores))
+    species = np.array([label != data.NOCALL for label in model.labels])  # nocall is not scored
+    results.update(metrics.classification_metrics(targets.numpy()[:, species], scores[:, species]))
     return results
 
 
@@ -445,8 +463,7 @@ class SoundscapeValidation:
 
     def __init__(self, table_path, audio_dir, model):
         import infer  # the one implementation of soundscape windows and label tables
-        table = pd.read_csv(table_path, keep_default_na=False)
-        audio_dir = Path(audio_dir) if audio_dir else Path(table_path).parent / "test_soundscapes"
+        table, audio_dir = data.read_soundscape_labels(table_path, audio_dir)
         rate, window = model.config["sample_rate"], model.config["window_seconds"]
         windows, weights, row_ids = [], [], []
         for name in dict.fromkeys(table["file"]):
@@ -456,11 +473,13 @@ class SoundscapeValidation:
             windows.append(infer.cut_windows(waveform, rate, starts, window))
             weights.append(row_weights)
             row_ids += infer.row_ids(Path(name).stem, n_rows)
-        labelled = infer.read_labels(table_path, list(model.labels))
+        # the no-call column (--nocall) is scored by no metric: it is not a species
+        self.columns = np.array([label != data.NOCALL for label in model.labels])
+        labelled = infer.read_labels(table_path, list(np.array(model.labels)[self.columns]), audio_dir)
         keep = np.array([row_id in labelled.index for row_id in row_ids])
         self.windows = torch.from_numpy(np.concatenate(windows))                  # (W, samples)
         self.weights = scipy.linalg.block_diag(*weights)[keep]                     # (labelled rows, W)
-        self.targets = labelled.loc[np.array(row_ids)[keep]].to_numpy()            # (labelled rows, C)
+        self.targets = labelled.loc[np.array(row_ids)[keep]].to_numpy()            # (labelled rows, species)
         log.info("soundscape validation: %d labelled 5-s rows from %d file(s) in %s", len(self.targets),
                  len(windows), audio_dir)
 
@@ -471,6 +490,7 @@ class SoundscapeValidation:
                             for start in range(0, len(self.windows), batch_size)])
         scores = self.weights @ model_lib.checked_scores(logits, model.activation,
                                                          "the model on the validation soundscapes")
+        scores = scores[:, self.columns]
         return {f"soundscape_{key}": value for key, value in metrics.classification_metrics(self.targets, scores).items()}
 
 
@@ -720,31 +740,26 @@ def resolve_device(name: str) -> torch.device:
 
 
 def prepare_data(args, out_dir: Path):
-    """Metadata -> vocabulary, split, header check -> (labels, train dataset, val dataset)."""
-    data_dir = data.ensure_demo_data(args.data_dir)
-    table = data.read_metadata(data_dir)
-    labels = data.read_vocabulary(data_dir, table)
-    headers, bad = data.check_audio_files(table["path"])
-    if bad and args.strict:
-        raise ValueError(f"--strict: {len(bad)} of {len(table)} recordings cannot be read, e.g. "
-                         f"{bad[0][0]} ({bad[0][1]})")
-    if bad:
-        with open(out_dir / "bad_files.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "reason"])
-            writer.writerows(bad)
-        for path, reason in bad:
-            log.warning("skipping unreadable recording %s (%s)", path, reason)
-        log.warning("%d of %d recordings skipped; listed in %s", len(bad), len(table), out_dir / "bad_files.csv")
+    """Metadata -> vocabulary, split, header check -> (labels, train dataset, val dataset).
+
+    The training set is the training split's recordings (crops by --crop-policy),
+    then --extras windows, then --nocall windows (both fixed 5-s windows);
+    `train_set.extras` marks the extra windows for the sampling audit.
+    """
+    (out_dir / "bad_files.csv").unlink(missing_ok=True)  # rewritten from this run's header check
+    table, labels = data.read_training_data([data.ensure_demo_data(folder) for folder in args.data_dir])
+    if args.nocall and data.NOCALL not in labels:
+        labels = labels + [data.NOCALL]
+    headers = usable_headers(table["path"], args, out_dir / "bad_files.csv")
     usable = np.array([header is not None for header in headers])
     table = table[usable].reset_index(drop=True)
     if table.empty:
-        raise ValueError(f"none of the recordings in {data_dir} can be read")
-    missing = sorted(set(labels) - set(table["primary_label"]))
+        raise ValueError(f"none of the recordings in {' '.join(args.data_dir)} can be read")
+    missing = sorted(set(labels) - set(table["primary_label"]) - {data.NOCALL})
     if missing:
         log.warning("%d species of the vocabulary have no usable recording (they can never be predicted "
                     "well): %s", len(missing), " ".join(missing[:20]))
-    durations = [frames / rate for frames, rate in (header for header in headers if header is not None)]
+    durations = np.array([frames / rate for frames, rate in (header for header in headers if header is not None)])
     targets = data.make_targets(table, labels, args.secondary_weight)
     train_index, val_index = data.split_recordings(table["primary_label"], args.val_fraction,
                                                    args.folds, args.fold, args.seed)
@@ -752,11 +767,102 @@ def prepare_data(args, out_dir: Path):
         raise ValueError("the validation split is empty (every species has fewer than 2 recordings)")
     crop = data.CropSettings(args.sample_rate, args.window_seconds, args.crop_policy, args.ends_seconds, args.pad)
 
-    def subset(index):
-        return data.RecordingDataset(table["path"].iloc[index], [durations[i] for i in index],
-                                     targets[index], crop, args.seed, table["primary_label"].iloc[index])
-    log.info("%d species, %d training and %d validation recordings", len(labels), len(train_index), len(val_index))
-    return labels, subset(train_index), subset(val_index)
+    # rows of the training set: (recording index into table, fixed start or NaN)
+    records, starts = list(train_index), [np.nan] * len(train_index)
+    n_extras = 0
+    if args.extras:
+        extra_records, extra_starts = extra_windows(args.extras, table, train_index)
+        records += extra_records
+        starts += extra_starts
+        n_extras = len(extra_records)
+    paths = list(table["path"].iloc[records])
+    train_durations, train_targets = list(durations[records]), targets[records]
+    primary = list(table["primary_label"].iloc[records])
+    if args.nocall:
+        nocall = nocall_windows(args, table, train_index, durations, out_dir)
+        if nocall.empty:
+            raise ValueError("--nocall found no background window: give --bg-dir, --nocall-soundscapes or "
+                             "--nocall-detections with at least one usable window")
+        one_hot = np.zeros((len(nocall), len(labels)), dtype=np.float32)
+        one_hot[:, labels.index(data.NOCALL)] = 1.0
+        paths += list(nocall["path"])
+        train_durations += list(nocall["duration"])
+        train_targets = np.concatenate([train_targets, one_hot])
+        primary += [data.NOCALL] * len(nocall)
+        starts += list(nocall["start_s"])
+    train_set = data.RecordingDataset(paths, train_durations, train_targets, crop, args.seed, primary, starts)
+    train_set.extras = np.zeros(len(paths), dtype=bool)
+    train_set.extras[len(train_index):len(train_index) + n_extras] = True
+    val_set = data.RecordingDataset(table["path"].iloc[val_index], durations[val_index], targets[val_index], crop,
+                                    args.seed, table["primary_label"].iloc[val_index])
+    log.info("%d species, %d training recordings (+%d extra windows, +%d no-call windows), %d validation "
+             "recordings", len(labels), len(train_index), n_extras, len(paths) - len(train_index) - n_extras,
+             len(val_index))
+    return labels, train_set, val_set
+
+
+def usable_headers(paths, args, bad_files_path: Path) -> list:
+    """Each file's (frames, rate), None for an unreadable one; those are listed in bad_files.csv
+    and logged (or, with --strict, refused)."""
+    headers, bad = data.check_audio_files(paths)
+    if bad and args.strict:
+        raise ValueError(f"--strict: {len(bad)} of {len(headers)} recordings cannot be read, e.g. "
+                         f"{bad[0][0]} ({bad[0][1]})")
+    if bad:
+        with open(bad_files_path, "a" if bad_files_path.exists() else "w", newline="") as handle:
+            writer = csv.writer(handle)
+            if handle.tell() == 0:
+                writer.writerow(["path", "reason"])
+            writer.writerows(bad)
+        for path, reason in bad:
+            log.warning("skipping unreadable recording %s (%s)", path, reason)
+        log.warning("%d of %d files skipped; listed in %s", len(bad), len(headers), bad_files_path)
+    return headers
+
+
+def extra_windows(extras_path, table: pd.DataFrame, train_index) -> tuple[list[int], list[float]]:
+    """--extras rows -> (recording index, window start) for windows of training-split recordings.
+
+    Windows of validation recordings are dropped (they would leak the validation
+    clips into training); windows of recordings not in the metadata are dropped
+    and counted. Each window gets its recording's targets (primary + secondary).
+    """
+    extras = data.read_extras(extras_path)
+    recording = data.match_recordings(extras["filename"], table)
+    in_train = np.isin(recording, np.asarray(train_index))
+    unknown, in_validation = int((recording < 0).sum()), int(((recording >= 0) & ~in_train).sum())
+    log.info("--extras %s: %d windows of %d training recordings used; %d dropped (their recording is in the "
+             "validation split), %d dropped (no such usable recording)", extras_path, int(in_train.sum()),
+             len(np.unique(recording[in_train])), in_validation, unknown)
+    return [int(r) for r in recording[in_train]], [float(s) for s in extras["start_s"][in_train]]
+
+
+def nocall_windows(args, table: pd.DataFrame, train_index, durations, out_dir: Path) -> pd.DataFrame:
+    """Background windows for the nocall class -> path, start_s (NaN: crop by policy), duration."""
+    parts = []
+    if args.bg_dir:  # whole files of background audio, cropped like recordings
+        files = [str(path) for path in sorted(Path(args.bg_dir).rglob("*"))
+                 if path.suffix.lower() in (".ogg", ".mp3", ".flac", ".wav")]
+        parts.append(pd.DataFrame({"path": files, "start_s": np.nan, "source": "--bg-dir"}))
+    if args.nocall_soundscapes:
+        rows = data.nocall_soundscape_rows(args.nocall_soundscapes)
+        parts.append(rows.assign(source="--nocall-soundscapes"))
+    if args.nocall_detections:
+        chosen = data.select_nocall_detections(pd.read_csv(args.nocall_detections, keep_default_na=False),
+                                               args.nocall_max_score, args.nocall_per_recording)
+        recording = data.match_recordings(chosen["filename"], table)
+        keep = np.isin(recording, np.asarray(train_index))  # quiet windows of validation recordings stay out
+        parts.append(pd.DataFrame({"path": table["path"].to_numpy()[recording[keep]],
+                                   "start_s": chosen["start_s"].to_numpy()[keep], "source": "--nocall-detections"}))
+    if not parts:
+        raise ValueError("--nocall needs background audio: --bg-dir, --nocall-soundscapes or --nocall-detections")
+    windows = pd.concat(parts, ignore_index=True)
+    headers = usable_headers(windows["path"], args, out_dir / "bad_files.csv")
+    windows["duration"] = [header[0] / header[1] if header else np.nan for header in headers]
+    windows = windows[windows["duration"].notna()].reset_index(drop=True)
+    for source, count in windows.groupby("source", sort=False).size().items():
+        log.info("nocall class: %d window(s) from %s", count, source)
+    return windows
 
 
 def make_loader(dataset, args, device, batch_sampler=None):
@@ -866,8 +972,9 @@ def main(args) -> dict:
 
     labels, train_set, val_set = prepare_data(args, out_dir)
     if resume is not None and resume["labels"] != labels:
-        raise ValueError(f"{args.resume} was trained on another label list than {args.data_dir}")
-    audit_table, audit = data.sampling_audit(train_set.primary_labels, args.sampler, args.cap_per_class)
+        raise ValueError(f"{args.resume} was trained on another label list than {' '.join(args.data_dir)}")
+    audit_table, audit = data.sampling_audit(train_set.primary_labels, args.sampler, args.cap_per_class,
+                                             extras=train_set.extras if train_set.extras.any() else None)
     data.write_sampling_audit(audit_table, out_dir / "sampling_audit.csv")
     for line in data.format_sampling_audit(audit_table, audit, args.sampler).splitlines():
         (log.warning if line.startswith("WARNING") else log.info)("%s", line)

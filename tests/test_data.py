@@ -55,7 +55,7 @@ def ramp(n: int) -> np.ndarray:
 
 def test_read_metadata_keeps_birdclef_2023_columns_and_adds_secondary_and_path(tiny_data):
     table = data.read_metadata(tiny_data)
-    assert list(table.columns) == BIRDCLEF_2023_COLUMNS + ["secondary", "path"]
+    assert list(table.columns) == BIRDCLEF_2023_COLUMNS + ["secondary", "path", "source", "recording_id"]
     assert len(table) == sum(TINY_COUNTS)
     assert Counter(table["primary_label"]) == dict(zip(TINY_SPECIES, TINY_COUNTS))
     assert all(isinstance(code, str) for code in table["primary_label"])

@@ -252,9 +252,9 @@ def test_ensemble_members_with_other_rates_and_windows_each_get_their_own_input(
     fed = []
     real_predict = infer.predict
 
-    def spy(member, windows, batch_size):
+    def spy(member, windows, *args):
         fed.append((member.sample_rate, windows.shape))
-        return real_predict(member, windows, batch_size)
+        return real_predict(member, windows, *args)
     import unittest.mock
     with unittest.mock.patch.object(infer, "predict", spy):
         result = infer.main(infer.get_args_parser().parse_args(
