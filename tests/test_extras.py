@@ -80,3 +80,66 @@ def test_cli_writes_csv_and_audio_chunks(tmp_path, capsys):
     written = sorted(p.name for p in (tmp_path / "chunks" / "aaa").iterdir())
     assert written == ["XC1_0.ogg", "XC1_10.ogg", "XC1_5.ogg"]
     assert sf.info(tmp_path / "chunks" / "aaa" / "XC1_10.ogg").duration == pytest.approx(8.0, abs=0.01)
+
+
+# ----------------------------------------------------------------------------- train.py --extras
+
+def test_train_extras_are_fixed_windows_of_training_recordings_only(tiny_data, tmp_path, caplog):
+    import train
+    from conftest import quick_args
+    plain_labels, plain_train, plain_val = train.prepare_data(quick_args(tiny_data, tmp_path / "plain"), tmp_path)
+    table = data.read_metadata(tiny_data)
+    names = dict(zip(table["path"], table["filename"]))
+    train_names = [names[path] for path in plain_train.paths]
+    val_names = [names[path] for path in plain_val.paths]
+    rows = [(train_names[0], 0.0), (train_names[0], 5.0), (train_names[1], 5.0),   # 3 of training recordings
+            (val_names[0], 0.0),                                                   # dropped: validation
+            ("zzz/XC999.ogg", 0.0)]                                                # dropped: unknown
+    pd.DataFrame({"filename": [r[0] for r in rows], "start_s": [r[1] for r in rows], "primary_score": 0.9,
+                  "labels": "x"}).to_csv(tmp_path / "extras.csv", index=False)
+
+    args = quick_args(tiny_data, tmp_path / "run", "--extras", str(tmp_path / "extras.csv"))
+    with caplog.at_level("INFO", logger="birdclef"):
+        labels, train_set, val_set = train.prepare_data(args, tmp_path)
+    assert "3 windows of 2 training recordings used; 1 dropped (their recording is in the validation split), " \
+           "1 dropped (no such usable recording)" in caplog.text
+    n = len(plain_train)
+    assert len(train_set) == n + 3 and train_set.paths[:n] == plain_train.paths   # recordings first, unchanged
+    assert train_set.extras.tolist() == [False] * n + [True] * 3
+    assert np.isnan(train_set.starts[:n]).all() and train_set.starts[n:].tolist() == [0.0, 5.0, 5.0]
+    assert train_set.paths[n:] == [plain_train.paths[0], plain_train.paths[0], plain_train.paths[1]]
+    np.testing.assert_array_equal(train_set.targets[n:], plain_train.targets[[0, 0, 1]])
+    assert val_set.paths == plain_val.paths                                       # validation untouched
+    # the extra row decodes exactly its window, whatever the epoch and position
+    item = train_set[(n + 1, 3, 17)]
+    window = train_set.crop.window_seconds
+    expected = data.read_window(plain_train.paths[0],
+                                data.fixed_window_start(5.0, train_set.durations[n + 1], window), window,
+                                train_set.crop.sample_rate)
+    np.testing.assert_array_equal(item["waveform"].numpy(), expected)
+
+
+def test_fixed_window_start_centres_a_longer_window_and_stays_inside():
+    assert data.fixed_window_start(10.0, 60.0, 5.0) == 10.0
+    assert data.fixed_window_start(10.0, 60.0, 7.0) == 9.0            # centred on the 5-s row
+    assert data.fixed_window_start(0.0, 60.0, 7.0) == 0.0             # not before the start
+    assert data.fixed_window_start(55.0, 58.0, 7.0) == 51.0           # not past the end
+
+
+def test_sampling_audit_counts_extras_separately(tiny_data, tmp_path):
+    import train
+    from conftest import quick_args
+    _, plain_train, _ = train.prepare_data(quick_args(tiny_data, tmp_path / "plain"), tmp_path)
+    table = data.read_metadata(tiny_data)
+    names = dict(zip(table["path"], table["filename"]))
+    chosen = [names[path] for path in plain_train.paths[:4]]
+    pd.DataFrame({"filename": chosen * 2, "start_s": [0.0] * 4 + [5.0] * 4}).to_csv(tmp_path / "extras.csv",
+                                                                                   index=False)
+    state = train.main(quick_args(tiny_data, tmp_path / "run", "--extras", str(tmp_path / "extras.csv"),
+                                  "--audit-sampling"))
+    audit = pd.read_csv(tmp_path / "run" / "sampling_audit.csv").set_index("species")
+    expected = pd.Series(plain_train.primary_labels[:4] * 2).value_counts()
+    for species in audit.index:
+        assert audit.loc[species, "extra_recordings"] == expected.get(species, 0)
+        assert audit.loc[species, "recordings"] == plain_train.primary_labels.count(species) + expected.get(species, 0)
+    assert state["audit"]["extra_share"] == pytest.approx(8 / (len(plain_train) + 8))

@@ -1,0 +1,92 @@
+"""The no-call class: train.py --nocall from three sources, infer.py drops it and can gate by it."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+from conftest import TINY_SPECIES, quick_args
+
+import data
+import infer
+import model as model_lib
+import train
+
+
+def write_noise(path, seconds, rate=16000, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    audio = 0.01 * np.random.default_rng(seed).standard_normal(int(seconds * rate)).astype(np.float32)
+    sf.write(path, audio, rate, format="OGG", subtype="VORBIS")
+
+
+@pytest.fixture
+def nocall_sources(tiny_data, tmp_path):
+    """--bg-dir with 2 files, a soundscape table with 2 no-call rows of 4, detections with quiet windows."""
+    write_noise(tmp_path / "bg" / "a.ogg", 6.0, seed=1)
+    write_noise(tmp_path / "bg" / "sub" / "b.wav", 3.0, seed=2)
+    write_noise(tmp_path / "scapes" / "test_soundscapes" / "s1.ogg", 20.0, seed=3)
+    pd.DataFrame({"file": ["s1.ogg"] * 4, "start_s": [0, 5, 10, 15], "end_s": [5, 10, 15, 20],
+                  "labels": ["nocall", "aaabbb1", "", "cccddd1 aaabbb1"]}).to_csv(
+        tmp_path / "scapes" / "labels.csv", index=False)
+    table = data.read_metadata(tiny_data)
+    rows = []
+    for filename, label in zip(table["filename"], table["primary_label"]):
+        for window, top1 in enumerate([0.9, 0.01, 0.03]):   # two quiet windows each; the quietest is 5-10 s
+            rows.append({"filename": filename, "start_s": 5.0 * window, "end_s": 5.0 * (window + 1),
+                         "primary_label": label, "primary_score": top1, "top1_label": label, "top1_score": top1})
+    pd.DataFrame(rows).to_csv(tmp_path / "detections.csv", index=False)
+    return tmp_path
+
+
+def test_nocall_windows_from_each_source(tiny_data, nocall_sources, tmp_path):
+    _, plain_train, _ = train.prepare_data(quick_args(tiny_data, tmp_path / "plain"), tmp_path)
+    args = quick_args(tiny_data, tmp_path / "run", "--nocall", "--bg-dir", str(nocall_sources / "bg"),
+                      "--nocall-soundscapes", str(nocall_sources / "scapes" / "labels.csv"),
+                      "--nocall-detections", str(nocall_sources / "detections.csv"))
+    labels, train_set, val_set = train.prepare_data(args, tmp_path)
+    assert labels == sorted(TINY_SPECIES) + ["nocall"]
+    n = len(plain_train)
+    nocall = slice(n, len(train_set))
+    # 2 background files + 2 no-call soundscape rows (0-5 s and the empty 10-15 s) + 1 per training recording
+    assert len(train_set) - n == 2 + 2 + n
+    assert set(train_set.primary_labels[nocall]) == {"nocall"}
+    assert (train_set.targets[nocall] == np.eye(len(labels))[-1]).all()
+    assert (train_set.targets[:n, -1] == 0).all()                    # species recordings are not no-call
+    starts = train_set.starts[nocall]
+    assert np.isnan(starts[:2]).all() and starts[2:4].tolist() == [0.0, 10.0]
+    assert starts[4:].tolist() == [5.0] * n                          # the quietest window of each recording
+    assert train_set.paths[n + 4:] == plain_train.paths               # training recordings only, never validation
+    assert val_set.targets.shape[1] == len(labels) and (val_set.targets[:, -1] == 0).all()
+
+
+def test_nocall_without_a_source_is_refused(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="--nocall needs background audio"):
+        train.prepare_data(quick_args(tiny_data, tmp_path / "run", "--nocall"), tmp_path)
+
+
+def test_gate_by_nocall_by_hand():
+    scores = np.array([[0.5, 0.8, 0.2], [1.0, 0.0, 1.0]], dtype=np.float32)
+    gated = infer.gate_by_nocall(scores, ["a", "b", "nocall"])
+    np.testing.assert_allclose(gated, [[0.4, 0.64, 0.2], [0.0, 0.0, 1.0]])
+    assert infer.gate_by_nocall(scores, ["a", "b", "c"]) is scores
+
+
+def test_train_with_nocall_then_infer_drops_and_gates_it(tiny_data, nocall_sources, tmp_path):
+    out = tmp_path / "run"
+    state = train.main(quick_args(tiny_data, out, "--epochs", "1", "--nocall", "--bg-dir",
+                                  str(nocall_sources / "bg")))
+    assert model_lib.read_checkpoint(out / "best.pt")["labels"][-1] == "nocall"
+    logged = pd.read_csv(out / "metrics.csv")
+    assert logged["cmap5"].between(0, 1).all()
+    scapes = nocall_sources / "scapes" / "test_soundscapes"
+    common = ["--ckpts", out / "best.pt", "--soundscapes", scapes, "--precision", "fp32"]
+    plain = infer.main(infer.get_args_parser().parse_args([str(a) for a in common + ["--out", tmp_path / "a.csv"]]))
+    gated = infer.main(infer.get_args_parser().parse_args(
+        [str(a) for a in common + ["--out", tmp_path / "b.csv", "--nocall-gate"]]))
+    columns = sorted(TINY_SPECIES)
+    assert list(plain["submission"].columns) == ["row_id", *columns]      # nocall never reaches the submission
+    before = plain["submission"][columns].to_numpy()
+    after = gated["submission"][columns].to_numpy()
+    ratio = after / before                                                  # one factor 1 - p(nocall) per row
+    assert (ratio < 1).all() and np.allclose(ratio, ratio[:, :1], rtol=1e-4)
+    assert state["out_dir"] == out
