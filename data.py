@@ -462,7 +462,7 @@ class RecordingDataset(torch.utils.data.Dataset):
             log.warning("skipping %s: %s: %s", path, type(error).__name__, error)
             return None
         return {"waveform": torch.from_numpy(waveform), "target": torch.from_numpy(self.targets[index]),
-                "path": path}
+                "path": path, "index": index}
 
 
 def collate(items):
@@ -472,7 +472,8 @@ def collate(items):
         return None
     return {"waveform": torch.stack([item["waveform"] for item in items]),   # (B, samples)
             "target": torch.stack([item["target"] for item in items]),       # (B, C)
-            "path": [item["path"] for item in items]}
+            "path": [item["path"] for item in items],
+            "index": torch.tensor([item["index"] for item in items])}        # (B,) rows of the dataset
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -618,19 +619,26 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     Starting mid-epoch is how an exact resume skips the batches already trained on
     without decoding them. Incomplete last batches are dropped (BatchNorm and
-    mixup need whole batches).
+    mixup need whole batches). With world_size > 1 (torchrun) this rank gets its
+    `shard_draw` of the epoch's single draw; `position` is always the position in
+    the whole draw, so a crop does not depend on the number of ranks, and batch k
+    of all ranks together is batch k of a one-process run with world_size times
+    the batch size.
     """
 
-    def __init__(self, draw: np.ndarray, batch_size: int, epoch: int, start_batch: int = 0):
-        self.draw, self.batch_size, self.epoch, self.start_batch = draw, batch_size, epoch, start_batch
+    def __init__(self, draw: np.ndarray, batch_size: int, epoch: int, start_batch: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.shard = shard_draw(draw, rank, world_size, batch_size)
+        self.positions = rank + np.arange(len(self.shard)) * world_size
+        self.batch_size, self.epoch, self.start_batch = batch_size, epoch, start_batch
 
     def __len__(self):
-        return max(len(self.draw) // self.batch_size - self.start_batch, 0)
+        return max(len(self.shard) // self.batch_size - self.start_batch, 0)
 
     def __iter__(self):
-        for batch in range(self.start_batch, len(self.draw) // self.batch_size):
-            positions = range(batch * self.batch_size, (batch + 1) * self.batch_size)
-            yield [(int(self.draw[position]), self.epoch, position) for position in positions]
+        for batch in range(self.start_batch, len(self.shard) // self.batch_size):
+            chosen = range(batch * self.batch_size, (batch + 1) * self.batch_size)
+            yield [(int(self.shard[i]), self.epoch, int(self.positions[i])) for i in chosen]
 
 
 def _unseen_fraction(expected: np.ndarray, sampler: str, n_draws: int, weights: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ import soundfile as sf
 import torch
 
 import data
+import distributed
 import metrics
 import model as model_lib
 
@@ -599,9 +600,19 @@ def write_detections(results: dict, files: list[Path], columns: list[str], args)
 
 
 def main(args) -> dict:
+    """Score every file and write the output. Under torchrun each process scores every
+    world_size-th file and rank 0 gathers the scores and writes one output."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = distributed.local_device(args.device)
+    distributed.setup(device)
+    try:
+        return run(args, device)
+    finally:
+        distributed.shutdown()
+
+
+def run(args, device: torch.device) -> dict:
     members = load_members(args.ckpts, args.average_weights, args.ema)
     bf16 = use_bf16(args.precision, device)
     for member in members:
@@ -615,11 +626,18 @@ def main(args) -> dict:
         files = list_audio(args.audio_dir, recursive=True)
     else:
         files = list_audio(args.soundscapes)
-    log.info("%d file(s), %d model(s), %d species, backend %s, %s", len(files), len(members), len(columns),
-             args.backend, "bf16" if bf16 else "fp32")
+    log.info("%d file(s), %d model(s), %d species, backend %s, %s%s", len(files), len(members), len(columns),
+             args.backend, "bf16" if bf16 else "fp32",
+             f", {distributed.rank_and_world_size()[1]} processes" if distributed.rank_and_world_size()[1] > 1 else "")
 
     started = time.perf_counter()
-    results, problems, audio_seconds = score_all(files, members, columns, args)
+    rank, world_size = distributed.rank_and_world_size()
+    shares = distributed.gather_objects(score_all(files[rank::world_size], members, columns, args))
+    if rank != 0:
+        return {"rank": rank}
+    results = {path: scores for share_results, _, _ in shares for path, scores in share_results.items()}
+    problems = [line for _, share_problems, _ in shares for line in share_problems]
+    audio_seconds = sum(seconds for _, _, seconds in shares)
     wall = time.perf_counter() - started
     speed = audio_seconds / wall if wall > 0 else float("inf")
     summary = {"audio_seconds": audio_seconds, "wall_seconds": wall, "realtime_factor": speed,

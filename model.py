@@ -325,7 +325,8 @@ class SEDHead(nn.Module):
 class BirdCallModel(nn.Module):
     """Waveform (B, samples) -> logits (B, n_classes).
 
-    forward = classify(frontend(waveform)): train.py puts SpecAugment between the two and
+    forward = classify(frontend(waveform)): train.py puts SpecAugment between the two (the
+    `image_augment` argument, so that one forward call serves DistributedDataParallel too) and
     infer.py exports `classify` alone, so everything up to the backbone input (spectrogram,
     PCEN or dB, normalisation, resize) lives in `frontend`, and everything after in `classify`.
     """
@@ -361,8 +362,11 @@ class BirdCallModel(nn.Module):
     def window_samples(self) -> int:
         return int(round(self.config["window_seconds"] * self.config["sample_rate"]))
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.frontend(waveform))
+    def forward(self, waveform: torch.Tensor, image_augment=None) -> torch.Tensor:
+        image = self.frontend(waveform)                # (B, 1, n_mels, T)
+        if image_augment is not None:                  # training only: SpecAugment
+            image = image_augment(image)
+        return self.classify(image)                    # (B, n_classes)
 
     def classify(self, image: torch.Tensor) -> torch.Tensor:
         """Spectrogram image (B, 1, H, W) -> logits (B, n_classes); the part exported to ONNX."""

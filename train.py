@@ -31,11 +31,13 @@ import numpy as np
 import pandas as pd
 import scipy.linalg
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import augment
 import data
+import distributed
 import metrics
 import model as model_lib
 
@@ -160,6 +162,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--ema", type=float, default=0.0,
                        help="decay of an exponential moving average of the weights, evaluated and saved "
                             "alongside (0 = off; e.g. 0.999)")
+    group.add_argument("--sync-bn", action="store_true",
+                       help="under torchrun on CUDA: BatchNorm statistics over the whole batch of all "
+                            "processes (SyncBatchNorm) instead of each process's share")
     group.add_argument("--flush-denormal", action="store_true",
                        help="flush denormal floats to zero on the CPU (log experiment 19)")
     group.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
@@ -319,6 +324,34 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0])
 
 
+# ----------------------------------------------------------------------------- distributed (torchrun)
+#
+# `torchrun --nproc_per_node N train.py ...`: see distributed.py for how ranks join
+# and share values. Each rank trains on its shard of the epoch's single draw with
+# the model wrapped in DistributedDataParallel (gradients averaged across ranks),
+# evaluates its share of the validation windows and gathers everyone's
+# predictions before any metric is computed. Only rank 0 writes files, logs at
+# INFO and shows progress bars. Every decision that ends or skips a step (a batch
+# that failed to decode, a non-finite loss, Ctrl-C, patience) is taken on values
+# all ranks share.
+
+def wrap_for_training(model: torch.nn.Module, args, device) -> torch.nn.Module:
+    """The module the training forward calls: DistributedDataParallel under torchrun, else the model."""
+    if not dist.is_initialized():
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        # a frozen backbone produces no gradients, which DDP must be told to expect
+        find_unused_parameters=args.freeze_backbone_epochs > 0)
+
+
+def validation_batches(n_rows: int, batch_size: int) -> list[list[int]]:
+    """This rank's share of the validation rows (every world_size-th), in batches."""
+    rank, world_size = distributed.rank_and_world_size()
+    mine = list(range(rank, n_rows, world_size))
+    return [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+
+
 # ----------------------------------------------------------------------------- phases
 
 @dataclass
@@ -332,6 +365,7 @@ class TrainingParts:
     ema: object = None         # torch.optim.swa_utils.AveragedModel, with --ema
     augment: augment.AugmentSettings = None
     background: augment.BackgroundBank | None = None
+    trainer: torch.nn.Module = None  # what the training forward calls: the model, or its DDP wrapper
 
 
 def set_train_mode(model, frozen_backbone: bool) -> None:
@@ -354,10 +388,10 @@ def train_one_epoch(parts: TrainingParts, loader, args, state, on_eval) -> bool:
     frozen = state["epoch"] < args.freeze_backbone_epochs
     set_train_mode(model, frozen)
     progress = tqdm(loader, total=len(loader), desc=f"epoch {state['epoch']}", leave=False,
-                    dynamic_ncols=True, disable=not sys.stderr.isatty())
+                    dynamic_ncols=True, disable=not sys.stderr.isatty() or not distributed.is_main_process())
     for batch in progress:
         epoch, step = state["epoch"], state["step_in_epoch"]
-        if batch is not None:
+        if not distributed.any_rank(batch is None):  # under torchrun every rank takes or skips a step together
             torch.manual_seed(step_seed(args.seed, epoch, step))
             rng = np.random.default_rng([args.seed, epoch, step, 1])
             waveforms = batch["waveform"].to(device, non_blocking=True)   # (B, samples)
@@ -369,12 +403,12 @@ def train_one_epoch(parts: TrainingParts, loader, args, state, on_eval) -> bool:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(state["global_step"], *parts.schedule)
             with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_on):
-                images = model.frontend(waveforms)                         # (B, 1, n_mels, T)
-                images = augment.augment_images(images, parts.augment, rng)  # SpecAugment
-                logits = model.classify(images)                            # (B, C)
-            loss = batch_loss(logits, targets, args, loss_name)
+                logits = parts.trainer(waveforms, image_augment=lambda images:            # SpecAugment on
+                                       augment.augment_images(images, parts.augment, rng))  # (B, 1, n_mels, T)
+            loss = batch_loss(logits, targets, args, loss_name)                # this rank's mean
+            global_loss = distributed.mean_over_ranks(loss.detach())           # the whole batch's mean
             optimizer.zero_grad(set_to_none=True)
-            problem = None if torch.isfinite(loss) else f"non-finite training loss ({loss.item()})"
+            problem = None if torch.isfinite(global_loss) else f"non-finite training loss ({global_loss.item()})"
             if problem is None:
                 scaler.scale(loss).backward()
                 problem = check_gradients(parts, args)
@@ -383,11 +417,11 @@ def train_one_epoch(parts: TrainingParts, loader, args, state, on_eval) -> bool:
                 scaler.update()
                 if parts.ema is not None:
                     parts.ema.update_parameters(model)
-                state["train_loss_sum"] += loss.item()
+                state["train_loss_sum"] += global_loss.item()
                 state["train_loss_count"] += 1
-                state["step_log"].append((state["global_step"], epoch, step, loss.item(),
+                state["step_log"].append((state["global_step"], epoch, step, global_loss.item(),
                                           optimizer.param_groups[0]["lr"]))
-                progress.set_postfix(loss=f"{loss.item():.4f}")
+                progress.set_postfix(loss=f"{global_loss.item():.4f}")
             else:
                 skip_or_stop(problem, state, args, batch["path"])
                 optimizer.zero_grad(set_to_none=True)
@@ -399,7 +433,8 @@ def train_one_epoch(parts: TrainingParts, loader, args, state, on_eval) -> bool:
             if on_eval():
                 return True
             set_train_mode(model, frozen)
-        elif state["interrupt_requested"]:
+        elif distributed.any_rank(state["interrupt_requested"]):
+            state["interrupt_requested"] = True
             return True  # main() saves a checkpoint at this step
     return False
 
@@ -435,15 +470,16 @@ def skip_or_stop(problem: str, state: dict, args, paths) -> None:
 def evaluate(model, loader, args, loss_name: str, device) -> dict:
     """Validation loss and ranking metrics on the fixed validation windows."""
     model.eval()
-    all_logits, all_targets = [], []
+    all_logits, all_targets, all_indices = [], [], []
     for batch in loader:
         if batch is None:
             continue
         all_logits.append(model(batch["waveform"].to(device)).float().cpu())    # (B, C)
         all_targets.append(batch["target"])
-    if not all_logits:
+        all_indices.append(batch["index"])
+    logits, targets = distributed.gather_rows(all_indices, all_logits, all_targets)  # (N, C) from every rank
+    if logits is None:
         raise RuntimeError("no validation window could be decoded")
-    logits, targets = torch.cat(all_logits), torch.cat(all_targets)              # (N, C)
     scores = model_lib.checked_scores(logits, model.activation, "the model on the validation windows")
     # Validation loss without label smoothing, so runs with and without it compare.
     loss = compute_loss(logits, targets, loss_name, 0.0, args.focal_gamma, args.focal_alpha)
@@ -486,8 +522,11 @@ class SoundscapeValidation:
     @torch.inference_mode()
     def evaluate(self, model, batch_size: int, device) -> dict:
         model.eval()
-        logits = torch.cat([model(self.windows[start:start + batch_size].to(device)).float().cpu()
-                            for start in range(0, len(self.windows), batch_size)])
+        rank, world_size = distributed.rank_and_world_size()
+        mine = torch.arange(rank, len(self.windows), world_size)               # this rank's share of the windows
+        batches = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+        (logits,) = distributed.gather_rows(batches, [model(self.windows[index].to(device)).float().cpu()
+                                          for index in batches])               # (W, C) from every rank
         scores = self.weights @ model_lib.checked_scores(logits, model.activation,
                                                          "the model on the validation soundscapes")
         scores = scores[:, self.columns]
@@ -498,6 +537,12 @@ def draw_for_epoch(train_set, args, epoch: int) -> np.ndarray:
     """The records one epoch visits, in order, as --sampler draws them."""
     return data.epoch_draw(len(train_set), args.seed, epoch, train_set.primary_labels, args.sampler,
                            args.cap_per_class)
+
+
+def epoch_sampler(train_set, args, epoch: int, start_batch: int = 0) -> data.EpochBatchSampler:
+    """This process's batches of one epoch: its shard of the epoch's single draw under torchrun."""
+    return data.EpochBatchSampler(draw_for_epoch(train_set, args, epoch), args.batch_size, epoch, start_batch,
+                                  *distributed.rank_and_world_size())
 
 
 def endless_batches(train_set, args, device):
@@ -734,9 +779,7 @@ def is_improvement(value: float, best: float | None, monitor: str, min_delta: fl
 # ----------------------------------------------------------------------------- main
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return distributed.local_device(name)
 
 
 def prepare_data(args, out_dir: Path):
@@ -746,7 +789,8 @@ def prepare_data(args, out_dir: Path):
     then --extras windows, then --nocall windows (both fixed 5-s windows);
     `train_set.extras` marks the extra windows for the sampling audit.
     """
-    (out_dir / "bad_files.csv").unlink(missing_ok=True)  # rewritten from this run's header check
+    if distributed.is_main_process():
+        (out_dir / "bad_files.csv").unlink(missing_ok=True)  # rewritten from this run's header check
     table, labels = data.read_training_data([data.ensure_demo_data(folder) for folder in args.data_dir])
     if args.nocall and data.NOCALL not in labels:
         labels = labels + [data.NOCALL]
@@ -808,7 +852,7 @@ def usable_headers(paths, args, bad_files_path: Path) -> list:
     if bad and args.strict:
         raise ValueError(f"--strict: {len(bad)} of {len(headers)} recordings cannot be read, e.g. "
                          f"{bad[0][0]} ({bad[0][1]})")
-    if bad:
+    if bad and distributed.is_main_process():
         with open(bad_files_path, "a" if bad_files_path.exists() else "w", newline="") as handle:
             writer = csv.writer(handle)
             if handle.tell() == 0:
@@ -900,6 +944,10 @@ def build_parts(args, labels, device) -> TrainingParts:
         log.info("--init-from %s: frontend and backbone copied; head rows of %d shared species copied by "
                  "name, %d new species start fresh, %d of the checkpoint's species unused", args.init_from,
                  counts["shared_species"], counts["new_species"], counts["dropped_species"])
+    if args.sync_bn:
+        if not dist.is_initialized() or device.type != "cuda":
+            raise ValueError("--sync-bn needs torchrun on CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     _, _, use_scaler = precision_settings(args.amp, device)
@@ -949,8 +997,16 @@ def check_arguments(args) -> None:
 
 
 def main(args) -> dict:
-    """Train; returns the final state (used by tests)."""
+    """Train; returns the final state (used by tests). Under torchrun, every rank runs this."""
     check_arguments(args)
+    rank, world_size = distributed.setup(resolve_device(args.device))
+    try:
+        return train(args, rank, world_size)
+    finally:
+        distributed.shutdown()
+
+
+def train(args, rank: int, world_size: int) -> dict:
     if args.flush_denormal:
         torch.set_flush_denormal(True)
     if args.resume == "auto":
@@ -965,28 +1021,39 @@ def main(args) -> dict:
     resume = model_lib.read_checkpoint(args.resume) if args.resume else None
     if resume is not None and args.out_dir is None:
         args.out_dir = str(Path(args.resume).resolve().parent)
+    if args.out_dir is None and world_size > 1:
+        raise ValueError("under torchrun give --out-dir: every rank must use the same run folder")
     out_dir = Path(args.out_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    (out_dir / "config.json").write_text(json.dumps(plain_args(args), indent=2) + "\n")
+    if rank == 0:
+        (out_dir / "config.json").write_text(json.dumps(plain_args(args), indent=2) + "\n")
+    if world_size > 1:
+        log.info("torchrun: %d processes (%s), --batch-size %d per process = %d per step", world_size,
+                 dist.get_backend(), args.batch_size, args.batch_size * world_size)
 
     labels, train_set, val_set = prepare_data(args, out_dir)
     if resume is not None and resume["labels"] != labels:
         raise ValueError(f"{args.resume} was trained on another label list than {' '.join(args.data_dir)}")
     audit_table, audit = data.sampling_audit(train_set.primary_labels, args.sampler, args.cap_per_class,
                                              extras=train_set.extras if train_set.extras.any() else None)
-    data.write_sampling_audit(audit_table, out_dir / "sampling_audit.csv")
+    if rank == 0:
+        data.write_sampling_audit(audit_table, out_dir / "sampling_audit.csv")
     for line in data.format_sampling_audit(audit_table, audit, args.sampler).splitlines():
         (log.warning if line.startswith("WARNING") else log.info)("%s", line)
     if args.audit_sampling:
         return {"audit": audit, "audit_table": audit_table, "out_dir": out_dir}
     parts = build_parts(args, labels, device)
     if args.lr_find:
+        if world_size > 1:
+            raise ValueError("--lr-find runs in one process: start it without torchrun")
         return {"suggested_lr": lr_range_test(parts, train_set, args, out_dir), "out_dir": out_dir}
 
-    steps_per_epoch = audit["epoch_length"] // args.batch_size
+    global_batch = args.batch_size * world_size
+    steps_per_epoch = audit["epoch_length"] // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than an epoch's {audit['epoch_length']} draws")
+        raise ValueError(f"--batch-size {args.batch_size} x {world_size} process(es) is larger than an epoch's "
+                         f"{audit['epoch_length']} draws")
     parts.schedule = (args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch), args.lr)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "evaluations": 0, "best_metric": None,
              "best_step": None, "patience_counter": 0, "train_loss_sum": 0.0, "train_loss_count": 0, "step_log": [],
@@ -999,15 +1066,17 @@ def main(args) -> dict:
     columns = metric_columns(parts.ema is not None, soundscapes is not None)
     if resume is not None:
         restore(parts, resume, state)
-        truncate_log(metrics_path, "evaluation", state["evaluations"])
-        truncate_log(steps_path, "global_step", state["global_step"] - 1)
-        truncate_log(drawn_path, "epoch", state["epoch"] - 1)
+        if rank == 0:
+            truncate_log(metrics_path, "evaluation", state["evaluations"])
+            truncate_log(steps_path, "global_step", state["global_step"] - 1)
+            truncate_log(drawn_path, "epoch", state["epoch"] - 1)
         log.info("resumed from %s at epoch %d step %d", args.resume, state["epoch"], state["step_in_epoch"])
-    else:  # a fresh run in an old folder starts fresh logs
+    elif rank == 0:  # a fresh run in an old folder starts fresh logs
         for path in (metrics_path, steps_path, drawn_path):
             path.unlink(missing_ok=True)
+    parts.trainer = wrap_for_training(parts.model, args, device)  # after restore: DDP copies rank 0's weights
 
-    val_loader = make_loader(val_set, args, device)
+    val_loader = make_loader(val_set, args, device, validation_batches(len(val_set), args.batch_size))
     chance = metrics.classification_metrics(  # what random scores get on this validation set
         val_set.targets, np.random.default_rng(args.seed).random(val_set.targets.shape))
     log.info("chance level on this validation set (random scores): cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f",
@@ -1018,8 +1087,10 @@ def main(args) -> dict:
     def on_eval() -> bool:
         state["evaluations"] += 1
         loss_name = loss_at_epoch(args, state["epoch"])
+        distributed.broadcast_buffers(parts.model)
         results = evaluate(parts.model, val_loader, args, loss_name, device)
         if parts.ema is not None:
+            distributed.broadcast_buffers(parts.ema.module)
             ema_results = evaluate(parts.ema.module, val_loader, args, loss_name, device)
             results.update({f"ema_{key}": value for key, value in ema_results.items()})
         if soundscapes is not None:
@@ -1036,20 +1107,12 @@ def main(args) -> dict:
             state["best_metric"], state["best_step"], state["patience_counter"] = value, state["global_step"], 0
         else:
             state["patience_counter"] += 1
-        if state["step_in_epoch"] >= steps_per_epoch:  # the checkpoint resumes at the next epoch
-            record_drawn_species(train_set, args, state["epoch"], steps_per_epoch * args.batch_size, drawn_path)
+        finished_epoch = state["step_in_epoch"] >= steps_per_epoch
+        if finished_epoch:  # the checkpoint resumes at the next epoch
             state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
-        # Logs first, checkpoint second: a crash in between leaves rows that the
-        # resume from the previous checkpoint truncates, never a gap.
-        append_metrics(metrics_path, row, columns)
-        append_steps(steps_path, state["step_log"])
+        if rank == 0:
+            write_evaluation(row, finished_epoch, improved)
         state["step_log"].clear()
-        plot_metrics(metrics_path, out_dir / "metrics.png")
-        checkpoint = make_checkpoint(parts, args, state)
-        save_atomic(checkpoint, out_dir / f"checkpoint_step{state['global_step']:08d}.pt")
-        if improved:
-            save_atomic(checkpoint, out_dir / "best.pt")
-        prune_checkpoints(out_dir, args.keep_last)
         log.info("epoch %.2f  train_loss %.4f  val_loss %.4f  cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f  LRAP %.4f%s%s",
                  row["epoch"], row["train_loss"], row["val_loss"], row["cmap5"], row["cmap3"],
                  row["macro_ap"], row["lrap"],
@@ -1065,13 +1128,29 @@ def main(args) -> dict:
             stop_reason.append(f"reached --max-steps {args.max_steps}")
         return bool(stop_reason)
 
-    def on_interrupt() -> None:
-        """Ctrl-C: finish the step in flight, save a checkpoint at it, then stop."""
+    def write_evaluation(row: dict, finished_epoch: bool, improved: bool) -> None:
+        """Rank 0: logs first, checkpoint second: a crash in between leaves rows that the
+        resume from the previous checkpoint truncates, never a gap."""
+        if finished_epoch:
+            record_drawn_species(train_set, args, state["epoch"] - 1, steps_per_epoch * global_batch, drawn_path)
+        append_metrics(metrics_path, row, columns)
         append_steps(steps_path, state["step_log"])
         state["step_log"].clear()
-        path = out_dir / f"checkpoint_step{state['global_step']:08d}.pt"
-        save_atomic(make_checkpoint(parts, args, state), path)
+        plot_metrics(metrics_path, out_dir / "metrics.png")
+        checkpoint = make_checkpoint(parts, args, state)
+        save_atomic(checkpoint, out_dir / f"checkpoint_step{state['global_step']:08d}.pt")
+        if improved:
+            save_atomic(checkpoint, out_dir / "best.pt")
         prune_checkpoints(out_dir, args.keep_last)
+
+    def on_interrupt() -> None:
+        """Ctrl-C: finish the step in flight, save a checkpoint at it, then stop."""
+        path = out_dir / f"checkpoint_step{state['global_step']:08d}.pt"
+        if rank == 0:
+            append_steps(steps_path, state["step_log"])
+            save_atomic(make_checkpoint(parts, args, state), path)
+            prune_checkpoints(out_dir, args.keep_last)
+        state["step_log"].clear()
         stop_reason.append(f"interrupted: saved {path.name}; continue with --resume auto --out-dir {out_dir}")
 
     def request_interrupt(signum, frame):
@@ -1086,8 +1165,7 @@ def main(args) -> dict:
         while state["epoch"] < args.epochs and not stop_reason:
             epoch = state["epoch"]
             set_activation(parts, loss_at_epoch(args, epoch))
-            sampler = data.EpochBatchSampler(draw_for_epoch(train_set, args, epoch), args.batch_size, epoch,
-                                             start_batch=state["step_in_epoch"])
+            sampler = epoch_sampler(train_set, args, epoch, state["step_in_epoch"])
             train_one_epoch(parts, make_loader(train_set, args, device, sampler), args, state, on_eval)
             if state["interrupt_requested"] and not stop_reason:
                 on_interrupt()

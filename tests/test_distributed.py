@@ -1,0 +1,116 @@
+"""torchrun --nproc_per_node 2 on the CPU (gloo): shards, gathered evaluation, one set of files, resume,
+and inference split across processes -- each compared with a single-process run."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+from conftest import ROOT, tone_recording
+
+import data
+import train
+
+# Two processes, per-process batch 2 == one process, batch 4. The backbone is frozen
+# (BatchNorm statistics are per process under DDP, see README) and augmentation is off
+# (mixup pairs examples within a process's batch); the head learns at a high rate so
+# that wrong gradient averaging would show within a few steps.
+COMMON = ["--backbone", "test_efficientnet", "--no-pretrained", "--workers", "0", "--epochs", "2",
+          "--n-mels", "32", "--n-fft", "512", "--hop", "256", "--sample-rate", "16000", "--fmax", "8000",
+          "--window-seconds", "2", "--ends-seconds", "4", "--aug-strength", "0", "--freeze-backbone-epochs", "9",
+          "--lr", "0.05", "--warmup-epochs", "0", "--keep-last", "10"]
+
+
+def torchrun(script, *argv, processes=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               str(script), *[str(a) for a in argv]]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def single(*argv):
+    return train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_rank_shards_are_disjoint_and_together_the_single_process_draw(tiny_data, tmp_path):
+    for sampler in (["--sampler", "none"], ["--sampler", "inverse"]):
+        torchrun(ROOT / "tests" / "ddp_probe.py", tmp_path / "probe.json", "--data-dir", tiny_data, "--out-dir",
+                 tmp_path / "run", "--batch-size", "2", *COMMON, *sampler)
+        shares = [json.loads((tmp_path / f"probe.rank{rank}.json").read_text()) for rank in (0, 1)]
+        args = train.get_args_parser().parse_args(["--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "one"),
+                                                   "--batch-size", "4", *COMMON, *sampler])
+        _, train_set, _ = train.prepare_data(args, tmp_path)
+        for epoch in ("0", "1"):
+            one = [tuple(item) for batch in train.epoch_sampler(train_set, args, int(epoch)) for item in batch]
+            ranks = [[tuple(item) for item in share["items"][epoch]] for share in shares]
+            assert all(share["world_size"] == 2 for share in shares)
+            positions = [{position for _, _, position in items} for items in ranks]
+            assert not positions[0] & positions[1]                                 # disjoint
+            assert sorted(ranks[0] + ranks[1], key=lambda item: item[2]) == one    # together: the same draw
+            assert len(ranks[0]) == len(ranks[1])                                   # whole batches on each
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tiny_data, tmp_path):
+    torchrun(ROOT / "train.py", "--data-dir", tiny_data, "--out-dir", tmp_path / "ddp", "--batch-size", "2", *COMMON)
+    single("--data-dir", tiny_data, "--out-dir", tmp_path / "one", "--batch-size", "4", *COMMON)
+    ddp_steps, one_steps = pd.read_csv(tmp_path / "ddp" / "steps.csv"), pd.read_csv(tmp_path / "one" / "steps.csv")
+    assert len(ddp_steps) == len(one_steps) == 6                               # 14 recordings // 4, two epochs
+    np.testing.assert_allclose(ddp_steps["loss"], one_steps["loss"], rtol=1e-5)
+    assert ddp_steps["loss"].iloc[-1] != pytest.approx(ddp_steps["loss"].iloc[0], rel=1e-3)  # it did learn
+    ddp_metrics, one_metrics = pd.read_csv(tmp_path / "ddp" / "metrics.csv"), pd.read_csv(tmp_path / "one" / "metrics.csv")
+    for column in ("val_loss", "cmap5", "macro_ap", "lrap"):                    # predictions gathered from both ranks
+        np.testing.assert_allclose(ddp_metrics[column], one_metrics[column], rtol=1e-5)
+    # one set of files: the same names as one process writes, each log row once
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert ddp_steps["global_step"].tolist() == list(range(6))
+    assert ddp_metrics["evaluation"].tolist() == [1, 2, 3, 4]
+
+
+def test_resume_under_torchrun_continues_the_same_way(tiny_data, tmp_path):
+    torchrun(ROOT / "train.py", "--data-dir", tiny_data, "--out-dir", tmp_path / "full", "--batch-size", "2", *COMMON)
+    torchrun(ROOT / "train.py", "--data-dir", tiny_data, "--out-dir", tmp_path / "cut", "--batch-size", "2", *COMMON,
+             "--max-steps", "5")                                  # stops after an evaluation step
+    assert len(rows(tmp_path / "cut" / "steps.csv")) == 5
+    torchrun(ROOT / "train.py", "--data-dir", tiny_data, "--out-dir", tmp_path / "cut", "--batch-size", "2", *COMMON,
+             "--resume", "auto")
+    assert rows(tmp_path / "cut" / "steps.csv") == rows(tmp_path / "full" / "steps.csv")
+    full, cut = rows(tmp_path / "full" / "metrics.csv"), rows(tmp_path / "cut" / "metrics.csv")
+    assert [row["cmap5"] for row in cut] == [row["cmap5"] for row in full]
+
+
+def test_inference_splits_files_across_processes_and_rank_0_writes_one_submission(tiny_data, tmp_path):
+    single("--data-dir", tiny_data, "--out-dir", tmp_path / "run", "--batch-size", "4", *COMMON, "--epochs", "1")
+    folder = tmp_path / "scapes"
+    folder.mkdir()
+    for index, seconds in enumerate([12.0, 7.0, 20.0]):
+        sf.write(folder / f"s{index}.ogg", tone_recording(900.0 * (index + 1), seconds, 16000,
+                                                         np.random.default_rng(index)), 16000)
+    common = ["--ckpts", tmp_path / "run" / "best.pt", "--soundscapes", folder, "--precision", "fp32"]
+    torchrun(ROOT / "infer.py", *common, "--out", tmp_path / "ddp.csv")
+    import infer
+    infer.main(infer.get_args_parser().parse_args([str(a) for a in common + ["--out", tmp_path / "one.csv"]]))
+    ddp, one = pd.read_csv(tmp_path / "ddp.csv"), pd.read_csv(tmp_path / "one.csv")
+    assert ddp["row_id"].tolist() == one["row_id"].tolist() and len(one) == 3 + 2 + 4
+    np.testing.assert_allclose(ddp.iloc[:, 1:].to_numpy(), one.iloc[:, 1:].to_numpy(), rtol=1e-5, atol=1e-7)
+    assert sorted(p.name for p in tmp_path.glob("ddp*")) == ["ddp.csv"]
+
+
+def test_sharded_sampler_positions_do_not_depend_on_the_number_of_processes():
+    draw = data.epoch_draw(23, seed=3, epoch=1)
+    one = [item for batch in data.EpochBatchSampler(draw, 6, 1) for item in batch]
+    three = [item for rank in range(3) for batch in data.EpochBatchSampler(draw, 2, 1, 0, rank, 3) for item in batch]
+    assert sorted(three, key=lambda item: item[2]) == one
