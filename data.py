@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,7 +431,7 @@ class RecordingDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths, durations, targets: np.ndarray, crop: CropSettings, seed: int = 0,
-                 primary_labels=None, starts=None):
+                 primary_labels=None, starts=None, cache: "AudioCache | None" = None, cache_rows=None):
         self.paths = list(paths)
         self.durations = list(durations)
         self.targets = targets
@@ -440,6 +442,8 @@ class RecordingDataset(torch.utils.data.Dataset):
         self.starts = np.full(len(self.paths), np.nan) if starts is None else np.asarray(starts, dtype=np.float64)
         if len(self.starts) != len(self.paths):
             raise ValueError(f"{len(self.starts)} starts for {len(self.paths)} recordings")
+        self.cache = cache  # decoded crops (python data.py cache); row -1: not in the cache
+        self.cache_rows = np.full(len(self.paths), -1) if cache_rows is None else np.asarray(cache_rows)
 
     def __len__(self):
         return len(self.paths)
@@ -457,7 +461,11 @@ class RecordingDataset(torch.utils.data.Dataset):
         else:
             start = fixed_window_start(self.starts[index], self.durations[index], self.crop.window_seconds)
         try:
-            waveform = read_window(path, start, self.crop.window_seconds, self.crop.sample_rate, self.crop.pad)
+            waveform = None
+            if self.cache is not None and self.cache_rows[index] >= 0:
+                waveform = self.cache.window(self.cache_rows[index], start, self.crop.window_seconds, self.crop.pad)
+            if waveform is None:  # not cached, or a crop the cache does not cover
+                waveform = read_window(path, start, self.crop.window_seconds, self.crop.sample_rate, self.crop.pad)
         except Exception as error:  # the header was fine but decoding failed: skip, never crash
             log.warning("skipping %s: %s: %s", path, type(error).__name__, error)
             return None
@@ -827,6 +835,206 @@ def append_drawn_counts(path, frame: pd.DataFrame) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------------- decoded-audio cache
+#
+# Decoding ogg is most of an epoch's time (the log's epochs took 19-22 minutes).
+# `python data.py cache --data-dir D --out C` decodes, once, exactly the parts of
+# each recording that the crop policy draws from ("ends": the first and last
+# --ends-seconds; "random": all of it; --max-seconds caps either) at the model's
+# sample rate, into one memory-mapped int16 file. `train.py --cache C` then reads
+# crops from it; a crop it does not cover (an --extras window in the middle of a
+# recording, a segment cut short by --max-seconds) is decoded as before, so the
+# cache changes the speed, never the crops.
+#
+# Layout of C: manifest.json (settings, data fingerprint, "complete"), segments.npz
+# (per recording: duration; per segment: recording, start sample, length, offset),
+# audio.int16 (all segments back to back) and done.npy (one byte per recording,
+# set after its samples are flushed). A crash leaves "complete": false and the
+# unfinished recordings unmarked: training refuses such a cache, and running the
+# command again finishes it.
+
+CACHE_FORMAT = 1
+INT16_SCALE = 32767.0
+
+
+class CacheError(ValueError):
+    """A cache that does not fit this run: another data set, crop policy or sample rate, or unfinished."""
+
+
+def cache_settings(sample_rate: int, policy: str, ends_seconds: float, window_seconds: float,
+                   max_seconds: float = 0.0) -> dict:
+    return {"format": CACHE_FORMAT, "sample_rate": int(sample_rate), "crop_policy": policy,
+            "ends_seconds": float(ends_seconds), "window_seconds": float(window_seconds),
+            "max_seconds": float(max_seconds)}
+
+
+def cached_segments(duration: float, settings: dict) -> list[tuple[float, float]]:
+    """The parts of a recording its crops are drawn from -> [(start s, seconds)] (see choose_crop_start)."""
+    limit = settings["max_seconds"] or math.inf
+    if settings["crop_policy"] == "ends":
+        segment = min(max(settings["ends_seconds"], settings["window_seconds"]), duration, limit / 2)
+        if 2 * segment < duration:
+            return [(0.0, segment), (duration - segment, segment)]
+    return [(0.0, min(duration, limit))]
+
+
+def data_fingerprint(table: pd.DataFrame) -> str:
+    """Which recordings, in which order, of which sizes: a cache is only used for the data it was made from."""
+    digest = hashlib.sha1()
+    for name, path in zip(audio_names(table), table["path"]):
+        size = Path(path).stat().st_size if Path(path).is_file() else -1
+        digest.update(f"{name}\t{size}\n".encode())
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, value: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def plan_cache(table: pd.DataFrame, settings: dict) -> dict:
+    """Headers -> the segments of every recording and where they go in audio.int16."""
+    headers, bad = check_audio_files(table["path"])
+    rate = settings["sample_rate"]
+    durations, owner, starts, lengths = [], [], [], []
+    for row, header in enumerate(headers):
+        duration = header[0] / header[1] if header else 0.0
+        durations.append(duration)
+        for start, seconds in (cached_segments(duration, settings) if header else []):
+            owner.append(row)
+            starts.append(int(round(start * rate)))
+            lengths.append(int(round(seconds * rate)))
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
+    return {"duration": np.asarray(durations), "owner": np.asarray(owner, dtype=np.int64),
+            "start": np.asarray(starts, dtype=np.int64), "length": lengths, "offset": offsets, "bad": bad}
+
+
+def _cache_recording(job) -> int:
+    """Worker: decode one recording's segments into audio.int16 and flush them -> its row."""
+    folder, path, row, segments, rate = job
+    audio = np.memmap(Path(folder) / "audio.int16", dtype=np.int16, mode="r+")
+    for start, length, offset in segments:
+        waveform = read_window(path, start / rate, length / rate, rate)[:length]
+        audio[offset:offset + length] = np.clip(np.round(waveform * INT16_SCALE), -32768, 32767)
+    audio.flush()
+    return row
+
+
+def build_cache(data_dirs, out_dir, settings: dict, workers: int = 2) -> Path:
+    """Write (or finish) the cache of `data_dirs` in `out_dir`; refuses a folder made with other settings."""
+    from tqdm import tqdm
+    out_dir = Path(out_dir)
+    table, _ = read_training_data(data_dirs)
+    fingerprint = data_fingerprint(table)
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        _check_manifest(manifest, settings, fingerprint, out_dir, require_complete=False)
+        if manifest["complete"]:
+            print(f"{out_dir}: already complete ({manifest['bytes'] / 1e9:.2f} GB); nothing to do")
+            return out_dir
+        plan = dict(np.load(out_dir / "segments.npz"))
+        print(f"{out_dir}: resuming an unfinished cache")
+    else:
+        plan = plan_cache(table, settings)
+        for path, reason in plan.pop("bad"):
+            log.warning("not cached (unreadable): %s (%s)", path, reason)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        total = int(plan["length"].sum())
+        manifest = {**settings, "data_fingerprint": fingerprint, "recordings": len(table),
+                    "segments": len(plan["length"]), "samples": total, "bytes": 2 * total, "complete": False}
+        print(f"caching {len(table)} recordings, {total / settings['sample_rate'] / 3600:.1f} h of audio at "
+              f"{settings['sample_rate']} Hz: {2 * total / 1e9:.2f} GB in {out_dir} (--max-seconds lowers it)")
+        with open(out_dir / "audio.int16", "wb") as handle:
+            handle.truncate(2 * total)                    # sparse until written
+        np.save(out_dir / "done.npy", np.zeros(len(table), dtype=np.uint8))
+        np.savez(out_dir / ".segments.tmp.npz", **plan)
+        os.replace(out_dir / ".segments.tmp.npz", out_dir / "segments.npz")
+        _write_json_atomic(manifest_path, manifest)      # written last: the folder is now a cache in progress
+    done = np.load(out_dir / "done.npy", mmap_mode="r+")
+    by_row: dict[int, list] = {}
+    for owner, start, length, offset in zip(plan["owner"], plan["start"], plan["length"], plan["offset"]):
+        by_row.setdefault(int(owner), []).append((int(start), int(length), int(offset)))
+    todo = [(str(out_dir), table["path"].iloc[row], row, by_row.get(row, []), settings["sample_rate"])
+            for row in range(len(table)) if not done[row]]
+    with tqdm(total=len(todo), desc="cache", unit="rec", disable=not todo) as progress:
+        if workers > 0:
+            import multiprocessing
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                finished = pool.imap_unordered(_cache_recording, todo, chunksize=4)
+                _mark_done(finished, done, progress)
+        else:
+            _mark_done(map(_cache_recording, todo), done, progress)
+    manifest["complete"] = True
+    _write_json_atomic(manifest_path, manifest)
+    print(f"cache complete: {manifest['recordings']} recordings, {manifest['bytes'] / 1e9:.2f} GB -> {out_dir}")
+    return out_dir
+
+
+def _mark_done(rows, done: np.memmap, progress) -> None:
+    for count, row in enumerate(rows, start=1):
+        done[row] = 1
+        progress.update()
+        if count % 64 == 0:
+            done.flush()
+    done.flush()
+
+
+def _check_manifest(manifest: dict, settings: dict, fingerprint: str, folder: Path, require_complete: bool) -> None:
+    for key, wanted in settings.items():
+        if manifest.get(key) != wanted:
+            raise CacheError(f"cache {folder} was made with {key}={manifest.get(key)!r}, this run needs {wanted!r}: "
+                             f"make a cache for these settings (python data.py cache ...) or leave out --cache")
+    if manifest.get("data_fingerprint") != fingerprint:
+        raise CacheError(f"cache {folder} was made from another data set (other recordings or file sizes than "
+                         f"--data-dir): make a new one or leave out --cache")
+    if require_complete and not manifest.get("complete"):
+        raise CacheError(f"cache {folder} is unfinished (interrupted while caching): run the same "
+                         f"`python data.py cache` command again to finish it")
+
+
+class AudioCache:
+    """Read crops from a finished cache; `window` returns None for a crop it does not cover."""
+
+    def __init__(self, folder, table: pd.DataFrame, settings: dict):
+        self.folder = Path(folder)
+        manifest_path = self.folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise CacheError(f"{self.folder} is not a cache (no manifest.json); make one with python data.py cache")
+        manifest = json.loads(manifest_path.read_text())
+        _check_manifest(manifest, settings, data_fingerprint(table), self.folder, require_complete=True)
+        plan = np.load(self.folder / "segments.npz")
+        self.rate = settings["sample_rate"]
+        self.duration = plan["duration"]
+        self.owner, self.start, self.length, self.offset = plan["owner"], plan["start"], plan["length"], plan["offset"]
+        self.first = np.searchsorted(self.owner, np.arange(len(self.duration)))    # owner is sorted
+        self.manifest = manifest
+        self._audio = None                                                        # opened in each process
+
+    def __getstate__(self):  # DataLoader workers map the file themselves
+        return {**self.__dict__, "_audio": None}
+
+    def window(self, row: int, start_seconds: float, seconds: float, pad: str = "zero") -> np.ndarray | None:
+        """(round(seconds*rate),) float32 of recording `row` from start_seconds, or None if not cached."""
+        if self._audio is None:
+            self._audio = np.memmap(self.folder / "audio.int16", dtype=np.int16, mode="r")
+        first = int(round(start_seconds * self.rate))
+        n = int(round(seconds * self.rate))
+        end_of_recording = int(round(self.duration[row] * self.rate))
+        segment = self.first[row]
+        while segment < len(self.owner) and self.owner[segment] == row:
+            begin, length = self.start[segment], self.length[segment]
+            reaches_end = begin + length >= end_of_recording - 1    # past the end is padding, as when decoding
+            if begin <= first and (first + n <= begin + length or reaches_end):
+                offset = self.offset[segment] + first - begin
+                taken = self._audio[offset:offset + min(n, begin + length - first)]
+                return fit_length(taken.astype(np.float32) / INT16_SCALE, n, pad)
+            segment += 1
+        return None
+
+
 # ----------------------------------------------------------------------------- demo data, command line
 
 
@@ -958,8 +1166,25 @@ def main(argv=None) -> None:
     extras_parser.add_argument("--write-audio", default=None, help="also write each extra as an ogg chunk here")
     extras_parser.add_argument("--audio-dir", default=None, help="train_audio folder, with --write-audio")
     extras_parser.add_argument("--chunk", type=float, default=8.0, help="seconds per written chunk")
+    cache_parser = commands.add_parser("cache", help="decode the audio the crop policy needs, once, into a "
+                                       "memory-mapped int16 cache for train.py --cache",
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cache_parser.add_argument("--data-dir", nargs="+", default=[str(DEMO_DIR)], help="as train.py --data-dir")
+    cache_parser.add_argument("--out", required=True, help="cache folder (pass it to train.py --cache)")
+    cache_parser.add_argument("--sample-rate", type=int, default=32000, help="as train.py --sample-rate")
+    cache_parser.add_argument("--crop-policy", choices=CROP_POLICIES, default="ends", help="as train.py")
+    cache_parser.add_argument("--ends-seconds", type=float, default=8.0, help="as train.py")
+    cache_parser.add_argument("--window-seconds", type=float, default=5.0, help="as train.py")
+    cache_parser.add_argument("--max-seconds", type=float, default=0.0,
+                              help="cache at most this many seconds per recording (0 = what the policy needs); "
+                                   "crops outside are decoded during training")
+    cache_parser.add_argument("--workers", type=int, default=2, help="decoding processes")
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "cache":
+        settings = cache_settings(args.sample_rate, args.crop_policy, args.ends_seconds, args.window_seconds,
+                                  args.max_seconds)
+        build_cache([ensure_demo_data(folder) for folder in args.data_dir], args.out, settings, args.workers)
+    elif args.command == "demo":
         import demo
         demo.write_demo_dataset(args.out, seed=args.seed)
     elif args.command == "extras":

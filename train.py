@@ -77,6 +77,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "1/sqrt(N) per species (with replacement); cap: at most --cap-per-class "
                             "recordings per species per epoch. Check with --audit-sampling")
     group.add_argument("--cap-per-class", type=int, default=0, help="recordings per species per epoch, --sampler cap")
+    group.add_argument("--cache", default=None,
+                       help="folder written by `python data.py cache` with the same data, sample rate and "
+                            "crop policy: crops are read from it instead of decoded (a mismatch is refused)")
     group.add_argument("--extras", default=None,
                        help="extras.csv from `python data.py extras`: fixed 5-s windows of training "
                             "recordings added to each epoch (windows of validation recordings are dropped)")
@@ -794,6 +797,8 @@ def prepare_data(args, out_dir: Path):
     table, labels = data.read_training_data([data.ensure_demo_data(folder) for folder in args.data_dir])
     if args.nocall and data.NOCALL not in labels:
         labels = labels + [data.NOCALL]
+    cache = open_cache(args, table)
+    table["cache_row"] = np.arange(len(table))          # rows of the cache, which knows every recording
     headers = usable_headers(table["path"], args, out_dir / "bad_files.csv")
     usable = np.array([header is not None for header in headers])
     table = table[usable].reset_index(drop=True)
@@ -834,15 +839,33 @@ def prepare_data(args, out_dir: Path):
         train_targets = np.concatenate([train_targets, one_hot])
         primary += [data.NOCALL] * len(nocall)
         starts += list(nocall["start_s"])
-    train_set = data.RecordingDataset(paths, train_durations, train_targets, crop, args.seed, primary, starts)
+    cache_rows = list(table["cache_row"].iloc[records]) + [-1] * (len(paths) - len(records))
+    train_set = data.RecordingDataset(paths, train_durations, train_targets, crop, args.seed, primary, starts,
+                                      cache, cache_rows)
     train_set.extras = np.zeros(len(paths), dtype=bool)
     train_set.extras[len(train_index):len(train_index) + n_extras] = True
     val_set = data.RecordingDataset(table["path"].iloc[val_index], durations[val_index], targets[val_index], crop,
-                                    args.seed, table["primary_label"].iloc[val_index])
+                                    args.seed, table["primary_label"].iloc[val_index], cache=cache,
+                                    cache_rows=table["cache_row"].iloc[val_index])
     log.info("%d species, %d training recordings (+%d extra windows, +%d no-call windows), %d validation "
              "recordings", len(labels), len(train_index), n_extras, len(paths) - len(train_index) - n_extras,
              len(val_index))
     return labels, train_set, val_set
+
+
+def open_cache(args, table: pd.DataFrame):
+    """--cache -> data.AudioCache, refused (CacheError) unless made from this data with these crop settings."""
+    if not args.cache:
+        return None
+    settings = data.cache_settings(args.sample_rate, args.crop_policy, args.ends_seconds, args.window_seconds)
+    manifest_path = Path(args.cache) / "manifest.json"
+    if manifest_path.is_file():  # --max-seconds is the cache's own choice: any value is accepted
+        settings["max_seconds"] = json.loads(manifest_path.read_text()).get("max_seconds", 0.0)
+    cache = data.AudioCache(args.cache, table, settings)
+    log.info("reading crops from the cache %s (%.2f GB, %s crops at %d Hz%s); crops it does not cover are "
+             "decoded", args.cache, cache.manifest["bytes"] / 1e9, args.crop_policy, args.sample_rate,
+             f", at most {settings['max_seconds']:g} s per recording" if settings["max_seconds"] else "")
+    return cache
 
 
 def usable_headers(paths, args, bad_files_path: Path) -> list:

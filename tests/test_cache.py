@@ -1,0 +1,144 @@
+"""python data.py cache: crops read from the cache equal decoded crops; size, resume, refusal."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+from conftest import quick_args, tone_recording
+
+import data
+import train
+
+RATE = 16000
+QUANTUM = 1.5 / data.INT16_SCALE      # int16 rounding, and nothing more
+
+
+@pytest.fixture(scope="module")
+def native_data(tmp_path_factory):
+    """Recordings already at the training rate (no resampling), 3 to 30 s long."""
+    root = tmp_path_factory.mktemp("native")
+    rows = []
+    for index, (code, seconds) in enumerate([("aaa1", 3.0), ("aaa1", 9.5), ("aaa1", 30.0), ("bbb1", 7.0),
+                                             ("bbb1", 16.0), ("bbb1", 22.3), ("ccc1", 12.0), ("ccc1", 4.2)]):
+        (root / "train_audio" / code).mkdir(parents=True, exist_ok=True)
+        audio = tone_recording(700.0 * (index + 1), seconds, RATE, np.random.default_rng(index))
+        sf.write(root / "train_audio" / code / f"XC{index + 1}.ogg", audio, RATE, format="OGG", subtype="VORBIS")
+        rows.append({"primary_label": code, "secondary_labels": "[]", "filename": f"{code}/XC{index + 1}.ogg",
+                     "url": f"https://www.xeno-canto.org/{index + 1}"})
+    pd.DataFrame(rows).to_csv(root / "train_metadata.csv", index=False)
+    return root
+
+
+def settings(policy="ends", max_seconds=0.0, rate=RATE):
+    return data.cache_settings(rate, policy, 4.0, 2.0, max_seconds)
+
+
+def datasets(root, cache_dir, policy="ends", max_seconds=0.0):
+    table, _ = data.read_training_data([root])
+    durations = [sf.info(path).duration for path in table["path"]]
+    crop = data.CropSettings(RATE, 2.0, policy, 4.0)
+    targets = np.zeros((len(table), 1), dtype=np.float32)
+    cache = data.AudioCache(cache_dir, table, settings(policy, max_seconds))
+    plain = data.RecordingDataset(table["path"], durations, targets, crop, seed=3)
+    cached = data.RecordingDataset(table["path"], durations, targets, crop, seed=3, cache=cache,
+                                   cache_rows=np.arange(len(table)))
+    return plain, cached
+
+
+@pytest.mark.parametrize("policy", ["ends", "random"])
+def test_cached_crops_equal_decoded_crops(native_data, tmp_path, policy, monkeypatch):
+    data.build_cache([native_data], tmp_path / "cache", settings(policy), workers=0)
+    plain, cached = datasets(native_data, tmp_path / "cache", policy)
+    decoded = []
+    monkeypatch.setattr(data, "read_window", lambda *a, **k: decoded.append(a) or real_read_window(*a, **k))
+    for epoch in range(4):
+        for record in range(len(plain)):
+            item = (record, epoch, 10 * epoch + record)
+            np.testing.assert_allclose(cached[item]["waveform"].numpy(), plain[item]["waveform"].numpy(),
+                                       atol=QUANTUM, rtol=0)
+    np.testing.assert_allclose(cached[5]["waveform"].numpy(), plain[5]["waveform"].numpy(), atol=QUANTUM, rtol=0)
+    assert len(decoded) == 4 * len(plain) + 1            # only the uncached dataset decoded anything
+
+
+real_read_window = data.read_window
+
+
+def test_size_follows_the_policy_and_max_seconds_lowers_it(native_data, tmp_path, capsys, monkeypatch):
+    data.build_cache([native_data], tmp_path / "ends", settings("ends"), workers=2)   # in parallel
+    manifest = json.loads((tmp_path / "ends" / "manifest.json").read_text())
+    durations = [3.0, 9.5, 30.0, 7.0, 16.0, 22.3, 12.0, 4.2]
+    expected = sum(d if d <= 8.0 else 8.0 for d in durations)      # first and last 4 s, or all of a short one
+    assert manifest["samples"] == pytest.approx(expected * RATE, abs=2 * len(durations))
+    assert manifest["complete"] and (tmp_path / "ends" / "audio.int16").stat().st_size == manifest["bytes"]
+    assert f"{manifest['bytes'] / 1e9:.2f} GB" in capsys.readouterr().out           # told before writing
+    data.build_cache([native_data], tmp_path / "capped", settings("ends", max_seconds=5.0), workers=0)
+    capped = json.loads((tmp_path / "capped" / "manifest.json").read_text())
+    assert capped["samples"] == pytest.approx(sum(min(d, 5.0) for d in durations) * RATE, abs=2 * len(durations))
+    # crops the capped cache does not hold are decoded: the crops stay those of the policy
+    plain, cached = datasets(native_data, tmp_path / "capped", max_seconds=5.0)
+    for record in range(len(plain)):
+        np.testing.assert_allclose(cached[(record, 1, record)]["waveform"].numpy(),
+                                   plain[(record, 1, record)]["waveform"].numpy(), atol=QUANTUM, rtol=0)
+
+
+def test_interrupted_cache_is_refused_then_finished_by_running_again(native_data, tmp_path, monkeypatch, capsys):
+    clean = tmp_path / "clean"
+    data.build_cache([native_data], clean, settings(), workers=0)
+    calls = []
+    real = data._cache_recording
+
+    def crash_after_three(job):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        calls.append(job[2])
+        return real(job)
+    monkeypatch.setattr(data, "_cache_recording", crash_after_three)
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        data.build_cache([native_data], broken, settings(), workers=0)
+    table, _ = data.read_training_data([native_data])
+    with pytest.raises(data.CacheError, match="unfinished.*again"):
+        data.AudioCache(broken, table, settings())
+    monkeypatch.setattr(data, "_cache_recording", lambda job: calls.append(job[2]) or real(job))
+    data.build_cache([native_data], broken, settings(), workers=0)
+    assert sorted(calls) == list(range(8)) and len(calls) == 8       # the first three were not decoded again
+    assert (broken / "audio.int16").read_bytes() == (clean / "audio.int16").read_bytes()
+    before = (clean / "audio.int16").stat().st_mtime_ns
+    capsys.readouterr()
+    data.build_cache([native_data], clean, settings(), workers=0)     # idempotent
+    assert "already complete" in capsys.readouterr().out
+    assert (clean / "audio.int16").stat().st_mtime_ns == before
+
+
+def test_a_cache_of_other_data_policy_or_rate_is_refused(native_data, tiny_data, tmp_path):
+    data.build_cache([native_data], tmp_path / "cache", settings(), workers=0)
+    table, _ = data.read_training_data([native_data])
+    with pytest.raises(data.CacheError, match="sample_rate=16000.*32000"):
+        data.AudioCache(tmp_path / "cache", table, settings(rate=32000))
+    with pytest.raises(data.CacheError, match="crop_policy='ends'.*'random'"):
+        data.AudioCache(tmp_path / "cache", table, settings("random"))
+    with pytest.raises(data.CacheError, match="another data set"):
+        data.AudioCache(tmp_path / "cache", data.read_training_data([tiny_data])[0], settings())
+    with pytest.raises(data.CacheError, match="ends"):              # a run cropping 6 s ends instead of 4
+        data.build_cache([native_data], tmp_path / "cache", data.cache_settings(RATE, "ends", 6.0, 2.0), workers=0)
+    with pytest.raises(data.CacheError, match="not a cache"):
+        data.AudioCache(tmp_path, table, settings())
+
+
+def test_training_with_the_cache_says_so_and_trains_the_same(native_data, tmp_path, caplog):
+    common = ["--sample-rate", str(RATE), "--ends-seconds", "4", "--val-fraction", "0.3"]
+    data.main(["cache", "--data-dir", str(native_data), "--out", str(tmp_path / "cache"), "--sample-rate",
+               str(RATE), "--ends-seconds", "4", "--window-seconds", "2", "--workers", "0"])
+    train.main(quick_args(native_data, tmp_path / "plain", "--batch-size", "2", *common))
+    with caplog.at_level("INFO", logger="birdclef"):
+        train.main(quick_args(native_data, tmp_path / "cached", "--batch-size", "2", "--cache",
+                              str(tmp_path / "cache"), *common))
+    assert "reading crops from the cache" in caplog.text
+    plain, cached = (pd.read_csv(tmp_path / name / "steps.csv") for name in ("plain", "cached"))
+    np.testing.assert_allclose(cached["loss"], plain["loss"], rtol=1e-3)
+    with pytest.raises(data.CacheError, match="crop_policy"):
+        train.main(quick_args(native_data, tmp_path / "refused", "--cache", str(tmp_path / "cache"),
+                              "--crop-policy", "random", *common))
