@@ -9,7 +9,9 @@ generator seeded by (seed, epoch, position in the epoch). A run therefore
 produces the same batches whatever the number of loader workers, and a resumed
 run continues exactly where the interrupted one stopped.
 
-    python data.py demo --out DIR     writes the built-in synthetic demo data set
+    python data.py demo --out DIR               writes the built-in synthetic demo data set
+    python data.py cache --out DIR ...          decodes the crops' audio once (train.py --cache DIR)
+    python data.py extras --detections CSV ...  selects detector-built extra windows (train.py --extras)
 """
 from __future__ import annotations
 
@@ -466,6 +468,8 @@ class RecordingDataset(torch.utils.data.Dataset):
                 waveform = self.cache.window(self.cache_rows[index], start, self.crop.window_seconds, self.crop.pad)
             if waveform is None:  # not cached, or a crop the cache does not cover
                 waveform = read_window(path, start, self.crop.window_seconds, self.crop.sample_rate, self.crop.pad)
+                if self.cache is not None:  # with a cache every waveform travels as int16: see as_float
+                    waveform = to_int16(waveform)
         except Exception as error:  # the header was fine but decoding failed: skip, never crash
             log.warning("skipping %s: %s: %s", path, type(error).__name__, error)
             return None
@@ -478,10 +482,35 @@ def collate(items):
     items = [item for item in items if item is not None]
     if not items:
         return None
-    return {"waveform": torch.stack([item["waveform"] for item in items]),   # (B, samples)
-            "target": torch.stack([item["target"] for item in items]),       # (B, C)
+    return {"waveform": _stack([item["waveform"] for item in items]),        # (B, samples)
+            "target": _stack([item["target"] for item in items]),            # (B, C)
             "path": [item["path"] for item in items],
             "index": torch.tensor([item["index"] for item in items])}        # (B,) rows of the dataset
+
+
+def to_int16(waveform: np.ndarray) -> np.ndarray:
+    """float32 in [-1, 1] -> int16 (rounded, clipped): the cache's sample format."""
+    return np.clip(np.round(waveform * INT16_SCALE), -32768, 32767).astype(np.int16)
+
+
+def as_float(waveforms: torch.Tensor) -> torch.Tensor:
+    """A batch of waveforms as float32: int16 batches (from the cache) are scaled to [-1, 1].
+
+    With --cache, batches stay int16 until here -- half the bytes through the loader
+    workers' shared memory and the host-to-GPU copy -- and are converted on the device.
+    """
+    return waveforms.float() / INT16_SCALE if waveforms.dtype == torch.int16 else waveforms
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack; in a loader worker straight into shared memory, which saves the copy the
+    worker would otherwise make to send the batch (as torch's default_collate does)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first.untyped_storage()._new_shared(len(tensors) * first.numel() * first.element_size())
+    out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -916,8 +945,7 @@ def _cache_recording(job) -> int:
     folder, path, row, segments, rate = job
     audio = np.memmap(Path(folder) / "audio.int16", dtype=np.int16, mode="r+")
     for start, length, offset in segments:
-        waveform = read_window(path, start / rate, length / rate, rate)[:length]
-        audio[offset:offset + length] = np.clip(np.round(waveform * INT16_SCALE), -32768, 32767)
+        audio[offset:offset + length] = to_int16(read_window(path, start / rate, length / rate, rate)[:length])
     audio.flush()
     return row
 
@@ -1011,15 +1039,27 @@ class AudioCache:
         self.owner, self.start, self.length, self.offset = plan["owner"], plan["start"], plan["length"], plan["offset"]
         self.first = np.searchsorted(self.owner, np.arange(len(self.duration)))    # owner is sorted
         self.manifest = manifest
-        self._audio = None                                                        # opened in each process
+        self._file = None                                                         # opened in each process
 
-    def __getstate__(self):  # DataLoader workers map the file themselves
-        return {**self.__dict__, "_audio": None}
+    def __getstate__(self):  # DataLoader workers open the file themselves
+        return {**self.__dict__, "_file": None}
+
+    def __del__(self):
+        if getattr(self, "_file", None) is not None:
+            os.close(self._file)
+
+    def _read(self, offset: int, count: int) -> np.ndarray:
+        """count int16 samples from sample `offset`: one pread (a memory map page-faults 80 times per
+        5-s crop, which made reading slower than copying)."""
+        if self._file is None:
+            self._file = os.open(self.folder / "audio.int16", os.O_RDONLY)
+        samples = np.empty(count, dtype=np.int16)
+        if os.preadv(self._file, [memoryview(samples).cast("B")], 2 * offset) != 2 * count:
+            raise OSError(f"{self.folder / 'audio.int16'} is shorter than its manifest says")
+        return samples
 
     def window(self, row: int, start_seconds: float, seconds: float, pad: str = "zero") -> np.ndarray | None:
-        """(round(seconds*rate),) float32 of recording `row` from start_seconds, or None if not cached."""
-        if self._audio is None:
-            self._audio = np.memmap(self.folder / "audio.int16", dtype=np.int16, mode="r")
+        """(round(seconds*rate),) int16 of recording `row` from start_seconds, or None if not cached."""
         first = int(round(start_seconds * self.rate))
         n = int(round(seconds * self.rate))
         end_of_recording = int(round(self.duration[row] * self.rate))
@@ -1029,8 +1069,7 @@ class AudioCache:
             reaches_end = begin + length >= end_of_recording - 1    # past the end is padding, as when decoding
             if begin <= first and (first + n <= begin + length or reaches_end):
                 offset = self.offset[segment] + first - begin
-                taken = self._audio[offset:offset + min(n, begin + length - first)]
-                return fit_length(taken.astype(np.float32) / INT16_SCALE, n, pad)
+                return fit_length(self._read(offset, max(min(n, begin + length - first), 0)), n, pad)
             segment += 1
         return None
 
@@ -1153,6 +1192,8 @@ def main(argv=None) -> None:
                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo_parser.add_argument("--out", default=str(DEMO_DIR), help="folder to write")
     demo_parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    demo_parser.add_argument("--median-seconds", type=float, default=10.0,
+                             help="median recording length (~40 for real-length xeno-canto recordings)")
     extras_parser = commands.add_parser("extras", help="select extra training windows from infer.py --detections",
                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     extras_parser.add_argument("--detections", required=True, help="CSV written by infer.py --detections")
@@ -1186,7 +1227,7 @@ def main(argv=None) -> None:
         build_cache([ensure_demo_data(folder) for folder in args.data_dir], args.out, settings, args.workers)
     elif args.command == "demo":
         import demo
-        demo.write_demo_dataset(args.out, seed=args.seed)
+        demo.write_demo_dataset(args.out, seed=args.seed, median_seconds=args.median_seconds)
     elif args.command == "extras":
         detections = pd.read_csv(args.detections)
         extras = select_extras(detections, args.threshold, args.min, args.max, args.divisor, args.keep_all_below)

@@ -333,8 +333,11 @@ def _pick(rng, n, frac):
     return set(rng.choice(n, size=k, replace=False).tolist())
 
 
-def plan_demo(seed=0, soundscape_minutes=(1.0, 2.0)):
-    """Deterministic plan of the data set: recordings (metadata + audio params), soundscapes."""
+def plan_demo(seed=0, soundscape_minutes=(1.0, 2.0), median_seconds=10.0):
+    """Deterministic plan of the data set: recordings (metadata + audio params), soundscapes.
+
+    Recording lengths are log-normal around `median_seconds` (10 s: the small demo;
+    ~40 s is closer to real xeno-canto recordings, for loader benchmarks)."""
     rng = np.random.default_rng([seed, 0])
     codes = [s[0] for s in DEMO_SPECIES]
     nsp = len(codes)
@@ -350,7 +353,7 @@ def plan_demo(seed=0, soundscape_minutes=(1.0, 2.0)):
     second = _pick(rng, n, 0.15)
     recs = []
     for i, lab in enumerate(labels):
-        dur = float(np.clip(round(math.exp(rng.normal(math.log(10.0), 0.85)), 2), 3.0, 60.0))
+        dur = float(np.clip(round(math.exp(rng.normal(math.log(median_seconds), 0.85)), 2), 3.0, 6 * median_seconds))
         sr = int(rng.choice([44100, 48000])) if i in hi_sr else 32000
         sec, listed = None, False
         if i in second:
@@ -567,11 +570,12 @@ Metadata (authors, coordinates, XC ids, URLs) are invented.
 """
 
 
-def write_demo_dataset(out_dir, seed: int = 0, soundscape_minutes=(1.0, 2.0)) -> pathlib.Path:
+def write_demo_dataset(out_dir, seed: int = 0, soundscape_minutes=(1.0, 2.0),
+                       median_seconds: float = 10.0) -> pathlib.Path:
     """Write the synthetic demo data set to ``out_dir`` (see module docstring)."""
     t_start = time.time()
     out = pathlib.Path(out_dir)
-    plan = plan_demo(seed, soundscape_minutes)
+    plan = plan_demo(seed, soundscape_minutes, median_seconds)
     species = plan["species"]
     (out / "train_audio").mkdir(parents=True, exist_ok=True)
     (out / "test_soundscapes").mkdir(parents=True, exist_ok=True)

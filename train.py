@@ -168,6 +168,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--sync-bn", action="store_true",
                        help="under torchrun on CUDA: BatchNorm statistics over the whole batch of all "
                             "processes (SyncBatchNorm) instead of each process's share")
+    group.add_argument("--channels-last", action="store_true",
+                       help="channels-last memory format for the backbone (faster convolutions on recent GPUs)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the backbone (minutes of compilation first; checkpoints are unchanged)")
     group.add_argument("--flush-denormal", action="store_true",
                        help="flush denormal floats to zero on the CPU (log experiment 19)")
     group.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
@@ -397,7 +401,7 @@ def train_one_epoch(parts: TrainingParts, loader, args, state, on_eval) -> bool:
         if not distributed.any_rank(batch is None):  # under torchrun every rank takes or skips a step together
             torch.manual_seed(step_seed(args.seed, epoch, step))
             rng = np.random.default_rng([args.seed, epoch, step, 1])
-            waveforms = batch["waveform"].to(device, non_blocking=True)   # (B, samples)
+            waveforms = data.as_float(batch["waveform"].to(device, non_blocking=True))  # (B, samples)
             targets = batch["target"].to(device, non_blocking=True)       # (B, C)
             waveforms, targets = augment.augment_waveforms(waveforms, targets, parts.augment, rng, parts.background)
             waveforms, targets = augment.mixup(waveforms, targets, args.mixup_alpha,
@@ -477,7 +481,7 @@ def evaluate(model, loader, args, loss_name: str, device) -> dict:
     for batch in loader:
         if batch is None:
             continue
-        all_logits.append(model(batch["waveform"].to(device)).float().cpu())    # (B, C)
+        all_logits.append(model(data.as_float(batch["waveform"].to(device))).float().cpu())  # (B, C)
         all_targets.append(batch["target"])
         all_indices.append(batch["index"])
     logits, targets = distributed.gather_rows(all_indices, all_logits, all_targets)  # (N, C) from every rank
@@ -569,7 +573,8 @@ def lr_range_test(parts: TrainingParts, train_set, args, out_dir: Path) -> float
         rate = low * (high / low) ** (step / max(steps - 1, 1))
         for group in optimizer.param_groups:
             group["lr"] = rate
-        loss = batch_loss(model(batch["waveform"].to(device)), batch["target"].to(device), args, args.loss)
+        waveforms = data.as_float(batch["waveform"].to(device))
+        loss = batch_loss(model(waveforms), batch["target"].to(device), args, args.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -972,12 +977,16 @@ def build_parts(args, labels, device) -> TrainingParts:
             raise ValueError("--sync-bn needs torchrun on CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
+    if args.channels_last:  # the spectrogram images follow the weights' layout inside the convolutions
+        model.backbone.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     _, _, use_scaler = precision_settings(args.amp, device)
     ema = None
     if args.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+    if args.compile:  # in place, after the EMA copy: parameter names, and so checkpoints, stay the plain model's
+        model.backbone.compile()
     settings = augment.AugmentSettings(
         noise_prob=args.noise_prob, noise_snr=tuple(args.noise_snr), bg_prob=args.bg_prob if args.bg_dir else 0.0,
         bg_snr=tuple(args.bg_snr), cutmix_prob=args.cutmix_prob, cutmix_alpha=args.cutmix_alpha,

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+import torch
 from conftest import quick_args, tone_recording
 
 import data
@@ -30,6 +31,11 @@ def native_data(tmp_path_factory):
                      "url": f"https://www.xeno-canto.org/{index + 1}"})
     pd.DataFrame(rows).to_csv(root / "train_metadata.csv", index=False)
     return root
+
+
+def as_float(item):
+    assert item["waveform"].dtype == torch.int16          # cached batches travel as int16
+    return data.as_float(item["waveform"]).numpy()
 
 
 def settings(policy="ends", max_seconds=0.0, rate=RATE):
@@ -57,9 +63,8 @@ def test_cached_crops_equal_decoded_crops(native_data, tmp_path, policy, monkeyp
     for epoch in range(4):
         for record in range(len(plain)):
             item = (record, epoch, 10 * epoch + record)
-            np.testing.assert_allclose(cached[item]["waveform"].numpy(), plain[item]["waveform"].numpy(),
-                                       atol=QUANTUM, rtol=0)
-    np.testing.assert_allclose(cached[5]["waveform"].numpy(), plain[5]["waveform"].numpy(), atol=QUANTUM, rtol=0)
+            np.testing.assert_allclose(as_float(cached[item]), plain[item]["waveform"].numpy(), atol=QUANTUM, rtol=0)
+    np.testing.assert_allclose(as_float(cached[5]), plain[5]["waveform"].numpy(), atol=QUANTUM, rtol=0)
     assert len(decoded) == 4 * len(plain) + 1            # only the uncached dataset decoded anything
 
 
@@ -80,7 +85,7 @@ def test_size_follows_the_policy_and_max_seconds_lowers_it(native_data, tmp_path
     # crops the capped cache does not hold are decoded: the crops stay those of the policy
     plain, cached = datasets(native_data, tmp_path / "capped", max_seconds=5.0)
     for record in range(len(plain)):
-        np.testing.assert_allclose(cached[(record, 1, record)]["waveform"].numpy(),
+        np.testing.assert_allclose(as_float(cached[(record, 1, record)]),
                                    plain[(record, 1, record)]["waveform"].numpy(), atol=QUANTUM, rtol=0)
 
 

@@ -480,3 +480,16 @@ def test_the_logs_efficientnetv2_backbone_builds_with_one_channel():
     assert model.backbone.conv_stem.in_channels == 1
     with torch.inference_mode():
         assert model(torch.randn(2, 32000)).shape == (2, 3)
+
+
+def test_compile_and_channels_last_leave_checkpoints_unchanged(tiny_data, tmp_path):
+    import train
+    from conftest import quick_args
+    plain = train.build_parts(quick_args(tiny_data, tmp_path / "a"), ["a", "b"], torch.device("cpu"))
+    fast = train.build_parts(quick_args(tiny_data, tmp_path / "b", "--compile", "--channels-last", "--ema", "0.9"),
+                             ["a", "b"], torch.device("cpu"))
+    assert list(fast.model.state_dict()) == list(plain.model.state_dict())       # no "_orig_mod." names
+    assert list(fast.ema.module.state_dict()) == list(plain.model.state_dict())
+    weights = [p for p in fast.model.backbone.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert fast.model.backbone._compiled_call_impl is not None and plain.model.backbone._compiled_call_impl is None
