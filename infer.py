@@ -86,9 +86,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group = parser.add_argument_group("speed")
     group.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
     group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    group.add_argument("--workers", type=int, default=1, help="processes decoding audio ahead")
-    group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                       help="auto: bf16 on CPUs with native bf16 (torch autocast, OpenVINO), else fp32")
+    group.add_argument("--workers", type=int, default=1, help="threads decoding audio ahead of the model")
+    group.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
+                       help="auto: bf16 on CPUs with native bf16 (torch autocast, OpenVINO), else fp32; "
+                            "int8: the classifier quantised for onnxruntime / openvino, calibrated on the "
+                            "first batch (checked against PyTorch like every export)")
     group.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
                        help="CPU engine for the classifier; onnxruntime and openvino are optional "
                             "installs, checked against torch on the first batch")
@@ -206,7 +208,7 @@ def align(members: list[Member], columns: list[str]) -> None:
 def use_bf16(precision: str, device: torch.device) -> bool:
     if precision == "bf16":
         return True
-    if precision == "fp32":
+    if precision in ("fp32", "int8"):
         return False
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -252,49 +254,83 @@ class ExportedRunner:
 
     The first batch is also run through plain fp32 PyTorch and the scores compared,
     so an export that changes the predictions is refused instead of submitted.
+    With precision "int8" the exported classifier is quantised statically (int8
+    weights per channel, uint8 activations, ONNX QDQ) with the spectrograms of the
+    first batch as calibration data, so the engine is built on that first call.
     """
 
-    def __init__(self, model: model_lib.BirdCallModel, backend: str, bf16: bool, threads: int,
+    def __init__(self, model: model_lib.BirdCallModel, backend: str, precision: str, threads: int,
                  tolerance: float):
         self.model, self.backend, self.tolerance, self.checked = model.float().cpu().eval(), backend, tolerance, False
-        with torch.no_grad():  # not inference_mode: exporters trace with these tensors
-            example = model.frontend(torch.randn(2, model.window_samples))     # (2, 1, n_mels, T)
-        if backend == "onnxruntime":
-            ort = import_optional("onnxruntime")
-            import tempfile
-            with tempfile.TemporaryDirectory() as folder:
-                path = Path(folder) / "classifier.onnx"
-                torch.onnx.export(_Classifier(model).eval(), (example,), str(path), input_names=["image"],
+        self.precision, self.threads, self.run = precision, threads, None
+        import_optional("onnxruntime" if backend == "onnxruntime" else "openvino")
+        if backend not in ("onnxruntime", "openvino"):
+            raise ValueError(f"unknown backend {backend!r}")
+        if precision != "int8":
+            with torch.no_grad():  # not inference_mode: exporters trace with these tensors
+                self.run = self.build(model.frontend(torch.randn(2, model.window_samples)))  # (2, 1, n_mels, T)
+
+    def build(self, images: torch.Tensor):
+        """Export the classifier (traced on `images`, also int8 calibration data) -> image -> logits."""
+        import tempfile
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "classifier.onnx"
+            if self.backend == "onnxruntime" or self.precision == "int8":
+                torch.onnx.export(_Classifier(self.model).eval(), (images[:2],), str(path), input_names=["image"],
                                   output_names=["logits"], dynamo=False,
                                   dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+                self.model.eval()  # the exporter restores the wrapper's train/eval mode onto the model
+            if self.precision == "int8":
+                path = quantize_int8(path, images.numpy())
+            if self.backend == "onnxruntime":
+                ort = import_optional("onnxruntime")
                 options = ort.SessionOptions()
-                if threads:
-                    options.intra_op_num_threads = threads
+                if self.threads:
+                    options.intra_op_num_threads = self.threads
                 session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            self.run = lambda image: session.run(None, {"image": image})[0]
-        elif backend == "openvino":
+                return lambda image: session.run(None, {"image": image})[0]
             ov = import_optional("openvino")
-            config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
-            if threads:
-                config["INFERENCE_NUM_THREADS"] = threads
-            compiled = ov.Core().compile_model(ov.convert_model(_Classifier(model), example_input=example),
-                                               "CPU", config)
-            self.run = lambda image: compiled(image)[0]
-        else:
-            raise ValueError(f"unknown backend {backend!r}")
-        self.model.eval()  # exporters restore the wrapper's train/eval mode onto the model; keep eval
+            config = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32"}
+            if self.threads:
+                config["INFERENCE_NUM_THREADS"] = self.threads
+            converted = (ov.convert_model(str(path)) if path.is_file()          # the int8 QDQ model
+                         else ov.convert_model(_Classifier(self.model), example_input=images[:2]))
+            compiled = ov.Core().compile_model(converted, "CPU", config)
+            self.model.eval()
+            return lambda image: compiled(image)[0]
 
     @torch.inference_mode()
     def __call__(self, waveforms: torch.Tensor) -> torch.Tensor:
-        image = self.model.frontend(waveforms).numpy()                         # (B, 1, n_mels, T)
-        logits = torch.from_numpy(np.asarray(self.run(image), dtype=np.float32))
+        image = self.model.frontend(waveforms)                                 # (B, 1, n_mels, T)
+        if self.run is None:  # int8: calibrate on the first batch's spectrograms
+            self.run = self.build(image)
+        logits = torch.from_numpy(np.asarray(self.run(image.numpy()), dtype=np.float32))
         if not self.checked:
             self.check_against_torch(waveforms[:8], logits[:8])
         return logits
 
     def check_against_torch(self, waveforms, logits):
-        check_parity(self.model, waveforms, logits, self.backend, self.tolerance)
+        check_parity(self.model, waveforms, logits, f"{self.backend} {self.precision}", self.tolerance)
         self.checked = True
+
+
+def quantize_int8(path: Path, images: np.ndarray) -> Path:
+    """fp32 ONNX -> int8 QDQ ONNX beside it (onnxruntime.quantization), calibrated on `images`."""
+    import_optional("onnxruntime")
+    from onnxruntime import quantization
+
+    class Images(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": images[start:start + 8]} for start in range(0, len(images), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    target = path.with_name("classifier.int8.onnx")
+    quantization.quantize_static(str(path), str(target), Images(), quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=True, activation_type=quantization.QuantType.QUInt8,
+                                 weight_type=quantization.QuantType.QInt8)
+    return target
 
 
 def check_parity(model, waveforms: torch.Tensor, logits: torch.Tensor, backend: str, tolerance: float) -> float:
@@ -312,10 +348,13 @@ def check_parity(model, waveforms: torch.Tensor, logits: torch.Tensor, backend: 
 
 def make_runner(model, args, device, bf16):
     if args.backend == "torch":
+        if args.precision == "int8":
+            raise ValueError("--precision int8 needs --backend onnxruntime or openvino")
         return TorchRunner(model, device, bf16)
     if device.type != "cpu":
         raise ValueError(f"--backend {args.backend} runs on the CPU; use --backend torch with --device {device}")
-    return ExportedRunner(model, args.backend, bf16, args.threads, args.parity_tolerance)
+    precision = "int8" if args.precision == "int8" else "bf16" if bf16 and args.backend == "openvino" else "fp32"
+    return ExportedRunner(model, args.backend, precision, args.threads, args.parity_tolerance)
 
 
 def predict(member: Member, windows: np.ndarray, batch_size: int, nocall_gate: bool = False) -> np.ndarray:
@@ -384,8 +423,8 @@ def list_audio(folder, recursive: bool = False) -> list[Path]:
     return files
 
 
-class DecodedFiles(torch.utils.data.Dataset):
-    """Decode each file once, to every sample rate the members need (runs in loader workers)."""
+class DecodedFiles:
+    """Decode each file once, to every sample rate the members need (in decoding threads)."""
 
     def __init__(self, files: list[Path], rates: list[int]):
         self.files, self.rates = files, sorted(set(rates))
@@ -399,7 +438,6 @@ class DecodedFiles(torch.utils.data.Dataset):
             audio, source_rate = sf.read(path, dtype="float32", always_2d=True)
             if len(audio) == 0:
                 raise ValueError("no audio frames")
-            # torch tensors cross from the loader worker through shared memory, numpy arrays by pickling.
             waveforms = {rate: torch.from_numpy(data.to_mono_resampled(audio, source_rate, rate))
                          for rate in self.rates}
             return {"path": path, "waveforms": waveforms, "error": None,
@@ -526,15 +564,31 @@ def write_raven_tables(submission, files, starts, out_dir: Path, min_conf: float
 
 # ----------------------------------------------------------------------------- main
 
-def _single_item(item):
-    return item
+def decoded_ahead(files: DecodedFiles, threads: int):
+    """Decoded files in order, `threads` files decoded ahead of the model.
+
+    Threads, not processes: libsndfile and torch release the GIL while they work, and
+    a thread hands over a 10-minute file's waveform (77 MB) without copying it
+    through shared memory. At most threads + 1 decoded files wait in memory.
+    """
+    if threads <= 0:
+        yield from (files[index] for index in range(len(files)))
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+        pending = deque()
+        for index in range(len(files)):
+            pending.append(pool.submit(files.__getitem__, index))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def score_all(files: list[Path], members: list[Member], columns: list[str], args):
     """Stream every file through the ensemble -> ({path: (n_rows, n_columns)}, problems, audio seconds)."""
-    loader = torch.utils.data.DataLoader(DecodedFiles(files, [m.sample_rate for m in members]),
-                                         batch_size=None, num_workers=args.workers,
-                                         collate_fn=_single_item)
+    loader = decoded_ahead(DecodedFiles(files, [m.sample_rate for m in members]), args.workers)
     results, problems, audio_seconds = {}, [], 0.0
     pending, pending_windows = [], 0
 
@@ -627,7 +681,7 @@ def run(args, device: torch.device) -> dict:
     else:
         files = list_audio(args.soundscapes)
     log.info("%d file(s), %d model(s), %d species, backend %s, %s%s", len(files), len(members), len(columns),
-             args.backend, "bf16" if bf16 else "fp32",
+             args.backend, "int8" if args.precision == "int8" else "bf16" if bf16 else "fp32",
              f", {distributed.rank_and_world_size()[1]} processes" if distributed.rank_and_world_size()[1] > 1 else "")
 
     started = time.perf_counter()

@@ -116,7 +116,8 @@ def main() -> None:
     import importlib.util
     configurations = [("torch", "fp32"), ("torch", "bf16")]
     configurations += [(name, precision) for name in ("onnxruntime", "openvino")
-                       if importlib.util.find_spec(name) for precision in ("fp32", "bf16")
+                       if importlib.util.find_spec(name) and importlib.util.find_spec("onnxruntime")
+                       for precision in ("fp32", "bf16", "int8")
                        if not (name == "onnxruntime" and precision == "bf16")]  # ORT has no bf16 CPU path
     with tempfile.TemporaryDirectory() as work:
         checkpoint, folder = str(Path(work) / "model.pt"), Path(work) / "soundscapes"
