@@ -87,10 +87,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
     group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     group.add_argument("--workers", type=int, default=1, help="threads decoding audio ahead of the model")
-    group.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
-                       help="auto: bf16 on CPUs with native bf16 (torch autocast, OpenVINO), else fp32; "
-                            "int8: the classifier quantised for onnxruntime / openvino, calibrated on the "
-                            "first batch (checked against PyTorch like every export)")
+    group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                       help="auto: bf16 on CPUs with native bf16 (torch autocast, OpenVINO), else fp32")
     group.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
                        help="CPU engine for the classifier; onnxruntime and openvino are optional "
                             "installs, checked against torch on the first batch")
@@ -208,7 +206,7 @@ def align(members: list[Member], columns: list[str]) -> None:
 def use_bf16(precision: str, device: torch.device) -> bool:
     if precision == "bf16":
         return True
-    if precision in ("fp32", "int8"):
+    if precision == "fp32":
         return False
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -254,83 +252,50 @@ class ExportedRunner:
 
     The first batch is also run through plain fp32 PyTorch and the scores compared,
     so an export that changes the predictions is refused instead of submitted.
-    With precision "int8" the exported classifier is quantised statically (int8
-    weights per channel, uint8 activations, ONNX QDQ) with the spectrograms of the
-    first batch as calibration data, so the engine is built on that first call.
     """
 
-    def __init__(self, model: model_lib.BirdCallModel, backend: str, precision: str, threads: int,
+    def __init__(self, model: model_lib.BirdCallModel, backend: str, bf16: bool, threads: int,
                  tolerance: float):
         self.model, self.backend, self.tolerance, self.checked = model.float().cpu().eval(), backend, tolerance, False
-        self.precision, self.threads, self.run = precision, threads, None
-        import_optional("onnxruntime" if backend == "onnxruntime" else "openvino")
-        if backend not in ("onnxruntime", "openvino"):
-            raise ValueError(f"unknown backend {backend!r}")
-        if precision != "int8":
-            with torch.no_grad():  # not inference_mode: exporters trace with these tensors
-                self.run = self.build(model.frontend(torch.randn(2, model.window_samples)))  # (2, 1, n_mels, T)
-
-    def build(self, images: torch.Tensor):
-        """Export the classifier (traced on `images`, also int8 calibration data) -> image -> logits."""
-        import tempfile
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "classifier.onnx"
-            if self.backend == "onnxruntime" or self.precision == "int8":
-                torch.onnx.export(_Classifier(self.model).eval(), (images[:2],), str(path), input_names=["image"],
+        with torch.no_grad():  # not inference_mode: exporters trace with these tensors
+            example = model.frontend(torch.randn(2, model.window_samples))     # (2, 1, n_mels, T)
+        if backend == "onnxruntime":
+            ort = import_optional("onnxruntime")
+            import tempfile
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "classifier.onnx"
+                torch.onnx.export(_Classifier(model).eval(), (example,), str(path), input_names=["image"],
                                   output_names=["logits"], dynamo=False,
                                   dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-                self.model.eval()  # the exporter restores the wrapper's train/eval mode onto the model
-            if self.precision == "int8":
-                path = quantize_int8(path, images.numpy())
-            if self.backend == "onnxruntime":
-                ort = import_optional("onnxruntime")
                 options = ort.SessionOptions()
-                if self.threads:
-                    options.intra_op_num_threads = self.threads
+                options.enable_cpu_mem_arena = False  # the arena keeps every batch's peak: ~1 GB more RSS
+                if threads:
+                    options.intra_op_num_threads = threads
                 session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                return lambda image: session.run(None, {"image": image})[0]
+            self.run = lambda image: session.run(None, {"image": image})[0]
+        elif backend == "openvino":
             ov = import_optional("openvino")
-            config = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32"}
-            if self.threads:
-                config["INFERENCE_NUM_THREADS"] = self.threads
-            converted = (ov.convert_model(str(path)) if path.is_file()          # the int8 QDQ model
-                         else ov.convert_model(_Classifier(self.model), example_input=images[:2]))
-            compiled = ov.Core().compile_model(converted, "CPU", config)
-            self.model.eval()
-            return lambda image: compiled(image)[0]
+            config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = threads
+            compiled = ov.Core().compile_model(ov.convert_model(_Classifier(model), example_input=example),
+                                               "CPU", config)
+            self.run = lambda image: compiled(image)[0]
+        else:
+            raise ValueError(f"unknown backend {backend!r}")
+        self.model.eval()  # exporters restore the wrapper's train/eval mode onto the model; keep eval
 
     @torch.inference_mode()
     def __call__(self, waveforms: torch.Tensor) -> torch.Tensor:
-        image = self.model.frontend(waveforms)                                 # (B, 1, n_mels, T)
-        if self.run is None:  # int8: calibrate on the first batch's spectrograms
-            self.run = self.build(image)
-        logits = torch.from_numpy(np.asarray(self.run(image.numpy()), dtype=np.float32))
+        image = self.model.frontend(waveforms).numpy()                         # (B, 1, n_mels, T)
+        logits = torch.from_numpy(np.asarray(self.run(image), dtype=np.float32))
         if not self.checked:
             self.check_against_torch(waveforms[:8], logits[:8])
         return logits
 
     def check_against_torch(self, waveforms, logits):
-        check_parity(self.model, waveforms, logits, f"{self.backend} {self.precision}", self.tolerance)
+        check_parity(self.model, waveforms, logits, self.backend, self.tolerance)
         self.checked = True
-
-
-def quantize_int8(path: Path, images: np.ndarray) -> Path:
-    """fp32 ONNX -> int8 QDQ ONNX beside it (onnxruntime.quantization), calibrated on `images`."""
-    import_optional("onnxruntime")
-    from onnxruntime import quantization
-
-    class Images(quantization.CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"image": images[start:start + 8]} for start in range(0, len(images), 8)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    target = path.with_name("classifier.int8.onnx")
-    quantization.quantize_static(str(path), str(target), Images(), quant_format=quantization.QuantFormat.QDQ,
-                                 per_channel=True, activation_type=quantization.QuantType.QUInt8,
-                                 weight_type=quantization.QuantType.QInt8)
-    return target
 
 
 def check_parity(model, waveforms: torch.Tensor, logits: torch.Tensor, backend: str, tolerance: float) -> float:
@@ -348,13 +313,10 @@ def check_parity(model, waveforms: torch.Tensor, logits: torch.Tensor, backend: 
 
 def make_runner(model, args, device, bf16):
     if args.backend == "torch":
-        if args.precision == "int8":
-            raise ValueError("--precision int8 needs --backend onnxruntime or openvino")
         return TorchRunner(model, device, bf16)
     if device.type != "cpu":
         raise ValueError(f"--backend {args.backend} runs on the CPU; use --backend torch with --device {device}")
-    precision = "int8" if args.precision == "int8" else "bf16" if bf16 and args.backend == "openvino" else "fp32"
-    return ExportedRunner(model, args.backend, precision, args.threads, args.parity_tolerance)
+    return ExportedRunner(model, args.backend, bf16, args.threads, args.parity_tolerance)
 
 
 def predict(member: Member, windows: np.ndarray, batch_size: int, nocall_gate: bool = False) -> np.ndarray:
@@ -681,7 +643,7 @@ def run(args, device: torch.device) -> dict:
     else:
         files = list_audio(args.soundscapes)
     log.info("%d file(s), %d model(s), %d species, backend %s, %s%s", len(files), len(members), len(columns),
-             args.backend, "int8" if args.precision == "int8" else "bf16" if bf16 else "fp32",
+             args.backend, "bf16" if bf16 else "fp32",
              f", {distributed.rank_and_world_size()[1]} processes" if distributed.rank_and_world_size()[1] > 1 else "")
 
     started = time.perf_counter()

@@ -833,7 +833,7 @@ def prepare_data(args, out_dir: Path):
     train_durations, train_targets = list(durations[records]), targets[records]
     primary = list(table["primary_label"].iloc[records])
     if args.nocall:
-        nocall = nocall_windows(args, table, train_index, durations, out_dir)
+        nocall = nocall_windows(args, table, train_index, out_dir)
         if nocall.empty:
             raise ValueError("--nocall found no background window: give --bg-dir, --nocall-soundscapes or "
                              "--nocall-detections with at least one usable window")
@@ -909,7 +909,7 @@ def extra_windows(extras_path, table: pd.DataFrame, train_index) -> tuple[list[i
     return [int(r) for r in recording[in_train]], [float(s) for s in extras["start_s"][in_train]]
 
 
-def nocall_windows(args, table: pd.DataFrame, train_index, durations, out_dir: Path) -> pd.DataFrame:
+def nocall_windows(args, table: pd.DataFrame, train_index, out_dir: Path) -> pd.DataFrame:
     """Background windows for the nocall class -> path, start_s (NaN: crop by policy), duration."""
     parts = []
     if args.bg_dir:  # whole files of background audio, cropped like recordings
@@ -1033,12 +1033,12 @@ def main(args) -> dict:
     check_arguments(args)
     rank, world_size = distributed.setup(resolve_device(args.device))
     try:
-        return train(args, rank, world_size)
+        return run_training(args, rank, world_size)
     finally:
         distributed.shutdown()
 
 
-def train(args, rank: int, world_size: int) -> dict:
+def run_training(args, rank: int, world_size: int) -> dict:
     if args.flush_denormal:
         torch.set_flush_denormal(True)
     if args.resume == "auto":

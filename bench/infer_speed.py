@@ -111,14 +111,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="0 = torch default (all cores)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each model-only measurement")
+    parser.add_argument("--only", nargs="+", default=None, metavar="BACKEND:PRECISION",
+                        help="measure only these, e.g. onnxruntime:fp32")
     args = parser.parse_args()
 
     import importlib.util
     configurations = [("torch", "fp32"), ("torch", "bf16")]
     configurations += [(name, precision) for name in ("onnxruntime", "openvino")
-                       if importlib.util.find_spec(name) and importlib.util.find_spec("onnxruntime")
-                       for precision in ("fp32", "bf16", "int8")
+                       if importlib.util.find_spec(name) for precision in ("fp32", "bf16")
                        if not (name == "onnxruntime" and precision == "bf16")]  # ORT has no bf16 CPU path
+    if args.only:
+        configurations = [c for c in configurations if f"{c[0]}:{c[1]}" in args.only]
     with tempfile.TemporaryDirectory() as work:
         checkpoint, folder = str(Path(work) / "model.pt"), Path(work) / "soundscapes"
         make_checkpoint(args.backbone, Path(checkpoint))

@@ -265,27 +265,6 @@ def test_optional_backends_match_torch(backend, checkpoint, tmp_path):
     np.testing.assert_allclose(other.iloc[:, 1:].to_numpy(), torch_scores.iloc[:, 1:].to_numpy(), atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_int8_backends_are_calibrated_checked_and_close_to_torch(backend, checkpoint, tmp_path, caplog):
-    pytest.importorskip("onnxruntime")   # the quantiser, for both engines
-    pytest.importorskip(backend)
-    folder = tmp_path / "s"
-    folder.mkdir()
-    write_audio(folder / "a.wav", 23.0)
-    common = ["--ckpts", checkpoint, "--soundscapes", folder]
-    torch_scores = run_infer(*common, "--out", tmp_path / "t.csv", "--precision", "fp32")["submission"]
-    with caplog.at_level(logging.INFO, logger="birdclef"):
-        int8 = run_infer(*common, "--out", tmp_path / "o.csv", "--backend", backend, "--precision", "int8")
-    assert f"{backend} int8 matches PyTorch on the first batch" in caplog.text
-    difference = np.abs(int8["submission"].iloc[:, 1:].to_numpy() - torch_scores.iloc[:, 1:].to_numpy())
-    assert 0 < difference.max() < 0.02                      # quantised (not the fp32 graph), and close
-    with pytest.raises(FloatingPointError, match="disagrees with PyTorch"):
-        run_infer(*common, "--out", tmp_path / "x.csv", "--backend", backend, "--precision", "int8",
-                  "--parity-tolerance", "1e-9")
-    with pytest.raises(ValueError, match="int8 needs --backend onnxruntime or openvino"):
-        run_infer(*common, "--out", tmp_path / "y.csv", "--precision", "int8")
-
-
 def test_missing_optional_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
     with pytest.raises(ValueError, match="needs the optional package 'openvino'"):
