@@ -2,6 +2,7 @@
 
     python infer.py --ckpts a.pt b.pt --soundscapes DIR --out submission.csv
     python infer.py --ckpts a.pt --soundscapes DIR --labels labels.csv      # also score it
+    torchrun --nproc_per_node 4 infer.py --ckpts a.pt --device cuda ...     # files split across processes
 
 Every file is decoded once, resampled to each checkpoint's rate and cut into
 windows; windows from several files share batches. Each checkpoint's own

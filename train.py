@@ -2,6 +2,7 @@
 
     python train.py --loss ce --lr 5e-4                      # the original recipe
     python train.py --no-pretrained --epochs 4               # offline, on the demo data
+    torchrun --nproc_per_node 4 train.py --out-dir runs/x    # 4 processes (DDP); --batch-size is per process
 
 Reads top to bottom: arguments, the loss, one training epoch, evaluation,
 checkpoints, then main() which wires them together. Every evaluation (twice per
