@@ -450,31 +450,60 @@ class RecordingDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, item):
+    def crop_start(self, item) -> tuple[int, float]:
+        """item -> (record, start second of its crop)."""
         if isinstance(item, tuple):
             index, epoch, position = item
             rng = np.random.default_rng([self.seed, epoch, position])
         else:
             index, rng = item, None
-        path = self.paths[index]
         if np.isnan(self.starts[index]):
-            start = choose_crop_start(self.durations[index], self.crop.window_seconds,
-                                      self.crop.policy, self.crop.ends_seconds, rng)
-        else:
-            start = fixed_window_start(self.starts[index], self.durations[index], self.crop.window_seconds)
+            return index, choose_crop_start(self.durations[index], self.crop.window_seconds,
+                                            self.crop.policy, self.crop.ends_seconds, rng)
+        return index, fixed_window_start(self.starts[index], self.durations[index], self.crop.window_seconds)
+
+    def __getitem__(self, item):
+        index, start = self.crop_start(item)
         try:
             waveform = None
             if self.cache is not None and self.cache_rows[index] >= 0:
                 waveform = self.cache.window(self.cache_rows[index], start, self.crop.window_seconds, self.crop.pad)
             if waveform is None:  # not cached, or a crop the cache does not cover
-                waveform = read_window(path, start, self.crop.window_seconds, self.crop.sample_rate, self.crop.pad)
-                if self.cache is not None:  # with a cache every waveform travels as int16: see as_float
-                    waveform = to_int16(waveform)
+                waveform = self.decode(index, start)
         except Exception as error:  # the header was fine but decoding failed: skip, never crash
-            log.warning("skipping %s: %s: %s", path, type(error).__name__, error)
+            log.warning("skipping %s: %s: %s", self.paths[index], type(error).__name__, error)
             return None
         return {"waveform": torch.from_numpy(waveform), "target": torch.from_numpy(self.targets[index]),
-                "path": path, "index": index}
+                "path": self.paths[index], "index": index}
+
+    def decode(self, index: int, start: float) -> np.ndarray:
+        waveform = read_window(self.paths[index], start, self.crop.window_seconds, self.crop.sample_rate,
+                               self.crop.pad)
+        return waveform if self.cache is None else to_int16(waveform)  # with a cache, batches are int16
+
+    def __getitems__(self, items: list) -> list:
+        """A whole batch (the DataLoader calls this when it exists). From the cache, every crop is
+        read straight into its row of one (B, samples) int16 batch -- in a loader worker, in
+        shared memory -- which `collate` then passes on without copying it again."""
+        if self.cache is None:
+            return [self[item] for item in items]
+        samples = int(round(self.crop.window_seconds * self.crop.sample_rate))
+        batch = _empty_batch((len(items), samples), torch.int16)
+        results = []
+        for row, item in enumerate(items):
+            index, start = self.crop_start(item)
+            try:
+                cache_row = self.cache_rows[index]
+                if cache_row < 0 or not self.cache.read_into(cache_row, start, self.crop.window_seconds,
+                                                             self.crop.pad, batch[row].numpy()):
+                    batch[row] = torch.from_numpy(self.decode(index, start))
+            except Exception as error:  # as in __getitem__
+                log.warning("skipping %s: %s: %s", self.paths[index], type(error).__name__, error)
+                results.append(None)
+                continue
+            results.append({"waveform": batch[row], "target": torch.from_numpy(self.targets[index]),
+                            "path": self.paths[index], "index": index})
+        return results
 
 
 def collate(items):
@@ -504,13 +533,24 @@ def as_float(waveforms: torch.Tensor) -> torch.Tensor:
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """torch.stack; in a loader worker straight into shared memory, which saves the copy the
-    worker would otherwise make to send the batch (as torch's default_collate does)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.stack(tensors)
+    worker would otherwise make to send the batch (as torch's default_collate does). Rows that
+    already are one whole batch, in order (RecordingDataset.__getitems__), are that batch."""
     first = tensors[0]
-    storage = first.untyped_storage()._new_shared(len(tensors) * first.numel() * first.element_size())
-    out = first.new(storage).resize_(len(tensors), *first.shape)
+    storage = first.untyped_storage()
+    if (storage.nbytes() == len(tensors) * first.numel() * first.element_size()
+            and all(t.untyped_storage().data_ptr() == storage.data_ptr() and t.is_contiguous()
+                    and t.storage_offset() == row * first.numel() for row, t in enumerate(tensors))):
+        return first.new_empty(0).set_(storage, 0, (len(tensors), *first.shape))
+    out = _empty_batch((len(tensors), *first.shape), first.dtype)
     return torch.stack(tensors, out=out)
+
+
+def _empty_batch(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor; in a loader worker in shared memory, ready to be sent to the main process."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(size), 0, shape)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -1048,18 +1088,19 @@ class AudioCache:
         if getattr(self, "_file", None) is not None:
             os.close(self._file)
 
-    def _read(self, offset: int, count: int) -> np.ndarray:
-        """count int16 samples from sample `offset`: one pread (a memory map page-faults 80 times per
-        5-s crop, which made reading slower than copying)."""
+    def _read(self, offset: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
+        """count int16 samples from sample `offset` (into `out` if given): one pread, which
+        was faster here than slicing a memory map."""
         if self._file is None:
             self._file = os.open(self.folder / "audio.int16", os.O_RDONLY)
-        samples = np.empty(count, dtype=np.int16)
+        samples = np.empty(count, dtype=np.int16) if out is None else out
         if os.preadv(self._file, [memoryview(samples).cast("B")], 2 * offset) != 2 * count:
             raise OSError(f"{self.folder / 'audio.int16'} is shorter than its manifest says")
         return samples
 
-    def window(self, row: int, start_seconds: float, seconds: float, pad: str = "zero") -> np.ndarray | None:
-        """(round(seconds*rate),) int16 of recording `row` from start_seconds, or None if not cached."""
+    def locate(self, row: int, start_seconds: float, seconds: float) -> tuple[int, int] | None:
+        """Where the crop is -> (offset in audio.int16, samples there: fewer than asked when the
+        recording ends inside the crop), or None if no segment of recording `row` covers it."""
         first = int(round(start_seconds * self.rate))
         n = int(round(seconds * self.rate))
         end_of_recording = int(round(self.duration[row] * self.rate))
@@ -1068,10 +1109,28 @@ class AudioCache:
             begin, length = self.start[segment], self.length[segment]
             reaches_end = begin + length >= end_of_recording - 1    # past the end is padding, as when decoding
             if begin <= first and (first + n <= begin + length or reaches_end):
-                offset = self.offset[segment] + first - begin
-                return fit_length(self._read(offset, max(min(n, begin + length - first), 0)), n, pad)
+                return int(self.offset[segment] + first - begin), max(min(n, int(begin + length) - first), 0)
             segment += 1
         return None
+
+    def window(self, row: int, start_seconds: float, seconds: float, pad: str = "zero") -> np.ndarray | None:
+        """(round(seconds*rate),) int16 of recording `row` from start_seconds, or None if not cached."""
+        place = self.locate(row, start_seconds, seconds)
+        if place is None:
+            return None
+        return fit_length(self._read(*place), int(round(seconds * self.rate)), pad)
+
+    def read_into(self, row: int, start_seconds: float, seconds: float, pad: str, out: np.ndarray) -> bool:
+        """`window` written into `out` ((samples,) int16) without a temporary; False if not cached."""
+        place = self.locate(row, start_seconds, seconds)
+        if place is None:
+            return False
+        offset, count = place
+        if count == len(out):
+            self._read(offset, count, out)
+        else:  # the recording ends inside the crop: pad as decoding would
+            out[:] = fit_length(self._read(offset, count), len(out), pad)
+        return True
 
 
 # ----------------------------------------------------------------------------- demo data, command line

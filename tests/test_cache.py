@@ -147,3 +147,19 @@ def test_training_with_the_cache_says_so_and_trains_the_same(native_data, tmp_pa
     with pytest.raises(data.CacheError, match="crop_policy"):
         train.main(quick_args(native_data, tmp_path / "refused", "--cache", str(tmp_path / "cache"),
                               "--crop-policy", "random", *common))
+
+
+@pytest.mark.parametrize("max_seconds", [0.0, 5.0])     # 5 s: some crops are not cached and are decoded
+def test_whole_batches_from_the_cache_equal_items_read_one_by_one(native_data, tmp_path, max_seconds):
+    data.build_cache([native_data], tmp_path / "cache", settings(max_seconds=max_seconds), workers=0)
+    _, cached = datasets(native_data, tmp_path / "cache", max_seconds=max_seconds)
+    cached.paths[1], cached.cache_rows[1] = str(tmp_path / "missing.ogg"), -1     # fails: left out of its batch
+    sampler = data.EpochBatchSampler(np.tile(np.arange(len(cached)), 3), 4, epoch=2)
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(cached, batch_sampler=sampler, num_workers=workers,
+                                             collate_fn=data.collate)
+        for items, batch in zip(sampler, loader):
+            one_by_one = [cached[item] for item in items]
+            expected = torch.stack([item["waveform"] for item in one_by_one if item is not None])
+            assert batch["waveform"].dtype == torch.int16 and torch.equal(batch["waveform"], expected)
+            assert batch["index"].tolist() == [item["index"] for item in one_by_one if item is not None]

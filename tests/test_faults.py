@@ -134,6 +134,7 @@ def test_species_without_usable_recordings_is_warned(tmp_path, caplog):
 def test_ctrl_c_saves_the_current_step_and_resume_auto_continues_exactly(tiny_data, tmp_path, monkeypatch):
     full = tmp_path / "full"
     train.main(quick_args(tiny_data, full))
+    handler_before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
 
     real_loss = train.batch_loss
     calls = {"n": 0}
@@ -147,7 +148,7 @@ def test_ctrl_c_saves_the_current_step_and_resume_auto_continues_exactly(tiny_da
     interrupted = tmp_path / "interrupted"
     state = train.main(quick_args(tiny_data, interrupted))
     assert state["stop_reason"].startswith("interrupted: saved checkpoint_step00000001.pt")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
     monkeypatch.setattr(train, "batch_loss", real_loss)
     train.main(quick_args(tiny_data, interrupted, "--resume", "auto"))
     assert read_rows(interrupted / "steps.csv") == read_rows(full / "steps.csv")
