@@ -980,14 +980,18 @@ def plan_cache(table: pd.DataFrame, settings: dict) -> dict:
             "start": np.asarray(starts, dtype=np.int64), "length": lengths, "offset": offsets, "bad": bad}
 
 
-def _cache_recording(job) -> int:
-    """Worker: decode one recording's segments into audio.int16 and flush them -> its row."""
+def _cache_recording(job) -> tuple[int, str | None]:
+    """Worker: decode one recording's segments into audio.int16 and flush them -> (its row, None),
+    or (its row, the error) for a file whose header reads but whose audio does not decode."""
     folder, path, row, segments, rate = job
-    audio = np.memmap(Path(folder) / "audio.int16", dtype=np.int16, mode="r+")
-    for start, length, offset in segments:
-        audio[offset:offset + length] = to_int16(read_window(path, start / rate, length / rate, rate)[:length])
-    audio.flush()
-    return row
+    try:
+        audio = np.memmap(Path(folder) / "audio.int16", dtype=np.int16, mode="r+")
+        for start, length, offset in segments:
+            audio[offset:offset + length] = to_int16(read_window(path, start / rate, length / rate, rate)[:length])
+        audio.flush()
+    except Exception as error:  # left out of the cache; training decodes it and skips it as usual
+        return row, f"{type(error).__name__}: {error}".replace("\n", " ")
+    return row, None
 
 
 def build_cache(data_dirs, out_dir, settings: dict, workers: int = 2) -> Path:
@@ -1041,9 +1045,12 @@ def build_cache(data_dirs, out_dir, settings: dict, workers: int = 2) -> Path:
     return out_dir
 
 
-def _mark_done(rows, done: np.memmap, progress) -> None:
-    for count, row in enumerate(rows, start=1):
-        done[row] = 1
+def _mark_done(results, done: np.memmap, progress) -> None:
+    """1: cached; 2: failed to decode (not cached, not retried)."""
+    for count, (row, error) in enumerate(results, start=1):
+        done[row] = 1 if error is None else 2
+        if error is not None:
+            log.warning("not cached (cannot be decoded): recording %d: %s", row, error)
         progress.update()
         if count % 64 == 0:
             done.flush()
@@ -1053,11 +1060,12 @@ def _mark_done(rows, done: np.memmap, progress) -> None:
 def _check_manifest(manifest: dict, settings: dict, fingerprint: str, folder: Path, require_complete: bool) -> None:
     for key, wanted in settings.items():
         if manifest.get(key) != wanted:
-            raise CacheError(f"cache {folder} was made with {key}={manifest.get(key)!r}, this run needs {wanted!r}: "
-                             f"make a cache for these settings (python data.py cache ...) or leave out --cache")
+            raise CacheError(f"cache {folder} was made with {key}={manifest.get(key)!r}, not {wanted!r}: make "
+                             f"a cache for these settings in another folder (python data.py cache --out ...), "
+                             f"or train without --cache")
     if manifest.get("data_fingerprint") != fingerprint:
         raise CacheError(f"cache {folder} was made from another data set (other recordings or file sizes than "
-                         f"--data-dir): make a new one or leave out --cache")
+                         f"--data-dir): make a new one in another folder, or train without --cache")
     if require_complete and not manifest.get("complete"):
         raise CacheError(f"cache {folder} is unfinished (interrupted while caching): run the same "
                          f"`python data.py cache` command again to finish it")
@@ -1078,6 +1086,7 @@ class AudioCache:
         self.duration = plan["duration"]
         self.owner, self.start, self.length, self.offset = plan["owner"], plan["start"], plan["length"], plan["offset"]
         self.first = np.searchsorted(self.owner, np.arange(len(self.duration)))    # owner is sorted
+        self.cached = np.load(self.folder / "done.npy") == 1    # failed recordings are decoded (and skipped)
         self.manifest = manifest
         self._file = None                                                         # opened in each process
 
@@ -1101,6 +1110,8 @@ class AudioCache:
     def locate(self, row: int, start_seconds: float, seconds: float) -> tuple[int, int] | None:
         """Where the crop is -> (offset in audio.int16, samples there: fewer than asked when the
         recording ends inside the crop), or None if no segment of recording `row` covers it."""
+        if not self.cached[row]:
+            return None
         first = int(round(start_seconds * self.rate))
         n = int(round(seconds * self.rate))
         end_of_recording = int(round(self.duration[row] * self.rate))

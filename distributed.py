@@ -37,15 +37,34 @@ def setup(device: torch.device) -> tuple[int, int]:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.get_rank() != 0:
-        log.setLevel(logging.ERROR)  # one copy of every message: rank 0's
+    if dist.get_rank() != 0:  # one copy of the INFO lines (rank 0's); every rank's warnings, marked
+        log.setLevel(logging.WARNING)
+        log.addFilter(_RankPrefix(dist.get_rank()))
     return dist.get_rank(), dist.get_world_size()
 
 
-def shutdown() -> None:
-    """Wait for every rank (none leaves while another still writes or gathers), then leave."""
+class _RankPrefix(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.prefix = f"[rank {rank}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.prefix + str(record.msg)
+        return True
+
+
+def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def shutdown(failed: bool = False) -> None:
+    """Leave the process group. After success, first wait for every rank (none leaves while
+    another still writes or gathers); after an error, leave at once -- the others may be inside
+    a collective this rank will never join, and torchrun stops them when this rank exits."""
+    if dist.is_initialized():
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

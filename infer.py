@@ -452,7 +452,8 @@ def read_labels(path, columns: list[str], audio_dir=None) -> pd.DataFrame:
     """A row_id x species 0/1 table, or labelled 5-s rows (file,start_s,end_s,labels or BirdCLEF
     2021's train_soundscape_labels.csv, see data.read_soundscape_labels) -> row_id-indexed 0/1 frame."""
     header = set(pd.read_csv(path, nrows=0).columns)
-    if "row_id" in header and not data.SOUNDSCAPE_2021_COLUMNS <= header:
+    rows_of_files = data.SOUNDSCAPE_FILE_COLUMNS <= header or data.SOUNDSCAPE_2021_COLUMNS <= header
+    if "row_id" in header and not rows_of_files:
         return pd.read_csv(path).set_index("row_id").reindex(columns=columns, fill_value=0).astype(np.int8)
     table, _ = data.read_soundscape_labels(path, audio_dir)
     row_index = [f"{Path(f).stem}_{int(round(end))}" for f, end in zip(table["file"], table["end_s"])]
@@ -636,6 +637,8 @@ def run(args, device: torch.device) -> dict:
         member.runner = make_runner(member.model, args, device, bf16)
     columns = output_columns(members, args.sample_submission)
     align(members, columns)
+    if args.nocall_gate and not any(NOCALL in member.model.labels for member in members):
+        log.warning("--nocall-gate has no effect: no checkpoint has a '%s' class (train with --nocall)", NOCALL)
     detections_mode = args.detections is not None
     if detections_mode:
         if not args.audio_dir:

@@ -327,9 +327,11 @@ def precision_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtyp
     return True, torch.bfloat16, False
 
 
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    """Seed of the global torch RNG (dropout, drop-path) for one step: resumable by construction."""
-    return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0])
+def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    """Seed of the global torch RNG (dropout, drop-path) for one step: resumable by construction.
+    Each torchrun rank draws its own (rank 0's, like a single process's, has no rank in it)."""
+    entropy = [seed, epoch, step] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------- distributed (torchrun)
@@ -400,8 +402,9 @@ def train_one_epoch(parts: TrainingParts, loader, args, state, on_eval) -> bool:
     for batch in progress:
         epoch, step = state["epoch"], state["step_in_epoch"]
         if not distributed.any_rank(batch is None):  # under torchrun every rank takes or skips a step together
-            torch.manual_seed(step_seed(args.seed, epoch, step))
-            rng = np.random.default_rng([args.seed, epoch, step, 1])
+            rank = distributed.rank_and_world_size()[0]
+            torch.manual_seed(step_seed(args.seed, epoch, step, rank))
+            rng = np.random.default_rng([args.seed, epoch, step, 1] + ([rank] if rank else []))
             waveforms = data.as_float(batch["waveform"].to(device, non_blocking=True))  # (B, samples)
             targets = batch["target"].to(device, non_blocking=True)       # (B, C)
             waveforms, targets = augment.augment_waveforms(waveforms, targets, parts.augment, rng, parts.background)
@@ -690,6 +693,7 @@ def make_checkpoint(parts: TrainingParts, args, state) -> dict:
         "train_loss_sum": state["train_loss_sum"],       # non-zero only in a Ctrl-C checkpoint
         "train_loss_count": state["train_loss_count"],
         "skipped_nonfinite": state["skipped_nonfinite"],
+        "world_size": distributed.rank_and_world_size()[1],  # step_in_epoch counts global batches
     }
     if parts.ema is not None:  # the averaged weights, loadable with load_model(path, ema=True)
         checkpoint["model_ema"] = parts.ema.module.state_dict()
@@ -800,7 +804,11 @@ def prepare_data(args, out_dir: Path):
     """
     if distributed.is_main_process():
         (out_dir / "bad_files.csv").unlink(missing_ok=True)  # rewritten from this run's header check
-    table, labels = data.read_training_data([data.ensure_demo_data(folder) for folder in args.data_dir])
+    if distributed.is_main_process():  # the demo folder is written once, by rank 0
+        for folder in args.data_dir:
+            data.ensure_demo_data(folder)
+    distributed.barrier()
+    table, labels = data.read_training_data(args.data_dir)
     if args.nocall and data.NOCALL not in labels:
         labels = labels + [data.NOCALL]
     cache = open_cache(args, table)
@@ -1034,9 +1042,12 @@ def main(args) -> dict:
     check_arguments(args)
     rank, world_size = distributed.setup(resolve_device(args.device))
     try:
-        return run_training(args, rank, world_size)
-    finally:
-        distributed.shutdown()
+        state = run_training(args, rank, world_size)
+    except BaseException:
+        distributed.shutdown(failed=True)
+        raise
+    distributed.shutdown()
+    return state
 
 
 def run_training(args, rank: int, world_size: int) -> dict:
@@ -1065,6 +1076,10 @@ def run_training(args, rank: int, world_size: int) -> dict:
         log.info("torchrun: %d processes (%s), --batch-size %d per process = %d per step", world_size,
                  dist.get_backend(), args.batch_size, args.batch_size * world_size)
 
+    if resume is not None and resume.get("world_size", 1) != world_size:
+        raise ValueError(f"{args.resume} was written by {resume.get('world_size', 1)} process(es) and this run has "
+                         f"{world_size}: a step there is another number of examples, so resume with "
+                         f"--nproc_per_node {resume.get('world_size', 1)}")
     labels, train_set, val_set = prepare_data(args, out_dir)
     if resume is not None and resume["labels"] != labels:
         raise ValueError(f"{args.resume} was trained on another label list than {' '.join(args.data_dir)}")
@@ -1110,8 +1125,9 @@ def run_training(args, rank: int, world_size: int) -> dict:
     parts.trainer = wrap_for_training(parts.model, args, device)  # after restore: DDP copies rank 0's weights
 
     val_loader = make_loader(val_set, args, device, validation_batches(len(val_set), args.batch_size))
+    species = np.array([label != data.NOCALL for label in labels])  # as evaluate scores them
     chance = metrics.classification_metrics(  # what random scores get on this validation set
-        val_set.targets, np.random.default_rng(args.seed).random(val_set.targets.shape))
+        val_set.targets[:, species], np.random.default_rng(args.seed).random(val_set.targets[:, species].shape))
     log.info("chance level on this validation set (random scores): cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f",
              chance["cmap5"], chance["cmap3"], chance["macro_ap"])
     state["chance"] = chance
@@ -1200,6 +1216,8 @@ def run_training(args, rank: int, world_size: int) -> dict:
             set_activation(parts, loss_at_epoch(args, epoch))
             sampler = epoch_sampler(train_set, args, epoch, state["step_in_epoch"])
             train_one_epoch(parts, make_loader(train_set, args, device, sampler), args, state, on_eval)
+            # shared: Ctrl-C may reach one rank between the epoch's last evaluation and this line
+            state["interrupt_requested"] = distributed.any_rank(state["interrupt_requested"])
             if state["interrupt_requested"] and not stop_reason:
                 on_interrupt()
             elif state["epoch"] == epoch and not stop_reason:  # epoch ended between evaluations

@@ -163,3 +163,24 @@ def test_whole_batches_from_the_cache_equal_items_read_one_by_one(native_data, t
             expected = torch.stack([item["waveform"] for item in one_by_one if item is not None])
             assert batch["waveform"].dtype == torch.int16 and torch.equal(batch["waveform"], expected)
             assert batch["index"].tolist() == [item["index"] for item in one_by_one if item is not None]
+
+
+def test_a_recording_that_fails_to_decode_is_left_out_and_the_cache_still_completes(native_data, tmp_path,
+                                                                                      monkeypatch, caplog):
+    table, _ = data.read_training_data([native_data])
+    broken = table["path"].iloc[2]
+    real = data.read_window
+
+    def failing(path, *args, **kwargs):
+        if str(path) == broken:
+            raise RuntimeError("decoder error")
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(data, "read_window", failing)
+    with caplog.at_level("WARNING", logger="birdclef"):
+        data.build_cache([native_data], tmp_path / "cache", settings(), workers=0)
+    assert "not cached (cannot be decoded): recording 2: RuntimeError: decoder error" in caplog.text
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["complete"]
+    assert np.load(tmp_path / "cache" / "done.npy").tolist() == [1, 1, 2, 1, 1, 1, 1, 1]
+    _, cached = datasets(native_data, tmp_path / "cache")
+    assert cached.cache.window(2, 0.0, 2.0) is None and cached.cache.window(3, 0.0, 2.0) is not None
+    assert cached[(2, 0, 0)] is None            # decoded as without a cache, fails, skipped as usual

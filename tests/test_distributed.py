@@ -114,3 +114,16 @@ def test_sharded_sampler_positions_do_not_depend_on_the_number_of_processes():
     one = [item for batch in data.EpochBatchSampler(draw, 6, 1) for item in batch]
     three = [item for rank in range(3) for batch in data.EpochBatchSampler(draw, 2, 1, 0, rank, 3) for item in batch]
     assert sorted(three, key=lambda item: item[2]) == one
+
+
+def test_resume_with_another_number_of_processes_is_refused(tiny_data, tmp_path):
+    import torch
+    single("--data-dir", tiny_data, "--out-dir", tmp_path / "run", "--batch-size", "4", *COMMON, "--max-steps", "2")
+    checkpoint = train.periodic_checkpoints(tmp_path / "run")[-1]
+    assert torch.load(checkpoint, weights_only=True)["world_size"] == 1
+    state = torch.load(checkpoint, weights_only=True)
+    state["world_size"] = 2                          # as if written under torchrun --nproc_per_node 2
+    torch.save(state, checkpoint)
+    with pytest.raises(ValueError, match="written by 2 process.*--nproc_per_node 2"):
+        single("--data-dir", tiny_data, "--out-dir", tmp_path / "run", "--batch-size", "4", *COMMON,
+               "--resume", "auto")
