@@ -625,9 +625,12 @@ def main(args) -> dict:
     device = distributed.local_device(args.device)
     distributed.setup(device)
     try:
-        return run(args, device)
-    finally:
-        distributed.shutdown()
+        summary = run(args, device)
+    except BaseException:
+        distributed.shutdown(failed=True)   # torchrun stops the other ranks
+        raise
+    distributed.shutdown()
+    return summary
 
 
 def run(args, device: torch.device) -> dict:
