@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import itertools
 import json
 import logging
@@ -882,6 +883,16 @@ def open_cache(args, table: pd.DataFrame):
     return cache
 
 
+def check_same_data_on_every_rank(labels, train_set, val_set) -> None:
+    """Under torchrun each rank reads the metadata and file headers itself; a file that only some
+    ranks can read (flaky shared storage) would give them different draws and hang the job."""
+    summary = hashlib.sha1("\n".join(map(str, [labels, train_set.paths, train_set.starts.tolist(),
+                                                 val_set.paths])).encode()).hexdigest()
+    if len(set(distributed.gather_objects(summary))) > 1:
+        raise ValueError("the processes read different data (labels, usable recordings or windows differ "
+                         "between ranks): check that every machine sees the same --data-dir files")
+
+
 def usable_headers(paths, args, bad_files_path: Path) -> list:
     """Each file's (frames, rate), None for an unreadable one; those are listed in bad_files.csv
     and logged (or, with --strict, refused)."""
@@ -1081,6 +1092,7 @@ def run_training(args, rank: int, world_size: int) -> dict:
                          f"{world_size}: a step there is another number of examples, so resume with "
                          f"--nproc_per_node {resume.get('world_size', 1)}")
     labels, train_set, val_set = prepare_data(args, out_dir)
+    check_same_data_on_every_rank(labels, train_set, val_set)
     if resume is not None and resume["labels"] != labels:
         raise ValueError(f"{args.resume} was trained on another label list than {' '.join(args.data_dir)}")
     audit_table, audit = data.sampling_audit(train_set.primary_labels, args.sampler, args.cap_per_class,

@@ -127,3 +127,15 @@ def test_resume_with_another_number_of_processes_is_refused(tiny_data, tmp_path)
     with pytest.raises(ValueError, match="written by 2 process.*--nproc_per_node 2"):
         single("--data-dir", tiny_data, "--out-dir", tmp_path / "run", "--batch-size", "4", *COMMON,
                "--resume", "auto")
+
+
+def test_ranks_that_read_different_data_are_stopped(tiny_data, tmp_path, monkeypatch):
+    import distributed
+    args = train.get_args_parser().parse_args(["--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "r"),
+                                               "--batch-size", "4", *COMMON])
+    labels, train_set, val_set = train.prepare_data(args, tmp_path)
+    train.check_same_data_on_every_rank(labels, train_set, val_set)            # one process: agrees with itself
+    real = distributed.gather_objects
+    monkeypatch.setattr(distributed, "gather_objects", lambda value: [value, real(value)[0] + "x"])
+    with pytest.raises(ValueError, match="processes read different data"):
+        train.check_same_data_on_every_rank(labels, train_set, val_set)
