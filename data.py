@@ -1191,11 +1191,8 @@ def select_extras(detections: pd.DataFrame, threshold: float, minimum: int, maxi
 def audio_names(table: pd.DataFrame) -> list[str]:
     """Each recording's path relative to its folder's audio root, as infer.py --detections and
     extras.csv name it ("asbfly/XC134896.ogg"; 2021: "<primary_label>/<filename>")."""
-    names = []
-    for path, source in zip(table["path"], table["source"]):
-        root = (Path(source) / detect_layout(source).audio).resolve()
-        names.append(Path(path).relative_to(root).as_posix())
-    return names
+    roots = {source: (Path(source) / detect_layout(source).audio).resolve() for source in set(table["source"])}
+    return [Path(path).relative_to(roots[source]).as_posix() for path, source in zip(table["path"], table["source"])]
 
 
 def match_recordings(filenames, table: pd.DataFrame) -> np.ndarray:
