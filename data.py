@@ -37,6 +37,7 @@ log = logging.getLogger("birdclef")
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
 CROP_POLICIES = ("ends", "random")
 ROW_SECONDS = 5.0           # BirdCLEF labels and scores 5-second rows
+AUDIO_EXTENSIONS = (".ogg", ".mp3", ".flac", ".wav")
 NOCALL = "nocall"           # the no-call class (train.py --nocall); never a submission column
 
 
@@ -228,6 +229,7 @@ def drop_duplicate_recordings(table: pd.DataFrame) -> tuple[pd.DataFrame, int]:
         for recording_id, secondary, primary in zip(kept["recording_id"], kept["secondary"], kept["primary_label"])]
     return kept.reset_index(drop=True), int(duplicate.sum())
 
+
 SOUNDSCAPE_2021_COLUMNS = {"row_id", "site", "audio_id", "seconds", "birds"}
 SOUNDSCAPE_FILE_COLUMNS = {"file", "start_s", "end_s", "labels"}
 
@@ -266,7 +268,7 @@ def read_soundscape_labels(path, audio_dir=None) -> tuple[pd.DataFrame, Path]:
         files[audio_id, site] = found[0].name
     end = table["seconds"].astype(float)
     rows = pd.DataFrame({"file": [files[key] for key in zip(table["audio_id"], table["site"])],
-                         "start_s": end - 5.0, "end_s": end, "labels": table["birds"]})
+                         "start_s": end - ROW_SECONDS, "end_s": end, "labels": table["birds"]})
     return rows, audio_dir
 
 
@@ -910,7 +912,7 @@ def append_drawn_counts(path, frame: pd.DataFrame) -> Path:
 # `python data.py cache --data-dir D --out C` decodes, once, exactly the parts of
 # each recording that the crop policy draws from ("ends": the first and last
 # --ends-seconds; "random": all of it; --max-seconds caps either) at the model's
-# sample rate, into one memory-mapped int16 file. `train.py --cache C` then reads
+# sample rate, into one int16 file. `train.py --cache C` then reads
 # crops from it; a crop it does not cover (an --extras window in the middle of a
 # recording, a segment cut short by --max-seconds) is decoded as before, so the
 # cache changes the speed, never the crops.
@@ -1126,13 +1128,12 @@ class AudioCache:
 
     def window(self, row: int, start_seconds: float, seconds: float, pad: str = "zero") -> np.ndarray | None:
         """(round(seconds*rate),) int16 of recording `row` from start_seconds, or None if not cached."""
-        place = self.locate(row, start_seconds, seconds)
-        if place is None:
-            return None
-        return fit_length(self._read(*place), int(round(seconds * self.rate)), pad)
+        out = np.empty(int(round(seconds * self.rate)), dtype=np.int16)
+        return out if self.read_into(row, start_seconds, seconds, pad, out) else None
 
     def read_into(self, row: int, start_seconds: float, seconds: float, pad: str, out: np.ndarray) -> bool:
-        """`window` written into `out` ((samples,) int16) without a temporary; False if not cached."""
+        """The crop of recording `row` written into `out` ((samples,) int16, padded as decoding would)
+        without a temporary; False if no cached segment covers it."""
         place = self.locate(row, start_seconds, seconds)
         if place is None:
             return False

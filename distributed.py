@@ -58,6 +58,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def run_in_group(device: torch.device, work):
+    """setup, then work() -> its result, then leave the group -- at once if work() raised."""
+    setup(device)
+    try:
+        result = work()
+    except BaseException:
+        shutdown(failed=True)
+        raise
+    shutdown()
+    return result
+
+
 def shutdown(failed: bool = False) -> None:
     """Leave the process group. After success, first wait for every rank (none leaves while
     another still writes or gathers); after an error, leave at once -- the others may be inside

@@ -32,7 +32,7 @@ import model as model_lib
 
 log = logging.getLogger("birdclef")
 
-AUDIO_EXTENSIONS = (".ogg", ".mp3", ".flac", ".wav")
+AUDIO_EXTENSIONS = data.AUDIO_EXTENSIONS
 ROW_SECONDS = data.ROW_SECONDS   # BirdCLEF scores 5-second rows
 MIN_LAST_ROW = 1.0               # a final partial row needs at least this much audio
 NOCALL = data.NOCALL
@@ -623,14 +623,7 @@ def main(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = distributed.local_device(args.device)
-    distributed.setup(device)
-    try:
-        summary = run(args, device)
-    except BaseException:
-        distributed.shutdown(failed=True)   # torchrun stops the other ranks
-        raise
-    distributed.shutdown()
-    return summary
+    return distributed.run_in_group(device, lambda: run(args, device))
 
 
 def run(args, device: torch.device) -> dict:
@@ -649,12 +642,11 @@ def run(args, device: torch.device) -> dict:
         files = list_audio(args.audio_dir, recursive=True)
     else:
         files = list_audio(args.soundscapes)
+    rank, world_size = distributed.rank_and_world_size()
     log.info("%d file(s), %d model(s), %d species, backend %s, %s%s", len(files), len(members), len(columns),
-             args.backend, "bf16" if bf16 else "fp32",
-             f", {distributed.rank_and_world_size()[1]} processes" if distributed.rank_and_world_size()[1] > 1 else "")
+             args.backend, "bf16" if bf16 else "fp32", f", {world_size} processes" if world_size > 1 else "")
 
     started = time.perf_counter()
-    rank, world_size = distributed.rank_and_world_size()
     shares = distributed.gather_objects(score_all(files[rank::world_size], members, columns, args))
     if rank != 0:
         return {"rank": rank}

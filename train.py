@@ -394,6 +394,7 @@ def train_one_epoch(parts: TrainingParts, loader, args, state, on_eval) -> bool:
     it returns True when training must stop. Returns True if training must stop.
     """
     model, optimizer, scaler, device = parts.model, parts.optimizer, parts.scaler, parts.device
+    rank = distributed.rank_and_world_size()[0]  # each rank draws its own augmentation and dropout
     autocast_on, autocast_dtype, _ = precision_settings(args.amp, device)
     loss_name = loss_at_epoch(args, state["epoch"])
     frozen = state["epoch"] < args.freeze_backbone_epochs
@@ -403,7 +404,6 @@ def train_one_epoch(parts: TrainingParts, loader, args, state, on_eval) -> bool:
     for batch in progress:
         epoch, step = state["epoch"], state["step_in_epoch"]
         if not distributed.any_rank(batch is None):  # under torchrun every rank takes or skips a step together
-            rank = distributed.rank_and_world_size()[0]
             torch.manual_seed(step_seed(args.seed, epoch, step, rank))
             rng = np.random.default_rng([args.seed, epoch, step, 1] + ([rank] if rank else []))
             waveforms = data.as_float(batch["waveform"].to(device, non_blocking=True))  # (B, samples)
@@ -429,11 +429,12 @@ def train_one_epoch(parts: TrainingParts, loader, args, state, on_eval) -> bool:
                 scaler.update()
                 if parts.ema is not None:
                     parts.ema.update_parameters(model)
-                state["train_loss_sum"] += global_loss.item()
+                loss_value = global_loss.item()
+                state["train_loss_sum"] += loss_value
                 state["train_loss_count"] += 1
-                state["step_log"].append((state["global_step"], epoch, step, global_loss.item(),
+                state["step_log"].append((state["global_step"], epoch, step, loss_value,
                                           optimizer.param_groups[0]["lr"]))
-                progress.set_postfix(loss=f"{global_loss.item():.4f}")
+                progress.set_postfix(loss=f"{loss_value:.4f}")
             else:
                 skip_or_stop(problem, state, args, batch["path"])
                 optimizer.zero_grad(set_to_none=True)
@@ -560,8 +561,7 @@ def epoch_sampler(train_set, args, epoch: int, start_batch: int = 0) -> data.Epo
 def endless_batches(train_set, args, device):
     """Decoded training batches, epoch after epoch (for the range test, which ignores epochs)."""
     for epoch in itertools.count():
-        sampler = data.EpochBatchSampler(draw_for_epoch(train_set, args, epoch), args.batch_size, epoch)
-        for batch in make_loader(train_set, args, device, sampler):
+        for batch in make_loader(train_set, args, device, epoch_sampler(train_set, args, epoch)):
             if batch is not None:
                 yield batch
 
@@ -803,9 +803,8 @@ def prepare_data(args, out_dir: Path):
     then --extras windows, then --nocall windows (both fixed 5-s windows);
     `train_set.extras` marks the extra windows for the sampling audit.
     """
-    if distributed.is_main_process():
-        (out_dir / "bad_files.csv").unlink(missing_ok=True)  # rewritten from this run's header check
-    if distributed.is_main_process():  # the demo folder is written once, by rank 0
+    if distributed.is_main_process():  # bad_files.csv is rewritten, and the demo folder written, by rank 0
+        (out_dir / "bad_files.csv").unlink(missing_ok=True)
         for folder in args.data_dir:
             data.ensure_demo_data(folder)
     distributed.barrier()
@@ -901,7 +900,7 @@ def usable_headers(paths, args, bad_files_path: Path) -> list:
         raise ValueError(f"--strict: {len(bad)} of {len(headers)} recordings cannot be read, e.g. "
                          f"{bad[0][0]} ({bad[0][1]})")
     if bad and distributed.is_main_process():
-        with open(bad_files_path, "a" if bad_files_path.exists() else "w", newline="") as handle:
+        with open(bad_files_path, "a", newline="") as handle:  # recordings, then --nocall files
             writer = csv.writer(handle)
             if handle.tell() == 0:
                 writer.writerow(["path", "reason"])
@@ -934,7 +933,7 @@ def nocall_windows(args, table: pd.DataFrame, train_index, out_dir: Path) -> pd.
     parts = []
     if args.bg_dir:  # whole files of background audio, cropped like recordings
         files = [str(path) for path in sorted(Path(args.bg_dir).rglob("*"))
-                 if path.suffix.lower() in (".ogg", ".mp3", ".flac", ".wav")]
+                 if path.suffix.lower() in data.AUDIO_EXTENSIONS]
         parts.append(pd.DataFrame({"path": files, "start_s": np.nan, "source": "--bg-dir"}))
     if args.nocall_soundscapes:
         rows = data.nocall_soundscape_rows(args.nocall_soundscapes)
@@ -1051,14 +1050,8 @@ def check_arguments(args) -> None:
 def main(args) -> dict:
     """Train; returns the final state (used by tests). Under torchrun, every rank runs this."""
     check_arguments(args)
-    rank, world_size = distributed.setup(resolve_device(args.device))
-    try:
-        state = run_training(args, rank, world_size)
-    except BaseException:
-        distributed.shutdown(failed=True)
-        raise
-    distributed.shutdown()
-    return state
+    return distributed.run_in_group(resolve_device(args.device),
+                                    lambda: run_training(args, *distributed.rank_and_world_size()))
 
 
 def run_training(args, rank: int, world_size: int) -> dict:
@@ -1137,9 +1130,9 @@ def run_training(args, rank: int, world_size: int) -> dict:
     parts.trainer = wrap_for_training(parts.model, args, device)  # after restore: DDP copies rank 0's weights
 
     val_loader = make_loader(val_set, args, device, validation_batches(len(val_set), args.batch_size))
-    species = np.array([label != data.NOCALL for label in labels])  # as evaluate scores them
+    scored_targets = val_set.targets[:, [label != data.NOCALL for label in labels]]  # as evaluate scores them
     chance = metrics.classification_metrics(  # what random scores get on this validation set
-        val_set.targets[:, species], np.random.default_rng(args.seed).random(val_set.targets[:, species].shape))
+        scored_targets, np.random.default_rng(args.seed).random(scored_targets.shape))
     log.info("chance level on this validation set (random scores): cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f",
              chance["cmap5"], chance["cmap3"], chance["macro_ap"])
     state["chance"] = chance
