@@ -960,8 +960,8 @@ def make_loader(dataset, args, device, batch_sampler=None):
     common = dict(num_workers=args.workers, collate_fn=data.collate, pin_memory=device.type == "cuda",
                   worker_init_fn=_worker_init if args.workers else None)
     if batch_sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **common)
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, **common)
+        return data.Loader(dataset, batch_sampler=batch_sampler, ring_batch_size=args.batch_size, **common)
+    return data.Loader(dataset, batch_size=args.batch_size, shuffle=False, **common)
 
 
 def _worker_init(_):

@@ -142,8 +142,12 @@ def test_training_with_the_cache_says_so_and_trains_the_same(native_data, tmp_pa
         train.main(quick_args(native_data, tmp_path / "cached", "--batch-size", "2", "--cache",
                               str(tmp_path / "cache"), *common))
     assert "reading crops from the cache" in caplog.text
-    plain, cached = (pd.read_csv(tmp_path / name / "steps.csv") for name in ("plain", "cached"))
+    train.main(quick_args(native_data, tmp_path / "cached_workers", "--batch-size", "2", "--cache",
+                          str(tmp_path / "cache"), *common, "--workers", "2"))      # through a BatchRing
+    plain, cached, workers = (pd.read_csv(tmp_path / name / "steps.csv")
+                              for name in ("plain", "cached", "cached_workers"))
     np.testing.assert_allclose(cached["loss"], plain["loss"], rtol=1e-3)
+    np.testing.assert_array_equal(workers["loss"], cached["loss"])
     with pytest.raises(data.CacheError, match="crop_policy"):
         train.main(quick_args(native_data, tmp_path / "refused", "--cache", str(tmp_path / "cache"),
                               "--crop-policy", "random", *common))
@@ -154,11 +158,14 @@ def test_whole_batches_from_the_cache_equal_items_read_one_by_one(native_data, t
     data.build_cache([native_data], tmp_path / "cache", settings(max_seconds=max_seconds), workers=0)
     _, cached = datasets(native_data, tmp_path / "cache", max_seconds=max_seconds)
     cached.paths[1], cached.cache_rows[1] = str(tmp_path / "missing.ogg"), -1     # fails: left out of its batch
-    sampler = data.EpochBatchSampler(np.tile(np.arange(len(cached)), 3), 4, epoch=2)
-    for workers in (0, 2):
-        loader = torch.utils.data.DataLoader(cached, batch_sampler=sampler, num_workers=workers,
-                                             collate_fn=data.collate)
-        for items, batch in zip(sampler, loader):
+    sampler = data.EpochBatchSampler(np.tile(np.arange(len(cached)), 6), 4, epoch=2)
+    loaders = [torch.utils.data.DataLoader(cached, batch_sampler=sampler, num_workers=workers,
+                                           collate_fn=data.collate) for workers in (0, 2)]
+    loaders.append(data.Loader(cached, batch_sampler=sampler, num_workers=2, collate_fn=data.collate,
+                               ring_batch_size=4))    # through a BatchRing (12 batches, 5 slots)
+    for loader in loaders:
+        kept = list(loader)   # all kept before looking: a slot reused under a kept batch would show
+        for items, batch in zip(sampler, kept, strict=True):
             one_by_one = [cached[item] for item in items]
             expected = torch.stack([item["waveform"] for item in one_by_one if item is not None])
             assert batch["waveform"].dtype == torch.int16 and torch.equal(batch["waveform"], expected)
@@ -184,3 +191,23 @@ def test_a_recording_that_fails_to_decode_is_left_out_and_the_cache_still_comple
     _, cached = datasets(native_data, tmp_path / "cache")
     assert cached.cache.window(2, 0.0, 2.0) is None and cached.cache.window(3, 0.0, 2.0) is not None
     assert cached[(2, 0, 0)] is None            # decoded as without a cache, fails, skipped as usual
+
+
+def test_batch_ring_frees_slots_of_failed_batches_and_is_made_anew_for_each_pass(native_data, tmp_path,
+                                                                                monkeypatch):
+    data.build_cache([native_data], tmp_path / "cache", settings(), workers=0)
+    _, cached = datasets(native_data, tmp_path / "cache")
+    cached.paths[1], cached.cache_rows[1] = str(tmp_path / "missing.ogg"), -1
+    monkeypatch.setattr(data.BatchRing, "WAIT_SECONDS", 20.0)      # a leaked slot fails fast
+    batches = [[(1, 0, position)] for position in range(8)] + [[(0, 0, 8), (2, 0, 9)]]  # 8 batches that fail
+    loader = data.Loader(cached, batch_sampler=batches, num_workers=1, prefetch_factor=1,
+                         collate_fn=data.collate, ring_batch_size=2)      # 2 slots
+    for _ in range(2):
+        received = list(loader)
+        assert received[:8] == [None] * 8
+        assert torch.equal(received[8]["waveform"], torch.stack([cached[(0, 0, 8)]["waveform"],
+                                                                 cached[(2, 0, 9)]["waveform"]]))
+    partial = iter(loader)
+    next(partial)                     # a pass left after one batch: its ring goes with it
+    del partial
+    assert len(list(loader)) == 9
