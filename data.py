@@ -342,7 +342,56 @@ def check_audio_files(paths) -> tuple[list[tuple[int, float]], list[tuple[str, s
 
 # ----------------------------------------------------------------------------- audio
 
-_resamplers: dict[tuple[int, int], torchaudio.transforms.Resample] = {}
+class Resampler:
+    """torchaudio.transforms.Resample's filter, applied without its zero taps.
+
+    torchaudio resamples with one windowed-sinc kernel per output phase, each as long
+    as `orig` input samples plus the filter's reach, by a dense strided convolution.
+    Between rates with a small common divisor nearly all taps are exactly zero
+    (22.05 -> 32 kHz: 640 phases of 455 taps, 12-13 of them non-zero), so most of its
+    work multiplies zeros. Here each row of a matrix holds the input of `frames_per_row`
+    consecutive frames (enough for >= 64 output samples, so a ratio like 3:2 still
+    makes a well-shaped matrix product), and blocks of 16 output phases are multiplied
+    with just the columns where their taps are non-zero. Same kernel, padding and
+    length as torchaudio, so the same audio to float rounding (tested).
+    """
+
+    PHASES_PER_BLOCK = 16
+
+    def __init__(self, source_rate: int, target_rate: int):
+        reference = torchaudio.transforms.Resample(source_rate, target_rate)
+        divisor = math.gcd(int(source_rate), int(target_rate))
+        self.orig, self.new = int(source_rate) // divisor, int(target_rate) // divisor
+        self.width = int(reference.width)
+        kernel = reference.kernel[:, 0].float()           # (new, 2 * width + orig): one row per output phase
+        self.frames_per_row = -(-4 * self.PHASES_PER_BLOCK // self.new)
+        self.taps = kernel.shape[1] + (self.frames_per_row - 1) * self.orig
+        expanded = torch.zeros((self.frames_per_row * self.new, self.taps))
+        for frame in range(self.frames_per_row):    # frame m's phases read the input m * orig later
+            expanded[frame * self.new:(frame + 1) * self.new,
+                     frame * self.orig:frame * self.orig + kernel.shape[1]] = kernel
+        self.blocks = []                            # (first phase, end phase, first tap, end tap, weights)
+        for first in range(0, len(expanded), self.PHASES_PER_BLOCK):
+            block = expanded[first:first + self.PHASES_PER_BLOCK]   # (phases, taps)
+            used = torch.nonzero(block.abs().sum(dim=0)).flatten()
+            low, high = int(used[0]), int(used[-1]) + 1
+            self.blocks.append((first, first + len(block), low, high, block[:, low:high].T.contiguous()))
+
+    def __call__(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(samples,) float32 -> (ceil(samples * new / orig),) float32."""
+        length = len(waveform)
+        n_rows = -(-(length // self.orig + 1) // self.frames_per_row)   # torchaudio's frames, grouped
+        stride = self.frames_per_row * self.orig
+        right = (n_rows - 1) * stride + self.taps - length - self.width  # torchaudio pads width + orig
+        padded = torch.nn.functional.pad(waveform[None], (self.width, right))[0]
+        rows = padded.as_strided((n_rows, self.taps), (stride, 1))      # (R, taps): each row's input
+        out = torch.empty((n_rows, self.frames_per_row * self.new))        # (R, phases)
+        for first, end, low, high, weights in self.blocks:
+            out[:, first:end] = rows[:, low:high] @ weights                # (R, used taps) @ (used taps, phases)
+        return out.reshape(-1)[:math.ceil(self.new * length / self.orig)]
+
+
+_resamplers: dict[tuple[int, int], Resampler] = {}
 
 
 def to_mono_resampled(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
@@ -357,7 +406,7 @@ def to_mono_resampled(audio: np.ndarray, source_rate: int, target_rate: int) -> 
         return mono
     key = (source_rate, target_rate)
     if key not in _resamplers:  # the kernel is computed once per rate pair and process
-        _resamplers[key] = torchaudio.transforms.Resample(source_rate, target_rate)
+        _resamplers[key] = Resampler(source_rate, target_rate)
     return _resamplers[key](torch.from_numpy(mono)).numpy()
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+import torchaudio
 
 import data
 from conftest import TINY_COUNTS, TINY_SPECIES
@@ -341,6 +342,20 @@ def test_read_window_resamples_16k_to_32k_keeping_pitch(tmp_path):
     # away from the filter's edge transients the samples are the 32 kHz sine itself
     reference = np.sin(2 * np.pi * 440 * (0.5 + np.arange(64000) / 32000))
     np.testing.assert_allclose(window[1000:-1000], reference[1000:-1000], atol=5e-3)
+
+
+@pytest.mark.parametrize("source, target", [(22050, 32000), (44100, 32000), (48000, 32000), (16000, 32000),
+                                            (32000, 16000), (96000, 32000), (11025, 44100)])
+def test_resampler_equals_torchaudio_resample(source, target):
+    """The zero-tap-free filter against torchaudio's own dense one: same length, same samples."""
+    resampler, reference = data.Resampler(source, target), torchaudio.transforms.Resample(source, target)
+    generator = torch.Generator().manual_seed(source)
+    for length in (1, 7, source // 100 - 1, source // 100, 12345, 3 * source + 11):
+        waveform = 0.3 * torch.randn(length, generator=generator)
+        expected = reference(waveform)
+        result = resampler(waveform)
+        assert result.shape == expected.shape
+        torch.testing.assert_close(result, expected, atol=1e-6, rtol=0)
 
 
 def test_read_window_replaces_nan_and_inf_with_zero(tmp_path):

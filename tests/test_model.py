@@ -70,6 +70,16 @@ def test_frontend_none_matches_hand_log_mel():
     torch.testing.assert_close(image, expected, atol=2e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", [model.MelFrontend, model.PCENFrontend])
+def test_mel_spectrogram_equals_torchaudio_mel_spectrogram(kind):
+    """Power (mel) or magnitude (PCEN) mel spectrogram, against the torchaudio transform it replaces."""
+    layer = kind(SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX)
+    x = waveforms(3)
+    x[2] = 0.0                                                      # silence: exact zeros both ways
+    expected = layer.melspec(x)                                     # torchaudio: |X|.pow(power) -> mel
+    torch.testing.assert_close(layer.mel_spectrogram(x), expected, rtol=1e-5, atol=1e-6 * expected.max())
+
+
 def test_frontend_example_does_not_depend_on_its_batch():
     t = torch.arange(SAMPLE_RATE) / SAMPLE_RATE
     generator = torch.Generator().manual_seed(1)
