@@ -253,9 +253,10 @@ def test_ensemble_members_with_other_rates_and_windows_each_get_their_own_input(
     fed = []
     real_predict = infer.predict
 
-    def spy(member, windows, *args):
-        fed.append((member.sample_rate, windows.shape))
-        return real_predict(member, windows, *args)
+    def spy(member, batches, *args):
+        batches = list(batches)
+        fed.append((member.sample_rate, (sum(len(b) for b in batches), batches[0].shape[1])))
+        return real_predict(member, batches, *args)
     import unittest.mock
     with unittest.mock.patch.object(infer, "predict", spy):
         result = infer.main(infer.get_args_parser().parse_args(

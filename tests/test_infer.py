@@ -124,6 +124,23 @@ def test_cut_windows_pads_at_both_ends():
     np.testing.assert_array_equal(windows[2][5:], 0)
 
 
+def test_window_batches_equal_cut_windows_across_files_and_batch_edges():
+    rng = np.random.default_rng(0)
+    files = [rng.standard_normal(n).astype(np.float32) for n in (23, 7, 40)]   # at 2 Hz
+    plans = [infer.window_plan(infer.row_count(len(w), 2), 10.0, 2.5)[0] for w in files]
+    expected = np.concatenate([infer.cut_windows(w, 2, starts, 10.0) for w, starts in zip(files, plans)])
+    sources = [(w, int(offset)) for w, starts in zip(files, plans) for offset in infer.window_offsets(starts, 2)]
+    batches = list(infer.window_batches(sources, 20, batch_size=4))
+    assert [len(b) for b in batches] == [4] * (len(expected) // 4) + ([len(expected) % 4] if len(expected) % 4 else [])
+    np.testing.assert_array_equal(np.concatenate(batches), expected)
+    # and against a hand-built zero-padded file: windows entirely before or after the audio are zeros
+    padded = np.concatenate([np.zeros(30, np.float32), files[1], np.zeros(30, np.float32)])
+    out = np.empty(20, np.float32)
+    for offset in (-25, -20, -3, 0, 5, 7, 12):
+        infer.copy_window(files[1], offset, out)
+        np.testing.assert_array_equal(out, padded[30 + offset:50 + offset])
+
+
 def test_smoothing_and_file_prior_by_hand():
     scores = np.array([[1.0], [0.0], [0.0], [0.5]], dtype=np.float32)
     smoothed = infer.smooth_rows(scores, [0.1, 0.8, 0.1])
