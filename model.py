@@ -160,6 +160,15 @@ class MelFrontend(nn.Module):
         self.melspec = torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate, n_fft=n_fft, hop_length=hop, n_mels=n_mels,
             f_min=fmin, f_max=fmax, power=self.spectrogram_power, center=True, pad_mode="reflect")
+        # Each mel filter is a triangle over a few frequency bins, so the (n_freqs, n_mels) filterbank
+        # is mostly zeros: multiply blocks of 16 mel bands with just the bins they cover
+        # (128 mels of a 1024-point FFT: 537 bins x 16 instead of 513 x 128, 7.6x fewer products).
+        used = self.melspec.mel_scale.fb != 0                                          # (n_freqs, n_mels)
+        self.mel_blocks = []                                   # (first mel, end mel, first bin, end bin)
+        for first in range(0, n_mels, 16):
+            bins = torch.nonzero(used[:, first:first + 16].any(dim=1)).flatten()
+            low, high = (int(bins[0]), int(bins[-1]) + 1) if len(bins) else (0, 0)
+            self.mel_blocks.append((first, min(first + 16, n_mels), low, high))
         self._init_compression()
 
     def _init_compression(self) -> None:
@@ -174,7 +183,8 @@ class MelFrontend(nn.Module):
     def mel_spectrogram(self, waveform: torch.Tensor) -> torch.Tensor:
         """(B, samples) -> (B, n_mels, T): torchaudio's MelSpectrogram (its window and filterbank),
         with |X|**2 taken as real**2 + imag**2 -- a third faster on the CPU than its complex
-        abs() then pow() and the same to float rounding (tested against it)."""
+        abs() then pow() -- and the filterbank applied block by block without its zeros: the
+        same to float rounding (tested against it), about twice as fast on the CPU."""
         settings = self.melspec.spectrogram
         spectrum = torch.stft(waveform, settings.n_fft, settings.hop_length, settings.win_length,
                               settings.window, center=settings.center, pad_mode=settings.pad_mode,
@@ -182,7 +192,11 @@ class MelFrontend(nn.Module):
         power = spectrum.real.square() + spectrum.imag.square()
         if self.spectrogram_power == 1.0:
             power = power.sqrt()
-        return self.melspec.mel_scale(power)                                          # (B, n_mels, T)
+        filterbank = self.melspec.mel_scale.fb                                        # (n_freqs, n_mels)
+        mel = power.new_zeros((power.shape[0], filterbank.shape[1], power.shape[2]))  # (B, n_mels, T)
+        for first, end, low, high in self.mel_blocks:
+            mel[:, first:end] = filterbank[low:high, first:end].T @ power[:, low:high]  # (m, bins) @ (B, bins, T)
+        return mel
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=waveform.device.type, enabled=False):

@@ -1,15 +1,19 @@
 """CPU inference speed: model-only vs end-to-end throughput per backend, and peak memory.
 
-    python bench/infer_speed.py [--backbone tf_efficientnet_b0.ns_jft_in1k] [--minutes 10] [--files 2]
+    python bench/infer_speed.py [--backbone tf_efficientnet_b0.ns_jft_in1k] [--soundscapes DIR]
 
 Builds an untrained model of the given backbone (speed does not depend on the
-weights) with the BirdCLEF 2023 vocabulary size, writes `--files` synthetic
-soundscapes of `--minutes` each, then for every available backend measures
+weights) with the BirdCLEF 2023 vocabulary size, then for every available backend
+measures, each in a fresh subprocess so that peak resident memory (ru_maxrss) is its own:
   - model-only: windows per second of the runner on in-memory 5-s windows
-    (frontend + classifier, exactly what infer.py calls), and
-  - end-to-end: `infer.main` on the folder (decode, resample, windows, model,
-    submission), as audio seconds per wall second,
-each in a fresh subprocess so that peak resident memory (ru_maxrss) is its own.
+    (frontend + classifier, exactly what infer.py calls), as audio seconds per second;
+  - end-to-end: `infer.main` on --soundscapes (decode, resample, windows, model,
+    submission), as audio seconds per wall second; by default the real field
+    recordings in ../shared/real-soundscapes/audio (mp3, 22.05-48 kHz, 67 min), else
+    --files synthetic 32 kHz ogg soundscapes of --minutes;
+  - peak memory: `infer.main` on the longest file alone (a 10-minute soundscape).
+The first row, "torch-plain", is the plain fp32 eager path (no channels-last, no
+bf16, no export) that the speed-ups are measured against.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 N_SPECIES = 264  # BirdCLEF 2023
+REAL_SOUNDSCAPES = ROOT.parent / "shared" / "real-soundscapes" / "audio"
 
 
 def make_checkpoint(backbone: str, path: Path) -> None:
@@ -53,14 +58,21 @@ def make_soundscapes(folder: Path, files: int, minutes: float) -> None:
                 out.write((0.05 * rng.standard_normal(rate)).astype("float32"))
 
 
+def backend_flags(backend: str, precision: str, threads: int, batch_size: int) -> list[str]:
+    """infer.py flags for a row; "torch-plain" is torch without channels-last."""
+    flags = ["--backend", "torch" if backend == "torch-plain" else backend, "--precision", precision,
+             "--threads", str(threads), "--batch-size", str(batch_size)]
+    return flags + (["--no-channels-last"] if backend == "torch-plain" else [])
+
+
 def model_only(checkpoint: str, backend: str, precision: str, threads: int, batch_size: int, seconds: float) -> dict:
     import torch
     import infer
     import model as model_lib
     if threads:
         torch.set_num_threads(threads)
-    args = infer.get_args_parser().parse_args(["--ckpts", checkpoint, "--backend", backend, "--precision",
-                                               precision, "--threads", str(threads)])
+    args = infer.get_args_parser().parse_args(["--ckpts", checkpoint,
+                                               *backend_flags(backend, precision, threads, batch_size)])
     model = model_lib.load_model(checkpoint)
     runner = infer.make_runner(model, args, torch.device("cpu"), infer.use_bf16(precision, torch.device("cpu")))
     batch = torch.randn(batch_size, model.window_samples) * 0.05
@@ -72,12 +84,12 @@ def model_only(checkpoint: str, backend: str, precision: str, threads: int, batc
     return {"windows_per_second": done / (time.perf_counter() - started)}
 
 
-def end_to_end(checkpoint: str, folder: str, backend: str, precision: str, threads: int, batch_size: int) -> dict:
+def end_to_end(checkpoint: str, folder: str, out_dir: str, backend: str, precision: str, threads: int,
+               batch_size: int) -> dict:
     import infer
-    args = infer.get_args_parser().parse_args(["--ckpts", checkpoint, "--soundscapes", folder, "--backend", backend,
-                                               "--precision", precision, "--threads", str(threads),
-                                               "--batch-size", str(batch_size),
-                                               "--out", str(Path(folder).parent / f"submission_{backend}.csv")])
+    args = infer.get_args_parser().parse_args(["--ckpts", checkpoint, "--soundscapes", folder,
+                                               *backend_flags(backend, precision, threads, batch_size),
+                                               "--out", str(Path(out_dir) / f"submission_{backend}.csv")])
     result = infer.main(args)
     return {"audio_seconds": result["audio_seconds"], "wall_seconds": result["wall_seconds"],
             "realtime_factor": result["realtime_factor"]}
@@ -106,44 +118,63 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="tf_efficientnet_b0.ns_jft_in1k")
-    parser.add_argument("--minutes", type=float, default=10.0, help="length of each soundscape")
-    parser.add_argument("--files", type=int, default=2)
+    parser.add_argument("--soundscapes", default=str(REAL_SOUNDSCAPES),
+                        help="folder of soundscapes for the end-to-end runs (synthetic ones if it does not exist)")
+    parser.add_argument("--minutes", type=float, default=10.0, help="length of each synthetic soundscape")
+    parser.add_argument("--files", type=int, default=4, help="synthetic soundscapes")
     parser.add_argument("--threads", type=int, default=0, help="0 = torch default (all cores)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each model-only measurement")
     parser.add_argument("--only", nargs="+", default=None, metavar="BACKEND:PRECISION",
-                        help="measure only these, e.g. onnxruntime:fp32")
+                        help="measure only these, e.g. onnxruntime:fp32 (torch-plain:fp32 is the baseline)")
     args = parser.parse_args()
 
     import importlib.util
-    configurations = [("torch", "fp32"), ("torch", "bf16")]
+    import soundfile as sf
+    configurations = [("torch-plain", "fp32"), ("torch", "fp32"), ("torch", "bf16")]
     configurations += [(name, precision) for name in ("onnxruntime", "openvino")
                        if importlib.util.find_spec(name) for precision in ("fp32", "bf16")
                        if not (name == "onnxruntime" and precision == "bf16")]  # ORT has no bf16 CPU path
     if args.only:
         configurations = [c for c in configurations if f"{c[0]}:{c[1]}" in args.only]
     with tempfile.TemporaryDirectory() as work:
-        checkpoint, folder = str(Path(work) / "model.pt"), Path(work) / "soundscapes"
+        checkpoint = str(Path(work) / "model.pt")
         make_checkpoint(args.backbone, Path(checkpoint))
-        make_soundscapes(folder, args.files, args.minutes)
+        folder = Path(args.soundscapes)
+        if not folder.is_dir():
+            folder = Path(work) / "soundscapes"
+            make_soundscapes(folder, args.files, args.minutes)
+        import infer
+        files = infer.list_audio(folder)
+        longest = max(files, key=lambda path: sf.info(path).duration)
+        single = Path(work) / "longest"
+        single.mkdir()
+        (single / longest.name).symlink_to(longest.resolve())
+        audio_minutes = sum(sf.info(path).duration for path in files) / 60
+        print(f"end-to-end: {len(files)} files, {audio_minutes:.0f} min in {folder}; "
+              f"memory: {longest.name} ({sf.info(longest).duration / 60:.1f} min)", flush=True)
         rows = []
         for backend, precision in configurations:
             common = {"checkpoint": checkpoint, "backend": backend, "precision": precision,
                       "threads": args.threads, "batch_size": args.batch_size}
             only = measure("model", {**common, "seconds": args.seconds})
-            full = measure("e2e", {**common, "folder": str(folder)})
+            full = measure("e2e", {**common, "folder": str(folder), "out_dir": work})
+            memory = measure("e2e", {**common, "folder": str(single), "out_dir": work})
             rows.append((backend, precision, only["windows_per_second"] * 5, full["realtime_factor"],
-                         full["peak_rss_mb"]))
+                         memory["peak_rss_mb"]))
             print(f"{backend:12s} {precision:5s} model-only {only['windows_per_second'] * 5:7.1f} audio-s/s  "
-                  f"end-to-end {full['realtime_factor']:7.1f} audio-s/s  peak {full['peak_rss_mb']:.0f} MB", flush=True)
-    baseline = rows[0][2]
-    print(f"\n{args.backbone}, {args.files} x {args.minutes:g} min, batch {args.batch_size}\n")
+                  f"end-to-end {full['realtime_factor']:7.1f} audio-s/s  peak (longest file) "
+                  f"{memory['peak_rss_mb']:.0f} MB", flush=True)
+    baseline_only, baseline_full = rows[0][2], rows[0][3]
+    print(f"\n{args.backbone}, batch {args.batch_size}; end-to-end on {len(files)} files ({audio_minutes:.0f} min), "
+          f"peak memory on {longest.name}\n")
     print("| backend | precision | model-only (x real time) | end-to-end (x real time) | end-to-end / model-only "
-          "| speed-up over torch fp32 model-only | peak RSS (MB) | BirdCLEF 2023 test set (200 x 10 min) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| model-only / plain | end-to-end / plain | peak RSS, one 10-min file (MB) "
+          "| BirdCLEF 2023 test set (200 x 10 min) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for backend, precision, only, full, peak in rows:
-        print(f"| {backend} | {precision} | {only:.0f} | {full:.0f} | {full / only:.0%} | {only / baseline:.1f}x "
-              f"| {peak:.0f} | {200 * 600 / full / 60:.1f} min |")
+        print(f"| {backend} | {precision} | {only:.0f} | {full:.0f} | {full / only:.0%} | {only / baseline_only:.1f}x "
+              f"| {full / baseline_full:.1f}x | {peak:.0f} | {200 * 600 / full / 60:.1f} min |")
 
 
 if __name__ == "__main__":
