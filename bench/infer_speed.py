@@ -12,6 +12,7 @@ measures, each in a fresh subprocess so that peak resident memory (ru_maxrss) is
     recordings in ../shared/real-soundscapes/audio (mp3, 22.05-48 kHz, 67 min), else
     --files synthetic 32 kHz ogg soundscapes of --minutes;
   - peak memory: `infer.main` on the longest file alone (a 10-minute soundscape).
+Throughputs are the median of --repeats interleaved measurements.
 The first row, "torch-plain", is the plain fp32 eager path (no channels-last, no
 bf16, no export) that the speed-ups are measured against.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,7 +126,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=4, help="synthetic soundscapes")
     parser.add_argument("--threads", type=int, default=0, help="0 = torch default (all cores)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=20.0, help="duration of each model-only measurement")
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each model-only measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per backend; the median is reported")
     parser.add_argument("--only", nargs="+", default=None, metavar="BACKEND:PRECISION",
                         help="measure only these, e.g. onnxruntime:fp32 (torch-plain:fp32 is the baseline)")
     args = parser.parse_args()
@@ -157,13 +160,16 @@ def main() -> None:
         for backend, precision in configurations:
             common = {"checkpoint": checkpoint, "backend": backend, "precision": precision,
                       "threads": args.threads, "batch_size": args.batch_size}
-            only = measure("model", {**common, "seconds": args.seconds})
-            full = measure("e2e", {**common, "folder": str(folder), "out_dir": work})
+            # this shared 2-core machine varies by up to ~25% between runs: median of --repeats, interleaved
+            only, full = [], []
+            for _ in range(args.repeats):
+                only.append(measure("model", {**common, "seconds": args.seconds})["windows_per_second"] * 5)
+                full.append(measure("e2e", {**common, "folder": str(folder), "out_dir": work})["realtime_factor"])
             memory = measure("e2e", {**common, "folder": str(single), "out_dir": work})
-            rows.append((backend, precision, only["windows_per_second"] * 5, full["realtime_factor"],
+            rows.append((backend, precision, statistics.median(only), statistics.median(full),
                          memory["peak_rss_mb"]))
-            print(f"{backend:12s} {precision:5s} model-only {only['windows_per_second'] * 5:7.1f} audio-s/s  "
-                  f"end-to-end {full['realtime_factor']:7.1f} audio-s/s  peak (longest file) "
+            print(f"{backend:12s} {precision:5s} model-only {' '.join(f'{x:.0f}' for x in only)} audio-s/s  "
+                  f"end-to-end {' '.join(f'{x:.0f}' for x in full)} audio-s/s  peak (longest file) "
                   f"{memory['peak_rss_mb']:.0f} MB", flush=True)
     baseline_only, baseline_full = rows[0][2], rows[0][3]
     print(f"\n{args.backbone}, batch {args.batch_size}; end-to-end on {len(files)} files ({audio_minutes:.0f} min), "
