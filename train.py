@@ -961,7 +961,7 @@ def make_loader(dataset, args, device, batch_sampler=None):
                   worker_init_fn=_worker_init if args.workers else None)
     if batch_sampler is not None:
         return data.Loader(dataset, batch_sampler=batch_sampler, ring_batch_size=args.batch_size, **common)
-    return data.Loader(dataset, batch_size=args.batch_size, shuffle=False, **common)
+    return data.Loader(dataset, batch_size=args.batch_size, shuffle=False, ring_batch_size=args.batch_size, **common)
 
 
 def _worker_init(_):
