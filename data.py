@@ -675,10 +675,10 @@ class Loader(torch.utils.data.DataLoader):
         super().__init__(dataset, *args, **kwargs)
 
     def __iter__(self):
-        crop = getattr(self.dataset, "crop", None)
         if (not self.ring_batch_size or not self.num_workers or self.persistent_workers
                 or getattr(self.dataset, "cache", None) is None):
             return super().__iter__()
+        crop = self.dataset.crop
         samples = int(round(crop.window_seconds * crop.sample_rate))
         ring = BatchRing(self.num_workers * self.prefetch_factor + 1, self.ring_batch_size, samples)
         self.dataset.ring = ring
@@ -1177,7 +1177,6 @@ def build_cache(data_dirs, out_dir, settings: dict, workers: int = 2) -> Path:
             for row in range(len(table)) if not done[row]]
     with tqdm(total=len(todo), desc="cache", unit="rec", disable=not todo) as progress:
         if workers > 0:
-            import multiprocessing
             with multiprocessing.get_context("spawn").Pool(workers) as pool:
                 finished = pool.imap_unordered(_cache_recording, todo, chunksize=4)
                 _mark_done(finished, done, progress)

@@ -961,7 +961,8 @@ def make_loader(dataset, args, device, batch_sampler=None):
                   worker_init_fn=_worker_init if args.workers else None)
     if batch_sampler is not None:
         return data.Loader(dataset, batch_sampler=batch_sampler, ring_batch_size=args.batch_size, **common)
-    return data.Loader(dataset, batch_size=args.batch_size, shuffle=False, ring_batch_size=args.batch_size, **common)
+    return data.Loader(dataset, batch_size=args.batch_size, shuffle=False, ring_batch_size=args.batch_size,
+                       **common)
 
 
 def _worker_init(_):
@@ -1188,8 +1189,7 @@ def run_training(args, rank: int, world_size: int) -> dict:
         if finished_epoch:
             record_drawn_species(train_set, args, state["epoch"] - 1, steps_per_epoch * global_batch, drawn_path)
         append_metrics(metrics_path, row, columns)
-        append_steps(steps_path, state["step_log"])
-        state["step_log"].clear()
+        append_steps(steps_path, state["step_log"])  # on_eval clears step_log on every rank
         plot_metrics(metrics_path, out_dir / "metrics.png")
         checkpoint = make_checkpoint(parts, args, state)
         save_atomic(checkpoint, out_dir / f"checkpoint_step{state['global_step']:08d}.pt")
