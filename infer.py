@@ -16,6 +16,7 @@ import argparse
 import logging
 import math
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "--no-channels-last is the plain eager path, for comparison")
     group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     group.add_argument("--workers", type=int, default=1, help="threads decoding audio ahead of the model")
+    group.add_argument("--streams", type=int, default=2,
+                       help="CPU: batches run at once, each on --threads / streams threads (at most one "
+                            "stream per thread); on a 2-core CPU 2 streams were 4-51%% faster than 1 for "
+                            "every backend")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                        help="auto: bf16 on CPUs with native bf16 (torch autocast, OpenVINO), else fp32")
     group.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
@@ -244,11 +249,57 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-class TorchRunner:
+class Runner:
+    """Waveforms (B, samples) -> logits (B, C): `runner(batch)` for one batch, `runner.map(batches)`
+    for many, `streams` of them at a time.
+
+    Streams: on a CPU with few cores a batch on every core at once (each stream one
+    thread) keeps the cores busier than one batch spread over all of them, whose threads
+    wait for each other after every layer. The very first batch runs alone, so an
+    exported engine's check against torch happens once, before any other batch.
+    """
+
+    streams, stream_threads, pool = 1, 1, None
+
+    def map(self, batches):
+        if self.streams <= 1:
+            yield from map(self, batches)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+        batches = iter(batches)
+        if self.pool is None:  # made once and kept: each thread keeps its engine state
+            first = next(batches, None)
+            if first is None:
+                return
+            yield self(first)
+            self.pool = ThreadPoolExecutor(self.streams, thread_name_prefix="stream",
+                                           initializer=torch.set_num_threads, initargs=(self.stream_threads,))
+        pending = deque()
+        for batch in batches:
+            pending.append(self.pool.submit(self, batch))
+            if len(pending) > self.streams:   # at most streams + 1 batches in memory
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def split_threads(threads: int, streams: int) -> tuple[int, int]:
+    """--threads (0 = torch's default) and --streams -> (streams, threads of each): never more
+    streams than threads."""
+    total = threads or torch.get_num_threads()
+    streams = max(1, min(streams, total))
+    return streams, total // streams
+
+
+class TorchRunner(Runner):
     """Waveforms (B, samples) -> logits (B, C) float32 on the CPU, with plain PyTorch."""
 
-    def __init__(self, model: model_lib.BirdCallModel, device: torch.device, bf16: bool, channels_last: bool = True):
+    def __init__(self, model: model_lib.BirdCallModel, device: torch.device, bf16: bool, channels_last: bool = True,
+                 streams: int = 1, threads: int = 0):
         self.model, self.device, self.bf16 = model.to(device), device, bf16
+        if device.type == "cpu":
+            self.streams, self.stream_threads = split_threads(threads, streams)
         if device.type == "cpu" and channels_last:
             self.model.to(memory_format=torch.channels_last)  # faster convolutions with oneDNN
 
@@ -278,7 +329,7 @@ def import_optional(name: str):
                          f"(pip install {name}); it is not installed") from error
 
 
-class ExportedRunner:
+class ExportedRunner(Runner):
     """The model's own torch frontend, then its classifier exported to ONNX Runtime or OpenVINO.
 
     The first batch is also run through plain fp32 PyTorch and the scores compared,
@@ -286,8 +337,11 @@ class ExportedRunner:
     """
 
     def __init__(self, model: model_lib.BirdCallModel, backend: str, bf16: bool, threads: int,
-                 tolerance: float):
+                 tolerance: float, streams: int = 1):
         self.model, self.backend, self.tolerance, self.checked = model.float().cpu().eval(), backend, tolerance, False
+        self.streams, self.stream_threads = split_threads(threads, streams)
+        if self.streams > 1:
+            threads = self.stream_threads  # ONNX Runtime: threads of each run; OpenVINO: of each stream
         with torch.no_grad():  # not inference_mode: exporters trace with these tensors
             example = model.frontend(torch.randn(2, model.window_samples))     # (2, 1, n_mels, T)
         if backend == "onnxruntime":
@@ -303,15 +357,23 @@ class ExportedRunner:
                 if threads:
                     options.intra_op_num_threads = threads
                 session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            self.run = lambda image: session.run(None, {"image": image})[0]
+            self.run = lambda image: session.run(None, {"image": image})[0]   # safe from several threads
         elif backend == "openvino":
             ov = import_optional("openvino")
             config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
-            if threads:
+            if self.streams > 1:  # one executor stream per concurrent batch
+                config.update({"NUM_STREAMS": self.streams, "INFERENCE_NUM_THREADS": threads * self.streams})
+            elif threads:
                 config["INFERENCE_NUM_THREADS"] = threads
             compiled = ov.Core().compile_model(ov.convert_model(_Classifier(model), example_input=example),
                                                "CPU", config)
-            self.run = lambda image: compiled(image)[0]
+            requests = threading.local()   # an infer request serves one batch at a time: one per thread
+
+            def run(image):
+                if not hasattr(requests, "request"):
+                    requests.request = compiled.create_infer_request()
+                return requests.request.infer([image])[0]
+            self.run = run
         else:
             raise ValueError(f"unknown backend {backend!r}")
         self.model.eval()  # exporters restore the wrapper's train/eval mode onto the model; keep eval
@@ -343,16 +405,18 @@ def check_parity(model, waveforms: torch.Tensor, logits: torch.Tensor, backend: 
 
 
 def make_runner(model, args, device, bf16):
+    if args.streams < 1:
+        raise ValueError(f"--streams must be at least 1, got {args.streams}")
     if args.backend == "torch":
-        return TorchRunner(model, device, bf16, args.channels_last)
+        return TorchRunner(model, device, bf16, args.channels_last, args.streams, args.threads)
     if device.type != "cpu":
         raise ValueError(f"--backend {args.backend} runs on the CPU; use --backend torch with --device {device}")
-    return ExportedRunner(model, args.backend, bf16, args.threads, args.parity_tolerance)
+    return ExportedRunner(model, args.backend, bf16, args.threads, args.parity_tolerance, args.streams)
 
 
 def predict(member: Member, batches, nocall_gate: bool = False) -> np.ndarray:
     """(B, window_samples) batches of W windows in all -> activated scores (W, n_model_labels), float32."""
-    logits = torch.cat([member.runner(torch.from_numpy(batch)) for batch in batches])   # (W, C)
+    logits = torch.cat(list(member.runner.map(torch.from_numpy(batch) for batch in batches)))   # (W, C)
     scores = model_lib.checked_scores(logits, member.model.activation, member.name)
     return gate_by_nocall(scores, member.model.labels) if nocall_gate else scores
 
@@ -570,7 +634,9 @@ def decoded_ahead(files: DecodedFiles, threads: int):
         return
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+    # one torch thread each for resampling: the engine keeps the other cores
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode", initializer=torch.set_num_threads,
+                            initargs=(1,)) as pool:
         pending = deque()
         for index in range(len(files)):
             pending.append(pool.submit(files.__getitem__, index))

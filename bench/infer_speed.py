@@ -60,37 +60,39 @@ def make_soundscapes(folder: Path, files: int, minutes: float) -> None:
                 out.write((0.05 * rng.standard_normal(rate)).astype("float32"))
 
 
-def backend_flags(backend: str, precision: str, threads: int, batch_size: int) -> list[str]:
-    """infer.py flags for a row; "torch-plain" is torch without channels-last."""
+def backend_flags(backend: str, precision: str, threads: int, batch_size: int, streams: int) -> list[str]:
+    """infer.py flags for a row; "torch-plain" is torch without channels-last, one batch at a time."""
     flags = ["--backend", "torch" if backend == "torch-plain" else backend, "--precision", precision,
              "--threads", str(threads), "--batch-size", str(batch_size)]
-    return flags + (["--no-channels-last"] if backend == "torch-plain" else [])
+    if backend == "torch-plain":
+        return flags + ["--no-channels-last", "--streams", "1"]
+    return flags + ["--streams", str(streams)]
 
 
-def model_only(checkpoint: str, backend: str, precision: str, threads: int, batch_size: int, seconds: float) -> dict:
+def model_only(checkpoint: str, backend: str, precision: str, threads: int, batch_size: int, streams: int,
+               seconds: float) -> dict:
     import torch
     import infer
     import model as model_lib
     if threads:
         torch.set_num_threads(threads)
     args = infer.get_args_parser().parse_args(["--ckpts", checkpoint,
-                                               *backend_flags(backend, precision, threads, batch_size)])
+                                               *backend_flags(backend, precision, threads, batch_size, streams)])
     model = model_lib.load_model(checkpoint)
     runner = infer.make_runner(model, args, torch.device("cpu"), infer.use_bf16(precision, torch.device("cpu")))
     batch = torch.randn(batch_size, model.window_samples) * 0.05
-    runner(batch)  # warm-up (and the parity check for exported backends)
+    list(runner.map([batch] * 4))  # warm-up (and the parity check for exported backends)
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        runner(batch)
-        done += batch_size
+        done += batch_size * len(list(runner.map([batch] * 8)))  # as infer.predict feeds it
     return {"windows_per_second": done / (time.perf_counter() - started)}
 
 
 def end_to_end(checkpoint: str, folder: str, out_dir: str, backend: str, precision: str, threads: int,
-               batch_size: int) -> dict:
+               batch_size: int, streams: int) -> dict:
     import infer
     args = infer.get_args_parser().parse_args(["--ckpts", checkpoint, "--soundscapes", folder,
-                                               *backend_flags(backend, precision, threads, batch_size),
+                                               *backend_flags(backend, precision, threads, batch_size, streams),
                                                "--out", str(Path(out_dir) / f"submission_{backend}.csv")])
     result = infer.main(args)
     return {"audio_seconds": result["audio_seconds"], "wall_seconds": result["wall_seconds"],
@@ -126,6 +128,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=4, help="synthetic soundscapes")
     parser.add_argument("--threads", type=int, default=0, help="0 = torch default (all cores)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--streams", type=int, default=1,
+                        help="infer.py --streams for every row but the plain baseline")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each model-only measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per backend; the median is reported")
     parser.add_argument("--only", nargs="+", default=None, metavar="BACKEND:PRECISION",
@@ -159,7 +163,7 @@ def main() -> None:
         rows = []
         for backend, precision in configurations:
             common = {"checkpoint": checkpoint, "backend": backend, "precision": precision,
-                      "threads": args.threads, "batch_size": args.batch_size}
+                      "threads": args.threads, "batch_size": args.batch_size, "streams": args.streams}
             # this shared 2-core machine varies by up to ~25% between runs: median of --repeats, interleaved
             only, full = [], []
             for _ in range(args.repeats):
@@ -172,7 +176,7 @@ def main() -> None:
                   f"end-to-end {' '.join(f'{x:.0f}' for x in full)} audio-s/s  peak (longest file) "
                   f"{memory['peak_rss_mb']:.0f} MB", flush=True)
     baseline_only, baseline_full = rows[0][2], rows[0][3]
-    print(f"\n{args.backbone}, batch {args.batch_size}; end-to-end on {len(files)} files ({audio_minutes:.0f} min), "
+    print(f"\n{args.backbone}, batch {args.batch_size}, streams {args.streams} (baseline 1); end-to-end on {len(files)} files ({audio_minutes:.0f} min), "
           f"peak memory on {longest.name}\n")
     print("| backend | precision | model-only (x real time) | end-to-end (x real time) | end-to-end / model-only "
           "| model-only / plain | end-to-end / plain | peak RSS, one 10-min file (MB) "

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -275,9 +277,11 @@ def test_optional_backends_match_torch(backend, checkpoint, tmp_path):
     folder = tmp_path / "s"
     folder.mkdir()
     write_audio(folder / "a.wav", 23.0)
-    common = ["--ckpts", checkpoint, "--soundscapes", folder, "--precision", "fp32"]
-    torch_scores = run_infer(*common, "--out", tmp_path / "t.csv")["submission"]
-    other = run_infer(*common, "--out", tmp_path / "o.csv", "--backend", backend)["submission"]
+    write_audio(folder / "b.wav", 41.0, frequency=4000.0)
+    common = ["--ckpts", checkpoint, "--soundscapes", folder, "--precision", "fp32", "--batch-size", "2"]
+    torch_scores = run_infer(*common, "--out", tmp_path / "t.csv", "--streams", "1")["submission"]
+    # 2 streams: several batches in flight at once, each thread with its own engine request
+    other = run_infer(*common, "--out", tmp_path / "o.csv", "--backend", backend, "--streams", "2")["submission"]
     assert list(other["row_id"]) == list(torch_scores["row_id"])
     np.testing.assert_allclose(other.iloc[:, 1:].to_numpy(), torch_scores.iloc[:, 1:].to_numpy(), atol=1e-4)
 
@@ -334,3 +338,65 @@ def test_nocall_takes_part_in_the_softmax_then_is_dropped(checkpoint, tmp_path):
     assert list(submission.columns) == ["row_id", *sorted(TINY_SPECIES)[1:]]
     row_sums = submission.iloc[:, 1:].to_numpy().sum(axis=1)
     assert (row_sums < 1 - 1e-4).all()  # the nocall share of the softmax is not redistributed
+
+
+class SlowDoubler(infer.Runner):
+    """A runner whose batches take different times, so concurrent ones finish out of order."""
+
+    def __init__(self, streams):
+        self.streams, self.stream_threads = streams, 1
+        self.threads_used, self.running, self.most_running = [], 0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, batch):
+        with self.lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            self.threads_used.append(threading.current_thread().name)
+        time.sleep(0.002 * (int(batch[0]) % 5))
+        with self.lock:
+            self.running -= 1
+        return batch * 2
+
+
+def test_streams_return_every_batch_in_order_with_bounded_memory():
+    batches = [torch.full((3,), float(i)) for i in range(23)]
+    for streams in (1, 2, 3):
+        runner, pulled = SlowDoubler(streams), []
+
+        def source():
+            for batch in batches:
+                pulled.append(batch)
+                yield batch
+        outputs = []
+        for _ in range(2):  # the second call reuses the pool made by the first
+            for index, logits in enumerate(runner.map(source())):
+                assert len(pulled) - len(outputs) - 1 <= streams  # batches held besides the one returned
+                outputs.append(logits)
+            pulled.clear()
+            assert [float(o[0]) for o in outputs] == [2.0 * i for i in range(23)]
+            outputs = []
+        assert runner.threads_used[0] == threading.main_thread().name  # the first batch alone
+        assert runner.most_running == streams
+        assert len(set(runner.threads_used[1:])) == streams
+
+
+def test_streams_give_the_same_submission(checkpoint, tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    write_audio(folder / "a.wav", 31.0)
+    write_audio(folder / "b.ogg", 17.0, sample_rate=22050, frequency=4000.0)
+    common = ["--ckpts", checkpoint, "--soundscapes", folder, "--batch-size", "2", "--threads", "2"]
+    one = run_infer(*common, "--out", tmp_path / "one.csv", "--streams", "1")["submission"]
+    two = run_infer(*common, "--out", tmp_path / "two.csv", "--streams", "2")["submission"]
+    assert list(two["row_id"]) == list(one["row_id"])
+    np.testing.assert_allclose(two.iloc[:, 1:].to_numpy(), one.iloc[:, 1:].to_numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="--streams must be at least 1"):
+        run_infer(*common, "--out", tmp_path / "zero.csv", "--streams", "0")
+
+
+def test_split_threads_never_more_streams_than_threads():
+    assert infer.split_threads(4, 2) == (2, 2)
+    assert infer.split_threads(2, 2) == (2, 1)
+    assert infer.split_threads(1, 2) == (1, 1)
+    assert infer.split_threads(3, 1) == (1, 3)
