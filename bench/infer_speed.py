@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=4, help="synthetic soundscapes")
     parser.add_argument("--threads", type=int, default=0, help="0 = torch default (all cores)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--streams", type=int, default=1,
+    parser.add_argument("--streams", type=int, default=2,
                         help="infer.py --streams for every row but the plain baseline")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each model-only measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per backend; the median is reported")

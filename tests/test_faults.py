@@ -251,19 +251,19 @@ def test_ensemble_members_with_other_rates_and_windows_each_get_their_own_input(
     folder.mkdir()
     sf.write(folder / "a.wav", tone_recording(2500.0, 12.0, 44100, np.random.default_rng(0)), 44100)
     fed = []
-    real_predict = infer.predict
+    real_fill_batch = infer.fill_batch
 
-    def spy(member, batches, *args):
-        batches = list(batches)
-        fed.append((member.sample_rate, (sum(len(b) for b in batches), batches[0].shape[1])))
-        return real_predict(member, batches, *args)
+    def spy(sources, window_samples):
+        fed.append((window_samples, len(sources), {len(waveform) for waveform, _ in sources}))
+        return real_fill_batch(sources, window_samples)
     import unittest.mock
-    with unittest.mock.patch.object(infer, "predict", spy):
+    with unittest.mock.patch.object(infer, "fill_batch", spy):
         result = infer.main(infer.get_args_parser().parse_args(
             ["--ckpts", str(checkpoint), str(tmp_path / "other.pt"), "--soundscapes", str(folder),
              "--out", str(tmp_path / "sub.csv")]))
     assert result["rows"] == 3
-    assert sorted(fed) == [(16000, (3, 32000)), (22050, (3, 66150))]
+    # 12 s of 44.1 kHz audio: 2-s windows of the 16 kHz waveform, 3-s windows of the 22.05 kHz one
+    assert sorted(fed) == [(32000, 3, {12 * 16000}), (66150, 3, {12 * 22050})]
 
 
 def test_non_finite_logits_never_reach_a_metric_or_a_submission(checkpoint, tiny_data, tmp_path, monkeypatch):

@@ -370,8 +370,8 @@ def test_streams_return_every_batch_in_order_with_bounded_memory():
                 yield batch
         outputs = []
         for _ in range(2):  # the second call reuses the pool made by the first
-            for index, logits in enumerate(runner.map(source())):
-                assert len(pulled) - len(outputs) - 1 <= streams  # batches held besides the one returned
+            for logits in runner.map(source()):
+                assert len(pulled) - len(outputs) - 1 <= runner.max_in_flight  # held besides the one returned
                 outputs.append(logits)
             pulled.clear()
             assert [float(o[0]) for o in outputs] == [2.0 * i for i in range(23)]
@@ -400,3 +400,34 @@ def test_split_threads_never_more_streams_than_threads():
     assert infer.split_threads(2, 2) == (2, 1)
     assert infer.split_threads(1, 2) == (1, 1)
     assert infer.split_threads(3, 1) == (1, 3)
+
+
+def test_batches_run_across_files_with_the_scores_of_each_file_alone(checkpoint, tmp_path):
+    """Windows of consecutive files share batches (one partial batch per run, not per file),
+    and each file's rows are what it gets when scored on its own."""
+    lengths = {"a": 7.0, "b": 12.3, "c": 23.0, "d": 3.0}
+    together = tmp_path / "together"
+    together.mkdir()
+    for index, (stem, seconds) in enumerate(lengths.items()):
+        write_audio(together / f"{stem}.wav", seconds, frequency=1500.0 + 700 * index)
+    batches = []
+    real_fill_batch = infer.fill_batch
+
+    def spy(sources, window_samples):
+        batches.append([id(waveform) for waveform, _ in sources])
+        return real_fill_batch(sources, window_samples)
+    import unittest.mock
+    common = ["--ckpts", checkpoint, "--hop", "2.5", "--batch-size", "3", "--smooth", "0.2,0.6,0.2"]
+    with unittest.mock.patch.object(infer, "fill_batch", spy):
+        joint = run_infer(*common, "--soundscapes", together, "--out", tmp_path / "joint.csv")["submission"]
+    assert sum(len(batch) < 3 for batch in batches) == 1                  # only the run's last batch
+    assert sum(len(set(batch)) > 1 for batch in batches) >= 2              # batches spanning two files
+    alone = []
+    for stem in lengths:
+        folder = tmp_path / stem
+        folder.mkdir()
+        (folder / f"{stem}.wav").write_bytes((together / f"{stem}.wav").read_bytes())
+        alone.append(run_infer(*common, "--soundscapes", folder, "--out", tmp_path / f"{stem}.csv")["submission"])
+    alone = pd.concat(alone, ignore_index=True)
+    assert list(joint["row_id"]) == list(alone["row_id"])
+    np.testing.assert_allclose(joint.iloc[:, 1:].to_numpy(), alone.iloc[:, 1:].to_numpy(), atol=1e-5)
