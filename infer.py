@@ -93,7 +93,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                        help="torch backend on the CPU: channels-last convolutions (faster with oneDNN); "
                             "--no-channels-last is the plain eager path, for comparison")
-    group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    group.add_argument("--threads", type=int, default=0,
+                       help="CPU threads in all, shared among --streams (0 = torch's default: one per core)")
     group.add_argument("--workers", type=int, default=1, help="threads decoding audio ahead of the model")
     group.add_argument("--streams", type=int, default=2,
                        help="CPU: batches run at once, each on --threads / streams threads (at most one "

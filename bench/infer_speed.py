@@ -14,7 +14,8 @@ measures, each in a fresh subprocess so that peak resident memory (ru_maxrss) is
   - peak memory: `infer.main` on the longest file alone (a 10-minute soundscape).
 Throughputs are the median of --repeats interleaved measurements.
 The first row, "torch-plain", is the plain fp32 eager path (no channels-last, no
-bf16, no export) that the speed-ups are measured against.
+bf16, no export, one batch at a time) that the speed-ups are measured against; the
+others run infer.py's defaults (--streams 2: two batches at once).
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def model_only(checkpoint: str, backend: str, precision: str, threads: int, batc
     list(runner.map([batch] * 4))  # warm-up (and the parity check for exported backends)
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        done += batch_size * len(list(runner.map([batch] * 8)))  # as infer.predict feeds it
+        done += batch_size * len(list(runner.map([batch] * 8)))  # several in flight, as infer.py runs them
     return {"windows_per_second": done / (time.perf_counter() - started)}
 
 
@@ -176,8 +177,8 @@ def main() -> None:
                   f"end-to-end {' '.join(f'{x:.0f}' for x in full)} audio-s/s  peak (longest file) "
                   f"{memory['peak_rss_mb']:.0f} MB", flush=True)
     baseline_only, baseline_full = rows[0][2], rows[0][3]
-    print(f"\n{args.backbone}, batch {args.batch_size}, streams {args.streams} (baseline 1); end-to-end on {len(files)} files ({audio_minutes:.0f} min), "
-          f"peak memory on {longest.name}\n")
+    print(f"\n{args.backbone}, batch {args.batch_size}, streams {args.streams} (baseline 1); "
+          f"end-to-end on {len(files)} files ({audio_minutes:.0f} min), peak memory on {longest.name}\n")
     print("| backend | precision | model-only (x real time) | end-to-end (x real time) | end-to-end / model-only "
           "| model-only / plain | end-to-end / plain | peak RSS, one 10-min file (MB) "
           "| BirdCLEF 2023 test set (200 x 10 min) |")
