@@ -504,6 +504,10 @@ class RecordingDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
+    @property
+    def crop_samples(self) -> int:
+        return int(round(self.crop.window_seconds * self.crop.sample_rate))
+
     def crop_start(self, item) -> tuple[int, float]:
         """item -> (record, start second of its crop)."""
         if isinstance(item, tuple):
@@ -541,7 +545,7 @@ class RecordingDataset(torch.utils.data.Dataset):
         shared memory -- which `collate` then passes on without copying it again."""
         if self.cache is None:
             return [self[item] for item in items]
-        samples = int(round(self.crop.window_seconds * self.crop.sample_rate))
+        samples = self.crop_samples
         ring = self.ring if torch.utils.data.get_worker_info() is not None else None
         if ring is not None and len(items) <= ring.waveforms.shape[1]:
             slot = ring.take()
@@ -678,9 +682,7 @@ class Loader(torch.utils.data.DataLoader):
         if (not self.ring_batch_size or not self.num_workers or self.persistent_workers
                 or getattr(self.dataset, "cache", None) is None):
             return super().__iter__()
-        crop = self.dataset.crop
-        samples = int(round(crop.window_seconds * crop.sample_rate))
-        ring = BatchRing(self.num_workers * self.prefetch_factor + 1, self.ring_batch_size, samples)
+        ring = BatchRing(self.num_workers * self.prefetch_factor + 1, self.ring_batch_size, self.dataset.crop_samples)
         self.dataset.ring = ring
         try:
             batches = super().__iter__()     # the workers start here, each with its copy of the dataset

@@ -310,8 +310,8 @@ class TorchRunner(Runner):
         self.model, self.device, self.bf16 = model.to(device), device, bf16
         if device.type == "cpu":
             self.streams, self.stream_threads = split_threads(threads, streams)
-        if device.type == "cpu" and channels_last:
-            self.model.to(memory_format=torch.channels_last)  # faster convolutions with oneDNN
+            if channels_last:
+                self.model.to(memory_format=torch.channels_last)  # faster convolutions with oneDNN
 
     @torch.inference_mode()
     def __call__(self, waveforms: torch.Tensor) -> torch.Tensor:
@@ -436,7 +436,6 @@ class MemberStream:
 
     def __init__(self, member: Member, batch_size: int, hop: float, nocall_gate: bool):
         self.member, self.batch_size, self.hop, self.nocall_gate = member, batch_size, hop, nocall_gate
-        self.window_samples = int(round(member.window_seconds * member.sample_rate))
         self.windows = deque()     # (waveform, first sample) of each window not yet in a batch
         self.files = deque()       # (key, its windows, row weights (n_rows, W)), oldest first
         self.in_flight = deque()   # batches in the runner, oldest first: callables returning logits
@@ -453,7 +452,7 @@ class MemberStream:
         """Start every whole batch (and with final, the rest); collect those that must finish first."""
         while len(self.windows) >= self.batch_size or (final and self.windows):
             sources = [self.windows.popleft() for _ in range(min(self.batch_size, len(self.windows)))]
-            batch = torch.from_numpy(fill_batch(sources, self.window_samples))    # (B, window_samples)
+            batch = torch.from_numpy(fill_batch(sources, self.member.model.window_samples))    # (B, window_samples)
             self.in_flight.append(self.member.runner.submit(batch))
             while len(self.in_flight) > self.member.runner.max_in_flight:
                 self.collect()
