@@ -23,16 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
-import torchaudio
 
-log = logging.getLogger(__name__)
+import audio
+
+log = logging.getLogger("birdclef")
 
 # Exponent of 1/f in each colour's power spectrum: power(f) ∝ 1 / f ** exponent.
 NOISE_POWER_EXPONENTS = {"white": 0.0, "pink": 1.0, "brown": 2.0}
-
-BACKGROUND_SUFFIXES = (".ogg", ".mp3", ".flac", ".wav")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -232,7 +230,7 @@ def coloured_noise(waveforms: torch.Tensor, snr_db_range: tuple[float, float] = 
 
 class BackgroundBank:
     """Every ogg/mp3/flac/wav file under `folder` (searched recursively), decoded once
-    with soundfile, mixed to mono, resampled to `sample_rate` and kept in memory
+    (audio.read_audio: mono, resampled to `sample_rate`) and kept in memory
     as float32 (an hour of 32 kHz audio takes about 460 MB).
 
     `sample(n, rng)` returns n random crops of `window_samples` samples: each crop
@@ -252,9 +250,7 @@ class BackgroundBank:
         self.window_samples = int(window_samples)
         self.paths: list[Path] = []
         self.clips: list[torch.Tensor] = []      # each (samples_i,), float32, CPU
-        candidates = sorted(path for path in folder.rglob("*")
-                            if path.is_file() and path.suffix.lower() in BACKGROUND_SUFFIXES)
-        for path in candidates:
+        for path in audio.audio_files(folder):
             clip = self._load(path)
             if clip.numel() == 0:
                 log.warning("background noise file %s is empty; skipped", path)
@@ -262,7 +258,7 @@ class BackgroundBank:
             self.paths.append(path)
             self.clips.append(clip)
         if not self.clips:
-            raise ValueError(f"no non-empty audio file ({', '.join(BACKGROUND_SUFFIXES)}) "
+            raise ValueError(f"no non-empty audio file ({', '.join(audio.AUDIO_EXTENSIONS)}) "
                              f"in background noise folder {folder}")
         # One flat buffer, so that a batch of crops is a single gather; `clips` become views into it.
         self._audio = torch.cat(self.clips)                                          # (total samples,)
@@ -273,13 +269,10 @@ class BackgroundBank:
 
     def _load(self, path: Path) -> torch.Tensor:
         try:
-            audio, source_rate = sf.read(path, dtype="float32", always_2d=True)   # (frames, channels)
+            mono = audio.read_audio(path, self.sample_rate)                    # (samples,) float32
         except Exception as error:  # name the file: the library's message does not always
             raise ValueError(f"cannot decode background noise file {path}: {error}") from error
-        mono = torch.from_numpy(np.ascontiguousarray(audio.mean(axis=1, dtype=np.float32)))   # (frames,)
-        if source_rate != self.sample_rate and mono.numel() > 0:
-            mono = torchaudio.functional.resample(mono, int(source_rate), self.sample_rate)
-        return mono.contiguous()
+        return torch.from_numpy(np.ascontiguousarray(mono))
 
     def __len__(self) -> int:
         return len(self.clips)

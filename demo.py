@@ -98,100 +98,127 @@ def _silence(sr, s):
     return np.zeros(int(round(s * sr)))
 
 
+def _time_axis(dur, sr):
+    """(times (n,), n) of a note of `dur` seconds, at least 16 samples."""
+    n = max(int(round(dur * sr)), 16)
+    return np.arange(n) / sr, n
+
+
+def _rise(rng, sr, p, d, ph):  # exponential rising sweep 2.2 -> 5.2 kHz
+    dur = 0.45 * d
+    t, n = _time_axis(dur, sr)
+    u = t / dur
+    f = 2200 * p * (5200 / 2200) ** (u ** rng.uniform(0.8, 1.2))
+    x = _osc(f, sr, ph)
+    x += 0.12 * _osc(2 * f, sr)  # weak 2nd harmonic (folds nowhere: <11 kHz)
+    return x * _ramp(n, sr, 0.03, 0.06)
+
+
+def _fall(rng, sr, p, d, ph):  # fast-then-slow falling sweep 6.5 -> 3.2 kHz
+    dur = 0.35 * d
+    t, n = _time_axis(dur, sr)
+    u = t / dur
+    f = p * (3200 + 3300 * (1 - u) ** 2)
+    return _osc(f, sr, ph) * _ramp(n, sr, 0.01, 0.05)
+
+
+def _trill(rng, sr, p, d, ph):  # tone ~4.2 kHz, rapid AM pulses (~22 Hz)
+    dur = 1.0 * d
+    t, n = _time_axis(dur, sr)
+    f = 4200 * p * (1 + 0.04 * t / dur)
+    rate = 22 * rng.uniform(0.9, 1.1)
+    am = (0.5 - 0.5 * np.cos(2 * np.pi * rate * t)) ** 2
+    return _osc(f, sr, ph) * am * _ramp(n, sr, 0.02, 0.05)
+
+
+def _twonote(rng, sr, p, d, ph):  # two-note whistle, high then low
+    parts = []
+    for f0, dur in ((3400, 0.18), (2700, 0.24)):
+        t, n = _time_axis(dur * d, sr)
+        f = f0 * p * (1 - 0.03 * t / (dur * d))
+        parts.append(_osc(f, sr, ph) * _ramp(n, sr, 0.015, 0.03))
+        parts.append(_silence(sr, 0.07 * d))
+    return np.concatenate(parts[:-1])
+
+
+def _stack(rng, sr, p, d, ph):  # nasal harmonic stack, f0 ~850 Hz with chevron contour
+    dur = 0.3 * d
+    t, n = _time_axis(dur, sr)
+    f0 = 850 * p * (1 + 0.08 * np.sin(np.pi * t / dur))
+    x = sum(a * _osc(k * f0, sr, k * ph) for k, a in
+            zip(range(1, 6), (1.0, 0.8, 0.6, 0.4, 0.25)))
+    return x * _ramp(n, sr, 0.02, 0.04)
+
+
+def _buzz(rng, sr, p, d, ph):  # buzzy noise band ~6.3-8.8 kHz, 90 Hz buzz modulation
+    dur = 0.6 * d
+    t, n = _time_axis(dur, sr)
+    x = _bandnoise(rng, n, sr, 6250 * p, 8750 * p)
+    am = 0.5 + 0.5 * np.sin(2 * np.pi * 90 * rng.uniform(0.9, 1.1) * t)
+    return x * am * _ramp(n, sr, 0.03, 0.05)
+
+
+def _click(rng, sr, p, d, ph):  # click train: ~14 clicks/s of damped 5.5 kHz ringing + hiss
+    nclick = int(rng.integers(8, 13))
+    period = d / 14.0
+    L = int(round((nclick * period + 0.01) * sr))
+    x = np.zeros(L)
+    tl = np.arange(int(0.006 * sr)) / sr
+    for i in range(nclick):
+        tau = 0.0007 * rng.uniform(0.8, 1.2)
+        click = np.sin(2 * np.pi * 5500 * p * tl) * np.exp(-tl / tau)
+        click += 0.3 * rng.standard_normal(len(tl)) * np.exp(-tl / (tau * 0.7))
+        s = int(round((i * period + rng.uniform(0, 0.004)) * sr))
+        x[s:s + len(tl)] += click * rng.uniform(0.7, 1.0)
+    return x * _ramp(L, sr, 0.005, 0.005)
+
+
+def _warble(rng, sr, p, d, ph):  # sinusoidal FM warble, carrier 2.6 kHz, +-700 Hz at ~9 Hz
+    dur = 0.8 * d
+    t, n = _time_axis(dur, sr)
+    f = p * (2600 + 700 * np.sin(2 * np.pi * 9 * rng.uniform(0.9, 1.1) * t + ph))
+    return _osc(f, sr) * _ramp(n, sr, 0.03, 0.06)
+
+
+def _series(rng, sr, p, d, ph):  # descending cascade of short notes 10 -> ~6 kHz
+    nnote = int(rng.integers(5, 8))
+    parts = []
+    for i in range(nnote):
+        t, n = _time_axis(0.05 * d, sr)
+        f = 10000 * p * 0.9 ** i * (1 - 0.05 * t / (0.05 * d))
+        parts.append(_osc(f, sr) * _ramp(n, sr, 0.008, 0.012))
+        parts.append(_silence(sr, 0.06 * d))
+    return np.concatenate(parts[:-1])
+
+
+def _hoot(rng, sr, p, d, ph):  # 2-3 low hoots ~560 Hz with weak 2nd harmonic
+    nh = int(rng.integers(2, 4))
+    parts = []
+    for i in range(nh):
+        t, n = _time_axis(0.35 * d, sr)
+        f = 560 * p * 0.93 ** min(i, 1) * (1 - 0.04 * t / (0.35 * d))
+        x = _osc(f, sr) + 0.25 * _osc(2 * f, sr)
+        parts.append(x * _ramp(n, sr, 0.04, 0.08))
+        parts.append(_silence(sr, 0.25 * d))
+    return np.concatenate(parts[:-1])
+
+
+_CALLS = {"rise": _rise, "fall": _fall, "trill": _trill, "twonote": _twonote, "stack": _stack,
+          "buzz": _buzz, "click": _click, "warble": _warble, "series": _series, "hoot": _hoot}
+
+
 def synth_call(kind, rng, sr):
     """One call of species ``kind`` at sample rate ``sr`` (float64, un-normalised).
 
     Per-call variation: pitch x U(0.95, 1.05), duration x U(0.85, 1.15) plus small
     kind-specific jitter.  Every note has a raised-cosine fade in/out.
     """
+    if kind not in _CALLS:
+        raise ValueError(kind)
     p = rng.uniform(0.95, 1.05)
     d = rng.uniform(0.85, 1.15)
     ph = rng.uniform(0, 2 * np.pi)
-
-    def tvec(dur):
-        n = max(int(round(dur * sr)), 16)
-        return np.arange(n) / sr, n
-
-    if kind == "rise":  # exponential rising sweep 2.2 -> 5.2 kHz
-        dur = 0.45 * d
-        t, n = tvec(dur)
-        u = t / dur
-        f = 2200 * p * (5200 / 2200) ** (u ** rng.uniform(0.8, 1.2))
-        x = _osc(f, sr, ph)
-        x += 0.12 * _osc(2 * f, sr)  # weak 2nd harmonic (folds nowhere: <11 kHz)
-        return x * _ramp(n, sr, 0.03, 0.06)
-    if kind == "fall":  # fast-then-slow falling sweep 6.5 -> 3.2 kHz
-        dur = 0.35 * d
-        t, n = tvec(dur)
-        u = t / dur
-        f = p * (3200 + 3300 * (1 - u) ** 2)
-        return _osc(f, sr, ph) * _ramp(n, sr, 0.01, 0.05)
-    if kind == "trill":  # tone ~4.2 kHz, rapid AM pulses (~22 Hz)
-        dur = 1.0 * d
-        t, n = tvec(dur)
-        f = 4200 * p * (1 + 0.04 * t / dur)
-        rate = 22 * rng.uniform(0.9, 1.1)
-        am = (0.5 - 0.5 * np.cos(2 * np.pi * rate * t)) ** 2
-        return _osc(f, sr, ph) * am * _ramp(n, sr, 0.02, 0.05)
-    if kind == "twonote":  # two-note whistle, high then low
-        parts = []
-        for f0, dur in ((3400, 0.18), (2700, 0.24)):
-            t, n = tvec(dur * d)
-            f = f0 * p * (1 - 0.03 * t / (dur * d))
-            parts.append(_osc(f, sr, ph) * _ramp(n, sr, 0.015, 0.03))
-            parts.append(_silence(sr, 0.07 * d))
-        return np.concatenate(parts[:-1])
-    if kind == "stack":  # nasal harmonic stack, f0 ~850 Hz with chevron contour
-        dur = 0.3 * d
-        t, n = tvec(dur)
-        f0 = 850 * p * (1 + 0.08 * np.sin(np.pi * t / dur))
-        x = sum(a * _osc(k * f0, sr, k * ph) for k, a in
-                zip(range(1, 6), (1.0, 0.8, 0.6, 0.4, 0.25)))
-        return x * _ramp(n, sr, 0.02, 0.04)
-    if kind == "buzz":  # buzzy noise band ~6.3-8.8 kHz, 90 Hz buzz modulation
-        dur = 0.6 * d
-        t, n = tvec(dur)
-        x = _bandnoise(rng, n, sr, 6250 * p, 8750 * p)
-        am = 0.5 + 0.5 * np.sin(2 * np.pi * 90 * rng.uniform(0.9, 1.1) * t)
-        return x * am * _ramp(n, sr, 0.03, 0.05)
-    if kind == "click":  # click train: ~14 clicks/s of damped 5.5 kHz ringing + hiss
-        nclick = int(rng.integers(8, 13))
-        period = d / 14.0
-        L = int(round((nclick * period + 0.01) * sr))
-        x = np.zeros(L)
-        tl = np.arange(int(0.006 * sr)) / sr
-        for i in range(nclick):
-            tau = 0.0007 * rng.uniform(0.8, 1.2)
-            click = np.sin(2 * np.pi * 5500 * p * tl) * np.exp(-tl / tau)
-            click += 0.3 * rng.standard_normal(len(tl)) * np.exp(-tl / (tau * 0.7))
-            s = int(round((i * period + rng.uniform(0, 0.004)) * sr))
-            x[s:s + len(tl)] += click * rng.uniform(0.7, 1.0)
-        return x * _ramp(L, sr, 0.005, 0.005)
-    if kind == "warble":  # sinusoidal FM warble, carrier 2.6 kHz, +-700 Hz at ~9 Hz
-        dur = 0.8 * d
-        t, n = tvec(dur)
-        f = p * (2600 + 700 * np.sin(2 * np.pi * 9 * rng.uniform(0.9, 1.1) * t + ph))
-        return _osc(f, sr) * _ramp(n, sr, 0.03, 0.06)
-    if kind == "series":  # descending cascade of short notes 10 -> ~6 kHz
-        nnote = int(rng.integers(5, 8))
-        parts = []
-        for i in range(nnote):
-            t, n = tvec(0.05 * d)
-            f = 10000 * p * 0.9 ** i * (1 - 0.05 * t / (0.05 * d))
-            parts.append(_osc(f, sr) * _ramp(n, sr, 0.008, 0.012))
-            parts.append(_silence(sr, 0.06 * d))
-        return np.concatenate(parts[:-1])
-    if kind == "hoot":  # 2-3 low hoots ~560 Hz with weak 2nd harmonic
-        nh = int(rng.integers(2, 4))
-        parts = []
-        for i in range(nh):
-            t, n = tvec(0.35 * d)
-            f = 560 * p * 0.93 ** min(i, 1) * (1 - 0.04 * t / (0.35 * d))
-            x = _osc(f, sr) + 0.25 * _osc(2 * f, sr)
-            parts.append(x * _ramp(n, sr, 0.04, 0.08))
-            parts.append(_silence(sr, 0.25 * d))
-        return np.concatenate(parts[:-1])
-    raise ValueError(kind)
+    return _CALLS[kind](rng, sr, p, d, ph)
 
 
 def sound_frames(x, sr):

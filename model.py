@@ -31,7 +31,7 @@ HEADS = ("linear", "mlp", "sed")
 NORMALIZATIONS = ("standard", "minmax", "none")
 PCEN_INITIAL_STATES = ("first_frame", "librosa")
 
-# PCEN defaults. gain..eps: librosa's and the PCEN paper's (Wang et al. 2017), as in log experiment 12.
+# PCEN defaults. gain..eps: librosa's and the PCEN paper's (Wang et al. 2017).
 PCEN_DEFAULTS = {"pcen_gain": 0.98, "pcen_bias": 2.0, "pcen_power": 0.5,
                  "pcen_time_constant": 0.4, "pcen_eps": 1e-6,
                  # librosa.pcen's docs: those defaults assume audio in the int32 range [-2**31, 2**31),

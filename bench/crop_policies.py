@@ -4,7 +4,7 @@
 
 1. ends:   a random 5-s window inside the first or last 8 s (the original recipe)
 2. random: a 5-s window anywhere in the recording
-3. extras: ends, plus detector-built extra windows (log experiments 61-91): run 1's
+3. extras: ends, plus detector-built extra windows: run 1's
            best checkpoint scores every 5-s window of every training recording
            (infer.py --detections), `data.select_extras` keeps the confident ones,
            and train.py --extras adds them to every epoch.
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import extras as extras_lib  # noqa: E402
 import infer  # noqa: E402
 import train  # noqa: E402
 
@@ -52,7 +53,7 @@ def make_extras(checkpoint: Path, args, work: Path) -> tuple[Path, int]:
     infer.main(infer.get_args_parser().parse_args([
         "--ckpts", str(checkpoint), "--audio-dir", str(Path(args.data_dir) / "train_audio"),
         "--detections", str(detections), "--precision", "fp32"]))
-    extras = data.select_extras(pd.read_csv(detections), args.threshold, args.min, args.max, args.divisor,
+    extras = extras_lib.select_extras(pd.read_csv(detections), args.threshold, args.min, args.max, args.divisor,
                                 args.keep_all_below)
     path = work / "extras.csv"
     extras.to_csv(path, index=False)

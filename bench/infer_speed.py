@@ -73,6 +73,7 @@ def backend_flags(backend: str, precision: str, threads: int, batch_size: int, s
 def model_only(checkpoint: str, backend: str, precision: str, threads: int, batch_size: int, streams: int,
                seconds: float) -> dict:
     import torch
+    import engines
     import infer
     import model as model_lib
     if threads:
@@ -80,7 +81,7 @@ def model_only(checkpoint: str, backend: str, precision: str, threads: int, batc
     args = infer.get_args_parser().parse_args(["--ckpts", checkpoint,
                                                *backend_flags(backend, precision, threads, batch_size, streams)])
     model = model_lib.load_model(checkpoint)
-    runner = infer.make_runner(model, args, torch.device("cpu"), infer.use_bf16(precision, torch.device("cpu")))
+    runner = engines.make_runner(model, args, torch.device("cpu"), engines.use_bf16(precision, torch.device("cpu")))
     batch = torch.randn(batch_size, model.window_samples) * 0.05
     list(runner.map([batch] * 4))  # warm-up (and the parity check for exported backends)
     done, started = 0, time.perf_counter()

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import model as model_lib  # noqa: E402
-import train  # noqa: E402
+import runfolder  # noqa: E402
 from conftest import write_tiny_dataset  # noqa: E402
 
 TRAIN_FLAGS = ["--backbone", "test_efficientnet", "--no-pretrained", "--batch-size", "2", "--workers", "0",
@@ -71,7 +71,7 @@ def main() -> None:
                 process.kill()  # SIGKILL: no handler runs, no cleanup
                 process.wait()
                 kills += 1
-            files = train.periodic_checkpoints(killed_dir) if killed_dir.exists() else []
+            files = runfolder.periodic_checkpoints(killed_dir) if killed_dir.exists() else []
             for path in files + ([killed_dir / "best.pt"] if (killed_dir / "best.pt").exists() else []):
                 try:
                     model_lib.read_checkpoint(path)
@@ -83,8 +83,8 @@ def main() -> None:
 
         same_metrics = (work / "reference" / "metrics.csv").read_text() == (killed_dir / "metrics.csv").read_text()
         same_steps = (work / "reference" / "steps.csv").read_text() == (killed_dir / "steps.csv").read_text()
-        reference = model_lib.read_checkpoint(train.periodic_checkpoints(work / "reference")[-1])["model"]
-        resumed = model_lib.read_checkpoint(train.periodic_checkpoints(killed_dir)[-1])["model"]
+        reference = model_lib.read_checkpoint(runfolder.periodic_checkpoints(work / "reference")[-1])["model"]
+        resumed = model_lib.read_checkpoint(runfolder.periodic_checkpoints(killed_dir)[-1])["model"]
         same_weights = all((reference[name] == resumed[name]).all() for name in reference)
         print(f"\n{kills} kills: metrics.csv identical: {same_metrics}; steps.csv identical: {same_steps}; "
               f"final weights identical: {same_weights}; checkpoints that failed to load after a kill: {torn}")

@@ -5,7 +5,7 @@
 Makes (once) a demo data set of real-length recordings (log-normal lengths around
 --median-seconds, 32/44.1/48 kHz ogg, some stereo), caches it with
 `python data.py cache` (ends policy: first and last 8 s at 32 kHz), then runs
-train.py's own loader (train.make_loader over EpochBatchSampler batches of
+train.py's own loader (loader.make_loader over train.epoch_batches of
 epoch after epoch, 5-s crops, batch 32) for about --seconds per setting and
 counts samples per second. Steady state: the loader is built once per setting and
 its first batch (worker start-up) is not timed.
@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import demo  # noqa: E402
+import loader  # noqa: E402
 import train  # noqa: E402
 
 
@@ -33,17 +34,17 @@ def measure(train_set, args, workers: int, seconds: float) -> tuple[float, int]:
     """-> (samples per second, samples timed) of train.py's loader with `workers` processes."""
     run_args = train.get_args_parser().parse_args(["--workers", str(workers), "--batch-size", str(args.batch_size)])
     batches = itertools.chain.from_iterable(
-        data.EpochBatchSampler(train.draw_for_epoch(train_set, run_args, epoch), args.batch_size, epoch)
+        train.epoch_batches(train_set, run_args, epoch)
         for epoch in itertools.count())
-    loader = train.make_loader(train_set, run_args, torch.device("cpu"), batch_sampler=batches)
-    iterator = iter(loader)
+    batches_loader = loader.make_loader(train_set, run_args, torch.device("cpu"), batch_sampler=batches)
+    iterator = iter(batches_loader)
     next(iterator)                                   # workers started, first batch decoded
     samples, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         batch = next(iterator)
         samples += len(batch["waveform"])
     elapsed = time.perf_counter() - started
-    del iterator, loader
+    del iterator, batches_loader
     return samples / elapsed, samples
 
 
@@ -66,9 +67,9 @@ def main() -> None:
     cache_seconds = time.perf_counter() - started
 
     run_args = train.get_args_parser().parse_args(["--data-dir", str(data_dir), "--val-fraction", "0.01"])
-    _, uncached, _ = train.prepare_data(run_args, work)
+    _, uncached, _ = data.build_datasets(run_args, work)
     run_args.cache = str(cache_dir)
-    _, cached, _ = train.prepare_data(run_args, work)
+    _, cached, _ = data.build_datasets(run_args, work)
     hours = sum(uncached.durations) / 3600
     print(f"\n{len(uncached)} training recordings, {hours:.2f} h of audio (median length "
           f"{sorted(uncached.durations)[len(uncached) // 2]:.0f} s); cache built in {cache_seconds:.0f} s, "

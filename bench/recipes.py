@@ -25,12 +25,12 @@ import train  # noqa: E402
 
 RECIPES = {
     "baseline": [],                                          # CE, mixup 0.2, ends crops (log baseline)
-    "bce": ["--loss", "bce"],                                # log experiment 22
-    "pcen": ["--frontend", "pcen"],                          # log experiments 11-13
-    "mlp-head": ["--head", "mlp", "--dropout", "0.5"],       # log experiment 21, 54-55
-    "inverse-sampling": ["--sampler", "inverse"],            # log experiments 25-39
+    "bce": ["--loss", "bce"],
+    "pcen": ["--frontend", "pcen"],
+    "mlp-head": ["--head", "mlp", "--dropout", "0.5"],
+    "inverse-sampling": ["--sampler", "inverse"],
     "label-smoothing": ["--label-smoothing", "0.1"],
-    "noise": ["--noise-prob", "0.5", "--noise-snr", "1", "2", "--freq-masks", "3", "--time-masks", "3"],  # log 72-73
+    "noise": ["--noise-prob", "0.5", "--noise-snr", "1", "2", "--freq-masks", "3", "--time-masks", "3"],
     "random-crops": ["--crop-policy", "random"],
 }
 

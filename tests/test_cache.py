@@ -12,9 +12,13 @@ from conftest import quick_args, tone_recording
 
 import data
 import train
+import audio
+import sampling
+import loader
+import cache as cache_lib
 
 RATE = 16000
-QUANTUM = 1.5 / data.INT16_SCALE      # int16 rounding, and nothing more
+QUANTUM = 1.5 / audio.INT16_SCALE      # int16 rounding, and nothing more
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +29,8 @@ def native_data(tmp_path_factory):
     for index, (code, seconds) in enumerate([("aaa1", 3.0), ("aaa1", 9.5), ("aaa1", 30.0), ("bbb1", 7.0),
                                              ("bbb1", 16.0), ("bbb1", 22.3), ("ccc1", 12.0), ("ccc1", 4.2)]):
         (root / "train_audio" / code).mkdir(parents=True, exist_ok=True)
-        audio = tone_recording(700.0 * (index + 1), seconds, RATE, np.random.default_rng(index))
-        sf.write(root / "train_audio" / code / f"XC{index + 1}.ogg", audio, RATE, format="OGG", subtype="VORBIS")
+        samples = tone_recording(700.0 * (index + 1), seconds, RATE, np.random.default_rng(index))
+        sf.write(root / "train_audio" / code / f"XC{index + 1}.ogg", samples, RATE, format="OGG", subtype="VORBIS")
         rows.append({"primary_label": code, "secondary_labels": "[]", "filename": f"{code}/XC{index + 1}.ogg",
                      "url": f"https://www.xeno-canto.org/{index + 1}"})
     pd.DataFrame(rows).to_csv(root / "train_metadata.csv", index=False)
@@ -35,31 +39,41 @@ def native_data(tmp_path_factory):
 
 def as_float(item):
     assert item["waveform"].dtype == torch.int16          # cached batches travel as int16
-    return data.as_float(item["waveform"]).numpy()
+    return audio.as_float(item["waveform"]).numpy()
 
 
 def settings(policy="ends", max_seconds=0.0, rate=RATE):
-    return data.cache_settings(rate, policy, 4.0, 2.0, max_seconds)
+    return cache_lib.cache_settings(rate, policy, 4.0, 2.0, max_seconds)
+
+
+def build_cache(data_dir, out_dir, cache_settings, workers=0):
+    """As `python data.py cache --data-dir data_dir --out out_dir` does it."""
+    table, _ = data.read_training_data([data_dir])
+    return cache_lib.build_cache(data.audio_names(table), list(table["path"]), out_dir, cache_settings, workers)
+
+
+def open_cache(folder, table, cache_settings):
+    return cache_lib.AudioCache(folder, data.audio_names(table), list(table["path"]), cache_settings)
 
 
 def datasets(root, cache_dir, policy="ends", max_seconds=0.0):
     table, _ = data.read_training_data([root])
     durations = [sf.info(path).duration for path in table["path"]]
-    crop = data.CropSettings(RATE, 2.0, policy, 4.0)
+    crop = audio.CropSettings(RATE, 2.0, policy, 4.0)
     targets = np.zeros((len(table), 1), dtype=np.float32)
-    cache = data.AudioCache(cache_dir, table, settings(policy, max_seconds))
-    plain = data.RecordingDataset(table["path"], durations, targets, crop, seed=3)
-    cached = data.RecordingDataset(table["path"], durations, targets, crop, seed=3, cache=cache,
+    cache = open_cache(cache_dir, table, settings(policy, max_seconds))
+    plain = loader.RecordingDataset(table["path"], durations, targets, crop, seed=3)
+    cached = loader.RecordingDataset(table["path"], durations, targets, crop, seed=3, cache=cache,
                                    cache_rows=np.arange(len(table)))
     return plain, cached
 
 
 @pytest.mark.parametrize("policy", ["ends", "random"])
 def test_cached_crops_equal_decoded_crops(native_data, tmp_path, policy, monkeypatch):
-    data.build_cache([native_data], tmp_path / "cache", settings(policy), workers=0)
+    build_cache(native_data, tmp_path / "cache", settings(policy), workers=0)
     plain, cached = datasets(native_data, tmp_path / "cache", policy)
     decoded = []
-    monkeypatch.setattr(data, "read_window", lambda *a, **k: decoded.append(a) or real_read_window(*a, **k))
+    monkeypatch.setattr(audio, "read_window", lambda *a, **k: decoded.append(a) or real_read_window(*a, **k))
     for epoch in range(4):
         for record in range(len(plain)):
             item = (record, epoch, 10 * epoch + record)
@@ -68,18 +82,18 @@ def test_cached_crops_equal_decoded_crops(native_data, tmp_path, policy, monkeyp
     assert len(decoded) == 4 * len(plain) + 1            # only the uncached dataset decoded anything
 
 
-real_read_window = data.read_window
+real_read_window = audio.read_window
 
 
 def test_size_follows_the_policy_and_max_seconds_lowers_it(native_data, tmp_path, capsys, monkeypatch):
-    data.build_cache([native_data], tmp_path / "ends", settings("ends"), workers=2)   # in parallel
+    build_cache(native_data, tmp_path / "ends", settings("ends"), workers=2)   # in parallel
     manifest = json.loads((tmp_path / "ends" / "manifest.json").read_text())
     durations = [3.0, 9.5, 30.0, 7.0, 16.0, 22.3, 12.0, 4.2]
     expected = sum(d if d <= 8.0 else 8.0 for d in durations)      # first and last 4 s, or all of a short one
     assert manifest["samples"] == pytest.approx(expected * RATE, abs=2 * len(durations))
     assert manifest["complete"] and (tmp_path / "ends" / "audio.int16").stat().st_size == manifest["bytes"]
     assert f"{manifest['bytes'] / 1e9:.2f} GB" in capsys.readouterr().out           # told before writing
-    data.build_cache([native_data], tmp_path / "capped", settings("ends", max_seconds=5.0), workers=0)
+    build_cache(native_data, tmp_path / "capped", settings("ends", max_seconds=5.0), workers=0)
     capped = json.loads((tmp_path / "capped" / "manifest.json").read_text())
     assert capped["samples"] == pytest.approx(sum(min(d, 5.0) for d in durations) * RATE, abs=2 * len(durations))
     # crops the capped cache does not hold are decoded: the crops stay those of the policy
@@ -91,46 +105,46 @@ def test_size_follows_the_policy_and_max_seconds_lowers_it(native_data, tmp_path
 
 def test_interrupted_cache_is_refused_then_finished_by_running_again(native_data, tmp_path, monkeypatch, capsys):
     clean = tmp_path / "clean"
-    data.build_cache([native_data], clean, settings(), workers=0)
+    build_cache(native_data, clean, settings(), workers=0)
     calls = []
-    real = data._cache_recording
+    real = cache_lib._cache_recording
 
     def crash_after_three(job):
         if len(calls) == 3:
             raise KeyboardInterrupt("killed")
         calls.append(job[2])
         return real(job)
-    monkeypatch.setattr(data, "_cache_recording", crash_after_three)
+    monkeypatch.setattr(cache_lib, "_cache_recording", crash_after_three)
     broken = tmp_path / "broken"
     with pytest.raises(KeyboardInterrupt):
-        data.build_cache([native_data], broken, settings(), workers=0)
+        build_cache(native_data, broken, settings(), workers=0)
     table, _ = data.read_training_data([native_data])
-    with pytest.raises(data.CacheError, match="unfinished.*again"):
-        data.AudioCache(broken, table, settings())
-    monkeypatch.setattr(data, "_cache_recording", lambda job: calls.append(job[2]) or real(job))
-    data.build_cache([native_data], broken, settings(), workers=0)
+    with pytest.raises(cache_lib.CacheError, match="unfinished.*again"):
+        open_cache(broken, table, settings())
+    monkeypatch.setattr(cache_lib, "_cache_recording", lambda job: calls.append(job[2]) or real(job))
+    build_cache(native_data, broken, settings(), workers=0)
     assert sorted(calls) == list(range(8)) and len(calls) == 8       # the first three were not decoded again
     assert (broken / "audio.int16").read_bytes() == (clean / "audio.int16").read_bytes()
     before = (clean / "audio.int16").stat().st_mtime_ns
     capsys.readouterr()
-    data.build_cache([native_data], clean, settings(), workers=0)     # idempotent
+    build_cache(native_data, clean, settings(), workers=0)     # idempotent
     assert "already complete" in capsys.readouterr().out
     assert (clean / "audio.int16").stat().st_mtime_ns == before
 
 
 def test_a_cache_of_other_data_policy_or_rate_is_refused(native_data, tiny_data, tmp_path):
-    data.build_cache([native_data], tmp_path / "cache", settings(), workers=0)
+    build_cache(native_data, tmp_path / "cache", settings(), workers=0)
     table, _ = data.read_training_data([native_data])
-    with pytest.raises(data.CacheError, match="sample_rate=16000.*32000"):
-        data.AudioCache(tmp_path / "cache", table, settings(rate=32000))
-    with pytest.raises(data.CacheError, match="crop_policy='ends'.*'random'"):
-        data.AudioCache(tmp_path / "cache", table, settings("random"))
-    with pytest.raises(data.CacheError, match="another data set"):
-        data.AudioCache(tmp_path / "cache", data.read_training_data([tiny_data])[0], settings())
-    with pytest.raises(data.CacheError, match="ends"):              # a run cropping 6 s ends instead of 4
-        data.build_cache([native_data], tmp_path / "cache", data.cache_settings(RATE, "ends", 6.0, 2.0), workers=0)
-    with pytest.raises(data.CacheError, match="not a cache"):
-        data.AudioCache(tmp_path, table, settings())
+    with pytest.raises(cache_lib.CacheError, match="sample_rate=16000.*32000"):
+        open_cache(tmp_path / "cache", table, settings(rate=32000))
+    with pytest.raises(cache_lib.CacheError, match="crop_policy='ends'.*'random'"):
+        open_cache(tmp_path / "cache", table, settings("random"))
+    with pytest.raises(cache_lib.CacheError, match="another data set"):
+        open_cache(tmp_path / "cache", data.read_training_data([tiny_data])[0], settings())
+    with pytest.raises(cache_lib.CacheError, match="ends"):              # a run cropping 6 s ends instead of 4
+        build_cache(native_data, tmp_path / "cache", cache_lib.cache_settings(RATE, "ends", 6.0, 2.0), workers=0)
+    with pytest.raises(cache_lib.CacheError, match="not a cache"):
+        open_cache(tmp_path, table, settings())
 
 
 def test_training_with_the_cache_says_so_and_trains_the_same(native_data, tmp_path, caplog):
@@ -148,23 +162,23 @@ def test_training_with_the_cache_says_so_and_trains_the_same(native_data, tmp_pa
                               for name in ("plain", "cached", "cached_workers"))
     np.testing.assert_allclose(cached["loss"], plain["loss"], rtol=1e-3)
     np.testing.assert_array_equal(workers["loss"], cached["loss"])
-    with pytest.raises(data.CacheError, match="crop_policy"):
+    with pytest.raises(cache_lib.CacheError, match="crop_policy"):
         train.main(quick_args(native_data, tmp_path / "refused", "--cache", str(tmp_path / "cache"),
                               "--crop-policy", "random", *common))
 
 
 @pytest.mark.parametrize("max_seconds", [0.0, 5.0])     # 5 s: some crops are not cached and are decoded
 def test_whole_batches_from_the_cache_equal_items_read_one_by_one(native_data, tmp_path, max_seconds):
-    data.build_cache([native_data], tmp_path / "cache", settings(max_seconds=max_seconds), workers=0)
+    build_cache(native_data, tmp_path / "cache", settings(max_seconds=max_seconds), workers=0)
     _, cached = datasets(native_data, tmp_path / "cache", max_seconds=max_seconds)
     cached.paths[1], cached.cache_rows[1] = str(tmp_path / "missing.ogg"), -1     # fails: left out of its batch
-    sampler = data.EpochBatchSampler(np.tile(np.arange(len(cached)), 6), 4, epoch=2)
+    sampler = sampling.EpochBatchSampler(np.tile(np.arange(len(cached)), 6), 4, epoch=2)
     loaders = [torch.utils.data.DataLoader(cached, batch_sampler=sampler, num_workers=workers,
-                                           collate_fn=data.collate) for workers in (0, 2)]
-    loaders.append(data.Loader(cached, batch_sampler=sampler, num_workers=2, collate_fn=data.collate,
+                                           collate_fn=loader.collate) for workers in (0, 2)]
+    loaders.append(loader.RingDataLoader(cached, batch_sampler=sampler, num_workers=2, collate_fn=loader.collate,
                                ring_batch_size=4))    # through a BatchRing (12 batches, 5 slots)
-    for loader in loaders:
-        kept = list(loader)   # all kept before looking: a slot reused under a kept batch would show
+    for data_loader in loaders:
+        kept = list(data_loader)   # all kept before looking: a slot reused under a kept batch would show
         for items, batch in zip(sampler, kept, strict=True):
             one_by_one = [cached[item] for item in items]
             expected = torch.stack([item["waveform"] for item in one_by_one if item is not None])
@@ -176,15 +190,15 @@ def test_a_recording_that_fails_to_decode_is_left_out_and_the_cache_still_comple
                                                                                       monkeypatch, caplog):
     table, _ = data.read_training_data([native_data])
     broken = table["path"].iloc[2]
-    real = data.read_window
+    real = audio.read_window
 
     def failing(path, *args, **kwargs):
         if str(path) == broken:
             raise RuntimeError("decoder error")
         return real(path, *args, **kwargs)
-    monkeypatch.setattr(data, "read_window", failing)
+    monkeypatch.setattr(audio, "read_window", failing)
     with caplog.at_level("WARNING", logger="birdclef"):
-        data.build_cache([native_data], tmp_path / "cache", settings(), workers=0)
+        build_cache(native_data, tmp_path / "cache", settings(), workers=0)
     assert "not cached (cannot be decoded): recording 2: RuntimeError: decoder error" in caplog.text
     assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["complete"]
     assert np.load(tmp_path / "cache" / "done.npy").tolist() == [1, 1, 2, 1, 1, 1, 1, 1]
@@ -195,19 +209,19 @@ def test_a_recording_that_fails_to_decode_is_left_out_and_the_cache_still_comple
 
 def test_batch_ring_frees_slots_of_failed_batches_and_is_made_anew_for_each_pass(native_data, tmp_path,
                                                                                 monkeypatch):
-    data.build_cache([native_data], tmp_path / "cache", settings(), workers=0)
+    build_cache(native_data, tmp_path / "cache", settings(), workers=0)
     _, cached = datasets(native_data, tmp_path / "cache")
     cached.paths[1], cached.cache_rows[1] = str(tmp_path / "missing.ogg"), -1
-    monkeypatch.setattr(data.BatchRing, "WAIT_SECONDS", 20.0)      # a leaked slot fails fast
+    monkeypatch.setattr(loader.BatchRing, "WAIT_SECONDS", 20.0)      # a leaked slot fails fast
     batches = [[(1, 0, position)] for position in range(8)] + [[(0, 0, 8), (2, 0, 9)]]  # 8 batches that fail
-    loader = data.Loader(cached, batch_sampler=batches, num_workers=1, prefetch_factor=1,
-                         collate_fn=data.collate, ring_batch_size=2)      # 2 slots
+    data_loader = loader.RingDataLoader(cached, batch_sampler=batches, num_workers=1, prefetch_factor=1,
+                         collate_fn=loader.collate, ring_batch_size=2)      # 2 slots
     for _ in range(2):
-        received = list(loader)
+        received = list(data_loader)
         assert received[:8] == [None] * 8
         assert torch.equal(received[8]["waveform"], torch.stack([cached[(0, 0, 8)]["waveform"],
                                                                  cached[(2, 0, 9)]["waveform"]]))
-    partial = iter(loader)
+    partial = iter(data_loader)
     next(partial)                     # a pass left after one batch: its ring goes with it
     del partial
-    assert len(list(loader)) == 9
+    assert len(list(data_loader)) == 9

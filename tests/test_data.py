@@ -19,6 +19,9 @@ import torchaudio
 
 import data
 from conftest import TINY_COUNTS, TINY_SPECIES
+import audio
+import sampling
+import loader
 
 BIRDCLEF_2023_COLUMNS = ["primary_label", "secondary_labels", "type", "latitude", "longitude",
                          "scientific_name", "common_name", "author", "license", "rating", "url",
@@ -300,24 +303,24 @@ def test_split_folds_deterministic_under_seed():
 
 def test_read_window_returns_exact_samples(tmp_path):
     rate = 32000
-    audio = ramp(5 * rate)
-    path = write_wav(tmp_path / "ramp.wav", audio, rate)
-    window = data.read_window(path, 1.5, 2.0, rate)
+    samples = ramp(5 * rate)
+    path = write_wav(tmp_path / "ramp.wav", samples, rate)
+    window = audio.read_window(path, 1.5, 2.0, rate)
     assert window.dtype == np.float32
     assert window.shape == (2 * rate,)
-    np.testing.assert_array_equal(window, audio[48000:48000 + 64000])
+    np.testing.assert_array_equal(window, samples[48000:48000 + 64000])
 
 
 def test_read_window_past_the_end_zero_pads_to_exact_length(tmp_path):
     rate = 32000
-    audio = ramp(3 * rate)
-    path = write_wav(tmp_path / "ramp.wav", audio, rate)
-    window = data.read_window(path, 2.5, 2.0, rate)
+    samples = ramp(3 * rate)
+    path = write_wav(tmp_path / "ramp.wav", samples, rate)
+    window = audio.read_window(path, 2.5, 2.0, rate)
     assert window.shape == (64000,)
-    np.testing.assert_array_equal(window[:16000], audio[80000:])
+    np.testing.assert_array_equal(window[:16000], samples[80000:])
     np.testing.assert_array_equal(window[16000:], np.zeros(48000, np.float32))
     # starting past the end: all zeros, still the exact length
-    beyond = data.read_window(path, 10.0, 2.0, rate)
+    beyond = audio.read_window(path, 10.0, 2.0, rate)
     np.testing.assert_array_equal(beyond, np.zeros(64000, np.float32))
 
 
@@ -325,7 +328,7 @@ def test_read_window_averages_stereo_to_mono(tmp_path):
     rate = 32000
     stereo = np.stack([np.full(rate, 0.25, np.float32), np.full(rate, 0.75, np.float32)], axis=1)
     path = write_wav(tmp_path / "stereo.wav", stereo, rate)
-    window = data.read_window(path, 0.0, 0.5, rate)
+    window = audio.read_window(path, 0.0, 0.5, rate)
     assert window.ndim == 1 and window.shape == (16000,)
     np.testing.assert_array_equal(window, np.full(16000, 0.5, np.float32))
 
@@ -334,7 +337,7 @@ def test_read_window_resamples_16k_to_32k_keeping_pitch(tmp_path):
     source = 16000
     t = np.arange(3 * source) / source
     path = write_wav(tmp_path / "sine.wav", np.sin(2 * np.pi * 440 * t).astype(np.float32), source)
-    window = data.read_window(path, 0.5, 2.0, 32000)
+    window = audio.read_window(path, 0.5, 2.0, 32000)
     assert window.shape == (64000,)
     spectrum = np.abs(np.fft.rfft(window))
     peak_hz = np.argmax(spectrum) * 32000 / len(window)   # 0.5 Hz bins
@@ -348,7 +351,7 @@ def test_read_window_resamples_16k_to_32k_keeping_pitch(tmp_path):
                                             (32000, 16000), (96000, 32000), (11025, 44100)])
 def test_resampler_equals_torchaudio_resample(source, target):
     """The zero-tap-free filter against torchaudio's own dense one: same length, same samples."""
-    resampler, reference = data.Resampler(source, target), torchaudio.transforms.Resample(source, target)
+    resampler, reference = audio.Resampler(source, target), torchaudio.transforms.Resample(source, target)
     generator = torch.Generator().manual_seed(source)
     for length in (1, 7, source // 100 - 1, source // 100, 12345, 3 * source + 11):
         waveform = 0.3 * torch.randn(length, generator=generator)
@@ -360,12 +363,12 @@ def test_resampler_equals_torchaudio_resample(source, target):
 
 def test_read_window_replaces_nan_and_inf_with_zero(tmp_path):
     rate = 32000
-    audio = np.full(rate, 0.125, np.float32)
-    audio[[10, 500, 20000]] = np.nan
-    audio[[7, 30000]] = [np.inf, -np.inf]
-    path = write_wav(tmp_path / "nan.wav", audio, rate)
+    samples = np.full(rate, 0.125, np.float32)
+    samples[[10, 500, 20000]] = np.nan
+    samples[[7, 30000]] = [np.inf, -np.inf]
+    path = write_wav(tmp_path / "nan.wav", samples, rate)
     assert np.isnan(sf.read(path, dtype="float32")[0]).sum() == 3  # the file really holds NaN
-    window = data.read_window(path, 0.0, 1.0, rate)
+    window = audio.read_window(path, 0.0, 1.0, rate)
     expected = np.full(rate, 0.125, np.float32)
     expected[[10, 500, 20000, 7, 30000]] = 0.0
     np.testing.assert_array_equal(window, expected)
@@ -373,23 +376,23 @@ def test_read_window_replaces_nan_and_inf_with_zero(tmp_path):
 
 # ----------------------------------------------------------------------------- choose_crop_start
 
-@pytest.mark.parametrize("policy", data.CROP_POLICIES)
+@pytest.mark.parametrize("policy", audio.CROP_POLICIES)
 def test_crop_start_without_rng_is_zero(policy):
-    assert data.choose_crop_start(60.0, 5.0, policy, 8.0, None) == 0.0
+    assert audio.choose_crop_start(60.0, 5.0, policy, 8.0, None) == 0.0
 
 
-@pytest.mark.parametrize("policy", data.CROP_POLICIES)
+@pytest.mark.parametrize("policy", audio.CROP_POLICIES)
 @pytest.mark.parametrize("duration", [1.0, 4.99, 5.0])
 def test_crop_start_short_recording_is_zero(policy, duration):
     rng = np.random.default_rng(0)
     for _ in range(20):
-        assert data.choose_crop_start(duration, 5.0, policy, 8.0, rng) == 0.0
+        assert audio.choose_crop_start(duration, 5.0, policy, 8.0, rng) == 0.0
 
 
 def test_crop_start_ends_policy_stays_in_the_end_segments_and_uses_both():
     duration, window, ends = 30.0, 5.0, 8.0
     rng = np.random.default_rng(1)
-    starts = np.array([data.choose_crop_start(duration, window, "ends", ends, rng) for _ in range(2000)])
+    starts = np.array([audio.choose_crop_start(duration, window, "ends", ends, rng) for _ in range(2000)])
     head = (starts >= 0.0) & (starts <= ends - window)                    # [0, 3]
     tail = (starts >= duration - ends) & (starts <= duration - window)    # [22, 25]
     assert np.all(head | tail), starts[~(head | tail)][:5]
@@ -402,7 +405,7 @@ def test_crop_start_ends_policy_stays_in_the_end_segments_and_uses_both():
 def test_crop_start_ends_policy_recording_shorter_than_ends():
     duration, window, ends = 6.0, 5.0, 8.0
     rng = np.random.default_rng(2)
-    starts = np.array([data.choose_crop_start(duration, window, "ends", ends, rng) for _ in range(500)])
+    starts = np.array([audio.choose_crop_start(duration, window, "ends", ends, rng) for _ in range(500)])
     assert starts.min() >= 0.0 and starts.max() <= duration - window
 
 
@@ -411,7 +414,7 @@ def test_crop_start_ends_policy_never_runs_past_the_end_when_ends_shorter_than_w
     # should still be a full window of audio, not one that runs 2 s past the end.
     duration, window, ends = 30.0, 5.0, 3.0
     rng = np.random.default_rng(3)
-    starts = np.array([data.choose_crop_start(duration, window, "ends", ends, rng) for _ in range(200)])
+    starts = np.array([audio.choose_crop_start(duration, window, "ends", ends, rng) for _ in range(200)])
     assert starts.max() + window <= duration, (
         f"BUG: 'ends' crop starts at {starts.max()} s, so the {window} s window runs "
         f"{starts.max() + window - duration} s past the end of a {duration} s recording "
@@ -421,7 +424,7 @@ def test_crop_start_ends_policy_never_runs_past_the_end_when_ends_shorter_than_w
 def test_crop_start_random_policy_covers_the_recording():
     duration, window = 20.0, 5.0
     rng = np.random.default_rng(4)
-    starts = np.array([data.choose_crop_start(duration, window, "random", 8.0, rng) for _ in range(2000)])
+    starts = np.array([audio.choose_crop_start(duration, window, "random", 8.0, rng) for _ in range(2000)])
     assert starts.min() >= 0.0 and starts.max() <= duration - window
     assert starts.min() < 0.1 and starts.max() > duration - window - 0.1
     # roughly uniform: every 1.5 s bin of [0, 15] is visited
@@ -431,7 +434,7 @@ def test_crop_start_random_policy_covers_the_recording():
 
 def test_crop_start_unknown_policy_raises():
     with pytest.raises(ValueError, match="middle"):
-        data.choose_crop_start(60.0, 5.0, "middle", 8.0, np.random.default_rng(0))
+        audio.choose_crop_start(60.0, 5.0, "middle", 8.0, np.random.default_rng(0))
 
 
 # ----------------------------------------------------------------------------- dataset, sampler, collate
@@ -447,8 +450,8 @@ def ramp_dataset(tmp_path):
              write_wav(tmp_path / "long_b.wav", ramp(N_LONG)[::-1].copy(), RATE),
              write_wav(tmp_path / "short.wav", ramp(int(1.5 * RATE)), RATE)]
     targets = np.eye(3, dtype=np.float32)
-    crop = data.CropSettings(sample_rate=RATE, window_seconds=2.0, policy="random", ends_seconds=4.0)
-    return data.RecordingDataset([str(p) for p in paths], [30.0, 30.0, 1.5], targets, crop, seed=9)
+    crop = audio.CropSettings(sample_rate=RATE, window_seconds=2.0, policy="random", ends_seconds=4.0)
+    return loader.RecordingDataset([str(p) for p in paths], [30.0, 30.0, 1.5], targets, crop, seed=9)
 
 
 def crop_start_sample(waveform: torch.Tensor) -> int:
@@ -477,7 +480,7 @@ def test_dataset_crop_changes_with_epoch_and_position(ramp_dataset):
 
 
 def test_dataset_crop_depends_on_seed(ramp_dataset):
-    other = data.RecordingDataset(ramp_dataset.paths, ramp_dataset.durations, ramp_dataset.targets,
+    other = loader.RecordingDataset(ramp_dataset.paths, ramp_dataset.durations, ramp_dataset.targets,
                                   ramp_dataset.crop, seed=10)
     assert not torch.equal(ramp_dataset[(0, 1, 2)]["waveform"], other[(0, 1, 2)]["waveform"])
 
@@ -491,46 +494,46 @@ def test_dataset_eval_item_is_first_window_and_short_file_is_padded(ramp_dataset
 
 
 def test_epoch_draw_is_a_seeded_permutation_changing_with_epoch():
-    a = data.epoch_draw(50, seed=1, epoch=0)
+    a = sampling.draw_epoch(50, seed=1, epoch=0)
     np.testing.assert_array_equal(np.sort(a), np.arange(50))
-    np.testing.assert_array_equal(a, data.epoch_draw(50, seed=1, epoch=0))
-    b = data.epoch_draw(50, seed=1, epoch=1)
+    np.testing.assert_array_equal(a, sampling.draw_epoch(50, seed=1, epoch=0))
+    b = sampling.draw_epoch(50, seed=1, epoch=1)
     np.testing.assert_array_equal(np.sort(b), np.arange(50))
     assert not np.array_equal(a, b)
-    assert not np.array_equal(a, data.epoch_draw(50, seed=2, epoch=0))
+    assert not np.array_equal(a, sampling.draw_epoch(50, seed=2, epoch=0))
 
 
 def test_sampler_batches_length_and_drop_last():
-    draw = data.epoch_draw(10, seed=0, epoch=2)
-    sampler = data.EpochBatchSampler(draw, batch_size=3, epoch=2)
+    draw = sampling.draw_epoch(10, seed=0, epoch=2)
+    sampler = sampling.EpochBatchSampler(draw, batch_size=3, epoch=2)
     batches = list(sampler)
     assert len(sampler) == 3 == len(batches)
     expected = [[(int(draw[p]), 2, p) for p in range(3 * b, 3 * b + 3)] for b in range(3)]
     assert batches == expected
     # the incomplete last batch (position 9) is dropped
     assert all(position != 9 for batch in batches for _, _, position in batch)
-    exact = data.EpochBatchSampler(draw[:9], batch_size=3, epoch=2)
+    exact = sampling.EpochBatchSampler(draw[:9], batch_size=3, epoch=2)
     assert len(exact) == 3 and sorted(r for b in exact for r, _, _ in b) == sorted(draw[:9].tolist())
-    too_small = data.EpochBatchSampler(draw[:2], batch_size=3, epoch=2)
+    too_small = sampling.EpochBatchSampler(draw[:2], batch_size=3, epoch=2)
     assert len(too_small) == 0 and list(too_small) == []
 
 
 @pytest.mark.parametrize("start_batch", [0, 1, 2, 3, 4, 7])
 def test_sampler_start_batch_yields_the_tail_of_the_epoch(start_batch):
-    draw = data.epoch_draw(17, seed=4, epoch=1)
-    full = list(data.EpochBatchSampler(draw, batch_size=4, epoch=1))
+    draw = sampling.draw_epoch(17, seed=4, epoch=1)
+    full = list(sampling.EpochBatchSampler(draw, batch_size=4, epoch=1))
     assert len(full) == 4
-    resumed = data.EpochBatchSampler(draw, batch_size=4, epoch=1, start_batch=start_batch)
+    resumed = sampling.EpochBatchSampler(draw, batch_size=4, epoch=1, start_batch=start_batch)
     assert list(resumed) == full[start_batch:]
     assert len(resumed) == len(full[start_batch:])
 
 
 def test_loader_with_sampler_reproduces_direct_items(ramp_dataset):
-    draw = data.epoch_draw(len(ramp_dataset), seed=9, epoch=0)
-    sampler = data.EpochBatchSampler(draw, batch_size=2, epoch=0)
-    loader = torch.utils.data.DataLoader(ramp_dataset, batch_sampler=sampler,
-                                         collate_fn=data.collate, num_workers=0)
-    batches = list(loader)
+    draw = sampling.draw_epoch(len(ramp_dataset), seed=9, epoch=0)
+    sampler = sampling.EpochBatchSampler(draw, batch_size=2, epoch=0)
+    data_loader = torch.utils.data.DataLoader(ramp_dataset, batch_sampler=sampler,
+                                         collate_fn=loader.collate, num_workers=0)
+    batches = list(data_loader)
     assert len(batches) == 1
     batch = batches[0]
     assert batch["waveform"].shape == (2, 2 * RATE) and batch["target"].shape == (2, 3)
@@ -549,14 +552,14 @@ def test_deleted_file_gives_none_with_warning_and_collate_drops_it(ramp_dataset,
     assert any(record.levelno == logging.WARNING and ramp_dataset.paths[1] in record.getMessage()
                for record in caplog.records), caplog.text
     good_a, good_c = ramp_dataset[(0, 0, 1)], ramp_dataset[(2, 0, 2)]
-    batch = data.collate([good_a, missing, good_c])
+    batch = loader.collate([good_a, missing, good_c])
     assert batch["waveform"].shape == (2, 2 * RATE)
     assert torch.equal(batch["waveform"][0], good_a["waveform"])
     assert torch.equal(batch["waveform"][1], good_c["waveform"])
     assert torch.equal(batch["target"], torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]))
     assert batch["path"] == [ramp_dataset.paths[0], ramp_dataset.paths[2]]
-    assert data.collate([None, None]) is None
-    assert data.collate([]) is None
+    assert loader.collate([None, None]) is None
+    assert loader.collate([]) is None
 
 
 # ----------------------------------------------------------------------------- check_audio_files
@@ -568,7 +571,7 @@ def test_check_audio_files_reports_bad_files_with_reasons(tmp_path):
     text = tmp_path / "text.ogg"
     text.write_text("this is not audio\n" * 20)
     good = write_wav(tmp_path / "good.wav", np.zeros(12345, np.float32), 22050)
-    headers, bad = data.check_audio_files([missing, empty, text, good])
+    headers, bad = audio.check_audio_files([missing, empty, text, good])
     assert headers == [None, None, None, (12345, 22050)]
     assert [path for path, _ in bad] == [str(missing), str(empty), str(text)]
     for _, reason in bad:
@@ -577,7 +580,7 @@ def test_check_audio_files_reports_bad_files_with_reasons(tmp_path):
 
 def test_check_audio_files_on_tiny_data(tiny_data):
     table = data.read_metadata(tiny_data)
-    headers, bad = data.check_audio_files(table["path"])
+    headers, bad = audio.check_audio_files(table["path"])
     assert bad == []
     for path, (frames, rate) in zip(table["path"], headers):
         info = sf.info(path)

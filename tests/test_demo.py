@@ -10,6 +10,7 @@ import soundfile as sf
 
 import data
 import demo
+import audio
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def test_layout_and_columns_are_birdclef_2023(demo_dir):
     # The project's own reader accepts it.
     table = data.read_metadata(demo_dir)
     assert data.read_vocabulary(demo_dir, table) == species
-    assert not data.check_audio_files(table["path"])[1]
+    assert not audio.check_audio_files(table["path"])[1]
 
 
 def test_long_tail_weak_labels_and_varied_audio(demo_dir):

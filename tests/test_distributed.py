@@ -16,6 +16,8 @@ from conftest import ROOT, tone_recording
 
 import data
 import train
+import sampling
+import runfolder
 
 # Two processes, per-process batch 2 == one process, batch 4. The backbone is frozen
 # (BatchNorm statistics are per process under DDP, see README) and augmentation is off
@@ -52,9 +54,9 @@ def test_rank_shards_are_disjoint_and_together_the_single_process_draw(tiny_data
         shares = [json.loads((tmp_path / f"probe.rank{rank}.json").read_text()) for rank in (0, 1)]
         args = train.get_args_parser().parse_args(["--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "one"),
                                                    "--batch-size", "4", *COMMON, *sampler])
-        _, train_set, _ = train.prepare_data(args, tmp_path)
+        _, train_set, _ = data.build_datasets(args, tmp_path)
         for epoch in ("0", "1"):
-            one = [tuple(item) for batch in train.epoch_sampler(train_set, args, int(epoch)) for item in batch]
+            one = [tuple(item) for batch in train.epoch_batches(train_set, args, int(epoch)) for item in batch]
             ranks = [[tuple(item) for item in share["items"][epoch]] for share in shares]
             assert all(share["world_size"] == 2 for share in shares)
             positions = [{position for _, _, position in items} for items in ranks]
@@ -109,16 +111,16 @@ def test_inference_splits_files_across_processes_and_rank_0_writes_one_submissio
 
 
 def test_sharded_sampler_positions_do_not_depend_on_the_number_of_processes():
-    draw = data.epoch_draw(23, seed=3, epoch=1)
-    one = [item for batch in data.EpochBatchSampler(draw, 6, 1) for item in batch]
-    three = [item for rank in range(3) for batch in data.EpochBatchSampler(draw, 2, 1, 0, rank, 3) for item in batch]
+    draw = sampling.draw_epoch(23, seed=3, epoch=1)
+    one = [item for batch in sampling.EpochBatchSampler(draw, 6, 1) for item in batch]
+    three = [item for rank in range(3) for batch in sampling.EpochBatchSampler(draw, 2, 1, 0, rank, 3) for item in batch]
     assert sorted(three, key=lambda item: item[2]) == one
 
 
 def test_resume_with_another_number_of_processes_is_refused(tiny_data, tmp_path):
     import torch
     single("--data-dir", tiny_data, "--out-dir", tmp_path / "run", "--batch-size", "4", *COMMON, "--max-steps", "2")
-    checkpoint = train.periodic_checkpoints(tmp_path / "run")[-1]
+    checkpoint = runfolder.periodic_checkpoints(tmp_path / "run")[-1]
     assert torch.load(checkpoint, weights_only=True)["world_size"] == 1
     state = torch.load(checkpoint, weights_only=True)
     state["world_size"] = 2                          # as if written under torchrun --nproc_per_node 2
@@ -132,9 +134,9 @@ def test_ranks_that_read_different_data_are_stopped(tiny_data, tmp_path, monkeyp
     import distributed
     args = train.get_args_parser().parse_args(["--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "r"),
                                                "--batch-size", "4", *COMMON])
-    labels, train_set, val_set = train.prepare_data(args, tmp_path)
-    train.check_same_data_on_every_rank(labels, train_set, val_set)            # one process: agrees with itself
+    labels, train_set, val_set = data.build_datasets(args, tmp_path)
+    data.check_same_data_on_every_rank(labels, train_set, val_set)            # one process: agrees with itself
     real = distributed.gather_objects
     monkeypatch.setattr(distributed, "gather_objects", lambda value: [value, real(value)[0] + "x"])
     with pytest.raises(ValueError, match="processes read different data"):
-        train.check_same_data_on_every_rank(labels, train_set, val_set)
+        data.check_same_data_on_every_rank(labels, train_set, val_set)

@@ -19,6 +19,10 @@ import data
 import infer
 import train
 from conftest import quick_args, tone_recording
+import audio
+import soundscapes
+import runfolder
+import losses
 
 
 def read_rows(path):
@@ -94,7 +98,7 @@ def test_training_skips_bad_recordings_and_strict_refuses(tmp_path):
     first.write_bytes(first.read_bytes()[:200])  # truncated ogg
     (data_dir / "train_audio" / table.loc[1, "filename"]).write_text("not audio")
     state = train.main(quick_args(data_dir, tmp_path / "run", "--epochs", "1"))
-    assert state["global_step"] > 0
+    assert state.global_step > 0
     bad = pd.read_csv(tmp_path / "run" / "bad_files.csv")
     assert len(bad) >= 1 and bad["reason"].str.len().min() > 5
     with pytest.raises(ValueError, match="--strict"):
@@ -109,11 +113,11 @@ def write_tiny_dataset_once(tmp_path):
 def test_nan_samples_are_zeroed_and_short_clips_padded(tmp_path):
     kinds = write_bad_audio(tmp_path / "audio")
     assert kinds["nan.wav"] == "nan"
-    waveform = data.read_window(tmp_path / "audio" / "nan.wav", 0.0, 1.0, 16000)
+    waveform = audio.read_window(tmp_path / "audio" / "nan.wav", 0.0, 1.0, 16000)
     assert np.isfinite(waveform).all() and (waveform[1000:1100] == 0).all()
-    short = data.read_window(tmp_path / "audio" / "short.wav", 0.0, 2.0, 16000, pad="zero")
+    short = audio.read_window(tmp_path / "audio" / "short.wav", 0.0, 2.0, 16000, pad="zero")
     assert short.shape == (32000,) and (short[8000:] == 0).all()
-    repeated = data.read_window(tmp_path / "audio" / "short.wav", 0.0, 2.0, 16000, pad="repeat")
+    repeated = audio.read_window(tmp_path / "audio" / "short.wav", 0.0, 2.0, 16000, pad="repeat")
     np.testing.assert_array_equal(repeated[8000:16000], repeated[:8000])
     assert np.abs(repeated[8000:]).max() > 0
 
@@ -125,7 +129,7 @@ def test_species_without_usable_recordings_is_warned(tmp_path, caplog):
     for name in table.loc[table["primary_label"] == "ggghhh1", "filename"]:
         (data_dir / "train_audio" / name).write_text("broken")
     with caplog.at_level("WARNING"):
-        train.prepare_data(quick_args(data_dir, tmp_path / "run"), tmp_path)
+        data.build_datasets(quick_args(data_dir, tmp_path / "run"), tmp_path)
     assert "no usable recording" in caplog.text and "ggghhh1" in caplog.text
 
 
@@ -136,7 +140,7 @@ def test_ctrl_c_saves_the_current_step_and_resume_auto_continues_exactly(tiny_da
     train.main(quick_args(tiny_data, full))
     handler_before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
 
-    real_loss = train.batch_loss
+    real_loss = losses.batch_loss
     calls = {"n": 0}
 
     def loss_with_ctrl_c(*args, **kwargs):
@@ -144,12 +148,12 @@ def test_ctrl_c_saves_the_current_step_and_resume_auto_continues_exactly(tiny_da
         if calls["n"] == 1:
             os.kill(os.getpid(), signal.SIGINT)  # arrives during step 0
         return real_loss(*args, **kwargs)
-    monkeypatch.setattr(train, "batch_loss", loss_with_ctrl_c)
+    monkeypatch.setattr(losses, "batch_loss", loss_with_ctrl_c)
     interrupted = tmp_path / "interrupted"
     state = train.main(quick_args(tiny_data, interrupted))
-    assert state["stop_reason"].startswith("interrupted: saved checkpoint_step00000001.pt")
+    assert state.stop_reason.startswith("interrupted: saved checkpoint_step00000001.pt")
     assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
-    monkeypatch.setattr(train, "batch_loss", real_loss)
+    monkeypatch.setattr(losses, "batch_loss", real_loss)
     train.main(quick_args(tiny_data, interrupted, "--resume", "auto"))
     assert read_rows(interrupted / "steps.csv") == read_rows(full / "steps.csv")
     assert read_rows(interrupted / "metrics.csv") == read_rows(full / "metrics.csv")
@@ -158,15 +162,15 @@ def test_ctrl_c_saves_the_current_step_and_resume_auto_continues_exactly(tiny_da
 def test_resume_auto_passes_over_a_corrupt_newest_checkpoint(tiny_data, tmp_path, caplog):
     out = tmp_path / "run"
     train.main(quick_args(tiny_data, out, "--max-steps", "3"))
-    newest = train.periodic_checkpoints(out)[-1]
+    newest = runfolder.periodic_checkpoints(out)[-1]
     newest.write_bytes(newest.read_bytes()[:1000])  # as if torn (cannot happen with os.replace, but be safe)
     with caplog.at_level("WARNING"):
-        assert train.newest_complete_checkpoint(out).name == "checkpoint_step00000002.pt"
+        assert runfolder.newest_complete_checkpoint(out).name == "checkpoint_step00000002.pt"
     assert "passing over" in caplog.text
     with pytest.raises(ValueError, match="needs --out-dir"):
         train.main(train.get_args_parser().parse_args(["--resume", "auto"]))
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        train.newest_complete_checkpoint(tmp_path / "empty")
+        runfolder.newest_complete_checkpoint(tmp_path / "empty")
 
 
 def test_full_disk_keeps_previous_checkpoints_and_says_so(tiny_data, tmp_path, monkeypatch):
@@ -181,10 +185,10 @@ def test_full_disk_keeps_previous_checkpoints_and_says_so(tiny_data, tmp_path, m
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(payload, handle, *args, **kwargs)
     monkeypatch.setattr(torch, "save", save_until_disk_is_full)
-    with pytest.raises(train.CheckpointSaveError, match="No space left on device.*intact.*--resume auto"):
+    with pytest.raises(runfolder.CheckpointSaveError, match="No space left on device.*intact.*--resume auto"):
         train.main(quick_args(tiny_data, out))
     monkeypatch.setattr(torch, "save", real_save)
-    assert [p.name for p in train.periodic_checkpoints(out)] == ["checkpoint_step00000002.pt"]
+    assert [p.name for p in runfolder.periodic_checkpoints(out)] == ["checkpoint_step00000002.pt"]
     assert torch.load(out / "checkpoint_step00000002.pt", weights_only=True)["global_step"] == 2
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
@@ -192,21 +196,21 @@ def test_full_disk_keeps_previous_checkpoints_and_says_so(tiny_data, tmp_path, m
 # ----------------------------------------------------------------------------- numerics
 
 def test_skip_nonfinite_skips_up_to_k_batches(tiny_data, tmp_path, monkeypatch, caplog):
-    real_loss = train.batch_loss
+    real_loss = losses.batch_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
         calls["n"] += 1
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] in (2, 4) else loss
-    monkeypatch.setattr(train, "batch_loss", sometimes_nan)
+    monkeypatch.setattr(losses, "batch_loss", sometimes_nan)
     with caplog.at_level("WARNING"):
         state = train.main(quick_args(tiny_data, tmp_path / "run", "--skip-nonfinite", "2"))
-    assert state["skipped_nonfinite"] == 2 and caplog.text.count("skipping batch") == 2
+    assert state.skipped_nonfinite == 2 and caplog.text.count("skipping batch") == 2
     steps = pd.read_csv(tmp_path / "run" / "steps.csv")
     assert list(steps["global_step"]) == [0, 2, 4, 5]  # the skipped steps logged no loss
     calls["n"] = 0
-    with pytest.raises(train.NonFiniteLossError, match="batch files"):
+    with pytest.raises(losses.NonFiniteLossError, match="batch files"):
         train.main(quick_args(tiny_data, tmp_path / "run2", "--skip-nonfinite", "1"))
 
 
@@ -218,7 +222,7 @@ def test_non_finite_gradient_is_caught_like_a_loss(tiny_data, tmp_path, monkeypa
             parameter.grad = torch.full_like(parameter, float("inf"))
         return real_check(parts, args)
     monkeypatch.setattr(train, "check_gradients", poisoned)
-    with pytest.raises(train.NonFiniteLossError, match="non-finite gradient norm"):
+    with pytest.raises(losses.NonFiniteLossError, match="non-finite gradient norm"):
         train.main(quick_args(tiny_data, tmp_path / "run"))
 
 
@@ -251,13 +255,13 @@ def test_ensemble_members_with_other_rates_and_windows_each_get_their_own_input(
     folder.mkdir()
     sf.write(folder / "a.wav", tone_recording(2500.0, 12.0, 44100, np.random.default_rng(0)), 44100)
     fed = []
-    real_fill_batch = infer.fill_batch
+    real_fill_batch = soundscapes.fill_batch
 
     def spy(sources, window_samples):
         fed.append((window_samples, len(sources), {len(waveform) for waveform, _ in sources}))
         return real_fill_batch(sources, window_samples)
     import unittest.mock
-    with unittest.mock.patch.object(infer, "fill_batch", spy):
+    with unittest.mock.patch.object(soundscapes, "fill_batch", spy):
         result = infer.main(infer.get_args_parser().parse_args(
             ["--ckpts", str(checkpoint), str(tmp_path / "other.pt"), "--soundscapes", str(folder),
              "--out", str(tmp_path / "sub.csv")]))
@@ -290,4 +294,4 @@ def test_non_finite_logits_never_reach_a_metric_or_a_submission(checkpoint, tiny
     monkeypatch.setattr(model_lib.BirdCallModel, "classify", nan_in_eval)
     with pytest.raises(FloatingPointError, match="validation windows"):
         train.main(quick_args(tiny_data, tmp_path / "run"))
-    assert not (tmp_path / "run" / "metrics.csv").exists() and not train.periodic_checkpoints(tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.csv").exists() and not runfolder.periodic_checkpoints(tmp_path / "run")

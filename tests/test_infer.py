@@ -15,6 +15,8 @@ import torch
 import infer
 import train
 from conftest import TINY_SPECIES, quick_args, tone_recording
+import soundscapes
+import engines
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def write_audio(path, seconds, sample_rate=16000, frequency=2500.0, channels=1):
                                                (2.0, 1), (10.9, 2), (11.0, 3)])
 def test_row_count(seconds, expected):
     sample_rate = 32000
-    assert infer.row_count(int(round(seconds * sample_rate)), sample_rate) == expected
+    assert soundscapes.row_count(int(round(seconds * sample_rate)), sample_rate) == expected
 
 
 def test_row_ids_and_counts_end_to_end(checkpoint, tmp_path):
@@ -101,24 +103,24 @@ def test_sample_submission_fixes_columns_and_unknown_species_get_zero(checkpoint
 
 
 def test_window_plan_overlap_weights_by_hand():
-    starts, weights = infer.window_plan(n_rows=2, window_seconds=5.0, hop_seconds=5.0)
+    starts, weights = soundscapes.window_plan(n_rows=2, window_seconds=5.0, hop_seconds=5.0)
     np.testing.assert_allclose(starts, [0.0, 5.0])
     np.testing.assert_allclose(weights, np.eye(2))
     # hop 2.5 s: windows at 0, 2.5, 5, 7.5 s. Row 0 [0, 5) overlaps window 0 fully and
     # window 1 for 2.5 s -> weights 2/3, 1/3. Row 1 [5, 10): window 1 for 2.5 s, window 2
     # fully, window 3 for 2.5 s -> 1/4, 1/2, 1/4.
-    starts, weights = infer.window_plan(n_rows=2, window_seconds=5.0, hop_seconds=2.5)
+    starts, weights = soundscapes.window_plan(n_rows=2, window_seconds=5.0, hop_seconds=2.5)
     np.testing.assert_allclose(starts, [0.0, 2.5, 5.0, 7.5])
     np.testing.assert_allclose(weights, [[2 / 3, 1 / 3, 0, 0], [0, 1 / 4, 1 / 2, 1 / 4]])
     # A 10-s model sees 2.5 s of context on each side of its row.
-    starts, weights = infer.window_plan(n_rows=3, window_seconds=10.0, hop_seconds=5.0)
+    starts, weights = soundscapes.window_plan(n_rows=3, window_seconds=10.0, hop_seconds=5.0)
     np.testing.assert_allclose(starts, [-2.5, 2.5, 7.5])
     np.testing.assert_allclose(weights[1], [0.25, 0.5, 0.25])
 
 
 def test_cut_windows_pads_at_both_ends():
     waveform = np.arange(1, 21, dtype=np.float32)  # 20 samples at 2 Hz = 10 s
-    windows = infer.cut_windows(waveform, 2, np.array([-2.5, 2.5, 7.5]), 10.0)
+    windows = soundscapes.cut_windows(waveform, 2, np.array([-2.5, 2.5, 7.5]), 10.0)
     assert windows.shape == (3, 20)
     np.testing.assert_array_equal(windows[0][:5], 0)
     np.testing.assert_array_equal(windows[0][5:], np.arange(1, 16))
@@ -129,16 +131,16 @@ def test_cut_windows_pads_at_both_ends():
 def test_batches_filled_across_files_equal_cut_windows():
     rng = np.random.default_rng(0)
     files = [rng.standard_normal(n).astype(np.float32) for n in (23, 7, 40)]   # at 2 Hz
-    plans = [infer.window_plan(infer.row_count(len(w), 2), 10.0, 2.5)[0] for w in files]
-    expected = np.concatenate([infer.cut_windows(w, 2, starts, 10.0) for w, starts in zip(files, plans)])
-    sources = [(w, int(offset)) for w, starts in zip(files, plans) for offset in infer.window_offsets(starts, 2)]
-    batches = [infer.fill_batch(sources[first:first + 4], 20) for first in range(0, len(sources), 4)]
+    plans = [soundscapes.window_plan(soundscapes.row_count(len(w), 2), 10.0, 2.5)[0] for w in files]
+    expected = np.concatenate([soundscapes.cut_windows(w, 2, starts, 10.0) for w, starts in zip(files, plans)])
+    sources = [(w, int(offset)) for w, starts in zip(files, plans) for offset in soundscapes.window_offsets(starts, 2)]
+    batches = [soundscapes.fill_batch(sources[first:first + 4], 20) for first in range(0, len(sources), 4)]
     np.testing.assert_array_equal(np.concatenate(batches), expected)
     # and against a hand-built zero-padded file: windows entirely before or after the audio are zeros
     padded = np.concatenate([np.zeros(30, np.float32), files[1], np.zeros(30, np.float32)])
     out = np.empty(20, np.float32)
     for offset in (-25, -20, -3, 0, 5, 7, 12):
-        infer.copy_window(files[1], offset, out)
+        soundscapes.copy_window(files[1], offset, out)
         np.testing.assert_array_equal(out, padded[30 + offset:50 + offset])
 
 
@@ -253,7 +255,7 @@ def test_detections_mode_on_training_audio(checkpoint, tiny_data, tmp_path):
     durations = {name: sf.info(tiny_data / "train_audio" / name).duration for name in metadata["filename"]}
     counts = table.groupby("filename").size()
     for name, seconds in durations.items():
-        assert counts[name] == infer.row_count(int(seconds * 1000), 1000)
+        assert counts[name] == soundscapes.row_count(int(seconds * 1000), 1000)
     assert len(result["detections"]) == len(table)
 
 
@@ -263,11 +265,11 @@ def test_parity_check_refuses_a_backend_that_changes_scores(checkpoint):
     waveforms = torch.randn(3, model.window_samples)
     with torch.inference_mode():
         logits = model(waveforms)
-    assert infer.check_parity(model, waveforms, logits, "fake", 1e-6) < 1e-6
+    assert engines.check_parity(model, waveforms, logits, "fake", 1e-6) < 1e-6
     with pytest.raises(FloatingPointError, match="disagrees with PyTorch"):
-        infer.check_parity(model, waveforms, logits + torch.tensor([3.0, 0, 0, 0]), "fake", 0.02)
+        engines.check_parity(model, waveforms, logits + torch.tensor([3.0, 0, 0, 0]), "fake", 0.02)
     with pytest.raises(FloatingPointError):
-        infer.check_parity(model, waveforms, logits * float("nan"), "fake", 0.02)
+        engines.check_parity(model, waveforms, logits * float("nan"), "fake", 0.02)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
@@ -288,7 +290,7 @@ def test_optional_backends_match_torch(backend, checkpoint, tmp_path):
 def test_missing_optional_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
     with pytest.raises(ValueError, match="needs the optional package 'openvino'"):
-        infer.import_optional("openvino")
+        engines.import_optional("openvino")
 
 
 def test_ema_weights_are_used_when_asked(tiny_data, tmp_path):
@@ -339,7 +341,7 @@ def test_nocall_takes_part_in_the_softmax_then_is_dropped(checkpoint, tmp_path):
     assert (row_sums < 1 - 1e-4).all()  # the nocall share of the softmax is not redistributed
 
 
-class SlowDoubler(infer.Runner):
+class SlowDoubler(engines.Runner):
     """A runner whose batches take different times, so concurrent ones finish out of order."""
 
     def __init__(self, streams):
@@ -399,10 +401,10 @@ def test_streams_give_the_same_submission(checkpoint, tmp_path):
 
 
 def test_split_threads_never_more_streams_than_threads():
-    assert infer.split_threads(4, 2) == (2, 2)
-    assert infer.split_threads(2, 2) == (2, 1)
-    assert infer.split_threads(1, 2) == (1, 1)
-    assert infer.split_threads(3, 1) == (1, 3)
+    assert engines.split_threads(4, 2) == (2, 2)
+    assert engines.split_threads(2, 2) == (2, 1)
+    assert engines.split_threads(1, 2) == (1, 1)
+    assert engines.split_threads(3, 1) == (1, 3)
 
 
 def test_batches_run_across_files_with_the_scores_of_each_file_alone(checkpoint, tmp_path):
@@ -414,14 +416,14 @@ def test_batches_run_across_files_with_the_scores_of_each_file_alone(checkpoint,
     for index, (stem, seconds) in enumerate(lengths.items()):
         write_audio(together / f"{stem}.wav", seconds, frequency=1500.0 + 700 * index)
     batches = []
-    real_fill_batch = infer.fill_batch
+    real_fill_batch = soundscapes.fill_batch
 
     def spy(sources, window_samples):
         batches.append([id(waveform) for waveform, _ in sources])
         return real_fill_batch(sources, window_samples)
     import unittest.mock
     common = ["--ckpts", checkpoint, "--hop", "2.5", "--batch-size", "3", "--smooth", "0.2,0.6,0.2"]
-    with unittest.mock.patch.object(infer, "fill_batch", spy):
+    with unittest.mock.patch.object(soundscapes, "fill_batch", spy):
         joint = run_infer(*common, "--soundscapes", together, "--out", tmp_path / "joint.csv")["submission"]
     assert sum(len(batch) < 3 for batch in batches) == 1                  # only the run's last batch
     assert sum(len(set(batch)) > 1 for batch in batches) >= 2              # batches spanning two files

@@ -485,9 +485,10 @@ def test_the_logs_efficientnetv2_backbone_builds_with_one_channel():
 def test_compile_and_channels_last_leave_checkpoints_unchanged(tiny_data, tmp_path):
     import train
     from conftest import quick_args
-    plain = train.build_parts(quick_args(tiny_data, tmp_path / "a"), ["a", "b"], torch.device("cpu"))
-    fast = train.build_parts(quick_args(tiny_data, tmp_path / "b", "--compile", "--channels-last", "--ema", "0.9"),
-                             ["a", "b"], torch.device("cpu"))
+    import learner as learner_lib
+    plain = learner_lib.build_learner(quick_args(tiny_data, tmp_path / "a"), ["a", "b"], torch.device("cpu"), 10)
+    fast = learner_lib.build_learner(quick_args(tiny_data, tmp_path / "b", "--compile", "--channels-last", "--ema", "0.9"),
+                                     ["a", "b"], torch.device("cpu"), 10)
     assert list(fast.model.state_dict()) == list(plain.model.state_dict())       # no "_orig_mod." names
     assert list(fast.ema.module.state_dict()) == list(plain.model.state_dict())
     weights = [p for p in fast.model.backbone.parameters() if p.dim() == 4]

@@ -39,11 +39,11 @@ def nocall_sources(tiny_data, tmp_path):
 
 
 def test_nocall_windows_from_each_source(tiny_data, nocall_sources, tmp_path):
-    _, plain_train, _ = train.prepare_data(quick_args(tiny_data, tmp_path / "plain"), tmp_path)
+    _, plain_train, _ = data.build_datasets(quick_args(tiny_data, tmp_path / "plain"), tmp_path)
     args = quick_args(tiny_data, tmp_path / "run", "--nocall", "--bg-dir", str(nocall_sources / "bg"),
                       "--nocall-soundscapes", str(nocall_sources / "scapes" / "labels.csv"),
                       "--nocall-detections", str(nocall_sources / "detections.csv"))
-    labels, train_set, val_set = train.prepare_data(args, tmp_path)
+    labels, train_set, val_set = data.build_datasets(args, tmp_path)
     assert labels == sorted(TINY_SPECIES) + ["nocall"]
     n = len(plain_train)
     nocall = slice(n, len(train_set))
@@ -61,7 +61,7 @@ def test_nocall_windows_from_each_source(tiny_data, nocall_sources, tmp_path):
 
 def test_nocall_without_a_source_is_refused(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="--nocall needs background audio"):
-        train.prepare_data(quick_args(tiny_data, tmp_path / "run", "--nocall"), tmp_path)
+        data.build_datasets(quick_args(tiny_data, tmp_path / "run", "--nocall"), tmp_path)
 
 
 def test_gate_by_nocall_by_hand():
@@ -89,4 +89,4 @@ def test_train_with_nocall_then_infer_drops_and_gates_it(tiny_data, nocall_sourc
     after = gated["submission"][columns].to_numpy()
     ratio = after / before                                                  # one factor 1 - p(nocall) per row
     assert (ratio < 1).all() and np.allclose(ratio, ratio[:, :1], rtol=1e-4)
-    assert state["out_dir"] == out
+    assert state.out_dir == out

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import data
+import sampling
 
 SMALL_COUNTS = {"a": 50, "b": 20, "c": 10, "d": 5, "e": 2, "f": 1}
 
@@ -45,14 +45,14 @@ def test_recording_weights_by_hand():
     labels = labels_from_counts(SMALL_COUNTS)
     for sampler, per_record in [("none", lambda n: 1.0), ("inverse", lambda n: 1.0 / n),
                                 ("sqrt", lambda n: n ** -0.5)]:
-        weights = data.recording_weights(labels, sampler)
+        weights = sampling.recording_weights(labels, sampler)
         assert weights.dtype == np.float64 and weights.shape == (len(labels),)
         assert weights.sum() == pytest.approx(1.0, abs=1e-12)
         raw = np.array([per_record(SMALL_COUNTS[label]) for label in labels])
         np.testing.assert_allclose(weights, raw / raw.sum(), rtol=1e-12)
-    totals = per_species(labels, data.recording_weights(labels, "inverse"))
+    totals = per_species(labels, sampling.recording_weights(labels, "inverse"))
     np.testing.assert_allclose(list(totals.values()), 1 / 6, rtol=1e-12)
-    sqrt_totals = per_species(labels, data.recording_weights(labels, "sqrt"))
+    sqrt_totals = per_species(labels, sampling.recording_weights(labels, "sqrt"))
     norm = sum(n ** 0.5 for n in SMALL_COUNTS.values())
     for species, n in SMALL_COUNTS.items():
         assert sqrt_totals[species] == pytest.approx(n ** 0.5 / norm, rel=1e-12)
@@ -61,24 +61,24 @@ def test_recording_weights_by_hand():
 def test_unknown_sampler_and_missing_cap_are_errors():
     labels = labels_from_counts(SMALL_COUNTS)
     with pytest.raises(ValueError, match="unknown sampler"):
-        data.recording_weights(labels, "balanced")
+        sampling.recording_weights(labels, "balanced")
     with pytest.raises(ValueError, match="cap_per_class"):
-        data.epoch_draw(len(labels), 0, 0, labels, "cap", cap_per_class=0)
+        sampling.draw_epoch(len(labels), 0, 0, labels, "cap", cap_per_class=0)
     with pytest.raises(ValueError, match="primary label"):
-        data.epoch_draw(len(labels), 0, 0, None, "inverse")
+        sampling.draw_epoch(len(labels), 0, 0, None, "inverse")
     with pytest.raises(ValueError, match="primary labels for"):
-        data.epoch_draw(len(labels) + 1, 0, 0, labels, "sqrt")
+        sampling.draw_epoch(len(labels) + 1, 0, 0, labels, "sqrt")
 
 
 def test_expected_draws_by_hand():
     labels = labels_from_counts(SMALL_COUNTS)
     n = len(labels)
-    np.testing.assert_array_equal(data.expected_draws(labels, "none", 0), np.ones(n))
-    np.testing.assert_allclose(data.expected_draws(labels, "inverse", 0),
+    np.testing.assert_array_equal(sampling.expected_draws(labels, "none", 0), np.ones(n))
+    np.testing.assert_allclose(sampling.expected_draws(labels, "inverse", 0),
                                [n / 6 / SMALL_COUNTS[label] for label in labels], rtol=1e-12)
-    np.testing.assert_allclose(data.expected_draws(labels, "cap", 4),
+    np.testing.assert_allclose(sampling.expected_draws(labels, "cap", 4),
                                [min(SMALL_COUNTS[label], 4) / SMALL_COUNTS[label] for label in labels], rtol=1e-12)
-    assert data.expected_draws(labels, "cap", 4).sum() == pytest.approx(4 + 4 + 4 + 4 + 2 + 1)
+    assert sampling.expected_draws(labels, "cap", 4).sum() == pytest.approx(4 + 4 + 4 + 4 + 2 + 1)
 
 
 # ----------------------------------------------------------------------------- epoch draws
@@ -86,9 +86,9 @@ def test_expected_draws_by_hand():
 def test_none_is_exactly_the_old_permutation():
     for n, seed, epoch in [(1, 0, 0), (50, 1, 0), (123, 7, 3), (2421, 42, 11)]:
         old = np.random.default_rng([seed, epoch, 7919]).permutation(n)
-        np.testing.assert_array_equal(data.epoch_draw(n, seed, epoch), old)
-        np.testing.assert_array_equal(data.epoch_draw(n, seed, epoch, sampler="none"), old)
-        np.testing.assert_array_equal(data.epoch_draw(n, seed, epoch, np.zeros(n), "none", 3), old)
+        np.testing.assert_array_equal(sampling.draw_epoch(n, seed, epoch), old)
+        np.testing.assert_array_equal(sampling.draw_epoch(n, seed, epoch, sampler="none"), old)
+        np.testing.assert_array_equal(sampling.draw_epoch(n, seed, epoch, np.zeros(n), "none", 3), old)
 
 
 @pytest.mark.parametrize("sampler", ["inverse", "sqrt"])
@@ -96,7 +96,7 @@ def test_weighted_draw_frequencies_match_the_weights(sampler):
     """Species frequencies over many epochs within a 4-sigma binomial bound of the weights."""
     labels = labels_from_counts(SMALL_COUNTS)
     n, epochs = len(labels), 2000
-    draws = np.concatenate([data.epoch_draw(n, 3, epoch, labels, sampler) for epoch in range(epochs)])
+    draws = np.concatenate([sampling.draw_epoch(n, 3, epoch, labels, sampler) for epoch in range(epochs)])
     assert len(draws) == n * epochs and draws.min() >= 0 and draws.max() < n
     total = len(draws)
     norm = sum((1.0 if sampler == "inverse" else m ** 0.5) for m in SMALL_COUNTS.values())
@@ -114,10 +114,10 @@ def test_weighted_draw_frequencies_match_the_weights(sampler):
 def test_weighted_draw_is_deterministic_per_seed_and_epoch():
     labels = labels_from_counts(SMALL_COUNTS)
     n = len(labels)
-    a = data.epoch_draw(n, 5, 2, labels, "inverse")
-    np.testing.assert_array_equal(a, data.epoch_draw(n, 5, 2, labels, "inverse"))
-    assert not np.array_equal(a, data.epoch_draw(n, 5, 3, labels, "inverse"))
-    assert not np.array_equal(a, data.epoch_draw(n, 6, 2, labels, "inverse"))
+    a = sampling.draw_epoch(n, 5, 2, labels, "inverse")
+    np.testing.assert_array_equal(a, sampling.draw_epoch(n, 5, 2, labels, "inverse"))
+    assert not np.array_equal(a, sampling.draw_epoch(n, 5, 3, labels, "inverse"))
+    assert not np.array_equal(a, sampling.draw_epoch(n, 6, 2, labels, "inverse"))
     assert a.dtype == np.int64 and len(a) == n
 
 
@@ -126,33 +126,33 @@ def test_cap_takes_min_n_cap_distinct_records_per_species():
     n, cap = len(labels), 4
     subsets = []
     for epoch in range(5):
-        draw = data.epoch_draw(n, 9, epoch, labels, "cap", cap_per_class=cap)
+        draw = sampling.draw_epoch(n, 9, epoch, labels, "cap", cap_per_class=cap)
         assert draw.dtype == np.int64
         assert len(draw) == sum(min(m, cap) for m in SMALL_COUNTS.values())
         assert len(set(draw.tolist())) == len(draw)  # without replacement
         for species, count in SMALL_COUNTS.items():
             assert np.sum(labels[draw] == species) == min(count, cap)
-        np.testing.assert_array_equal(draw, data.epoch_draw(n, 9, epoch, labels, "cap", cap_per_class=cap))
+        np.testing.assert_array_equal(draw, sampling.draw_epoch(n, 9, epoch, labels, "cap", cap_per_class=cap))
         subsets.append(frozenset(draw[labels[draw] == "a"].tolist()))
     assert len(set(subsets)) > 1  # a fresh subset of the big species each epoch
     # small species always contribute all their records
     for epoch in range(3):
-        draw = data.epoch_draw(n, 9, epoch, labels, "cap", cap_per_class=cap)
+        draw = sampling.draw_epoch(n, 9, epoch, labels, "cap", cap_per_class=cap)
         assert set(np.flatnonzero(labels == "e")) <= set(draw.tolist())
     # the order is shuffled, not grouped by species
-    draw = data.epoch_draw(n, 9, 0, labels, "cap", cap_per_class=cap)
+    draw = sampling.draw_epoch(n, 9, 0, labels, "cap", cap_per_class=cap)
     assert not np.array_equal(np.sort(draw), draw)
     # a cap above every species count is a permutation of all records
-    np.testing.assert_array_equal(np.sort(data.epoch_draw(n, 9, 0, labels, "cap", cap_per_class=1000)),
+    np.testing.assert_array_equal(np.sort(sampling.draw_epoch(n, 9, 0, labels, "cap", cap_per_class=1000)),
                                   np.arange(n))
 
 
 @pytest.mark.parametrize("world_size,batch_size", [(1, 4), (2, 3), (3, 4), (4, 1), (8, 2)])
 def test_shards_are_disjoint_and_together_the_trimmed_draw(world_size, batch_size):
     labels = labels_from_counts(SMALL_COUNTS)
-    draw = data.epoch_draw(len(labels), 1, 0, labels, "inverse")  # with repeats: compare positions
+    draw = sampling.draw_epoch(len(labels), 1, 0, labels, "inverse")  # with repeats: compare positions
     usable = len(draw) // (world_size * batch_size) * (world_size * batch_size)
-    shards = [data.shard_draw(draw, rank, world_size, batch_size) for rank in range(world_size)]
+    shards = [sampling.shard_draw(draw, rank, world_size, batch_size) for rank in range(world_size)]
     assert all(len(shard) == usable // world_size for shard in shards)
     assert all(len(shard) % batch_size == 0 for shard in shards)
     positions = [np.arange(rank, usable, world_size) for rank in range(world_size)]
@@ -163,14 +163,14 @@ def test_shards_are_disjoint_and_together_the_trimmed_draw(world_size, batch_siz
         rebuilt[rank::world_size] = shard
     np.testing.assert_array_equal(rebuilt, draw[:usable])
     with pytest.raises(ValueError):
-        data.shard_draw(draw, world_size, world_size, batch_size)
+        sampling.shard_draw(draw, world_size, world_size, batch_size)
 
 
 # ----------------------------------------------------------------------------- audit
 
 def test_inverse_audit_on_the_long_tail(long_tail):
     counts, labels = long_tail
-    frame, summary = data.sampling_audit(labels, "inverse")
+    frame, summary = sampling.sampling_audit(labels, "inverse")
     n, n_species = len(labels), len(counts)
     assert summary["recordings"] == summary["epoch_length"] == n and summary["species"] == n_species == 264
     # by hand: every species gets n/264 draws; a singleton species' record gets them all
@@ -206,8 +206,8 @@ def test_inverse_audit_on_the_long_tail(long_tail):
 
 def test_none_audit_has_no_repetition(long_tail):
     counts, labels = long_tail
-    frame, summary = data.sampling_audit(labels, "none")
-    np.testing.assert_allclose(data.expected_draws(labels, "none"), 1.0)
+    frame, summary = sampling.sampling_audit(labels, "none")
+    np.testing.assert_allclose(sampling.expected_draws(labels, "none"), 1.0)
     np.testing.assert_allclose(frame["expected_draws_per_epoch"], frame["recordings"])
     assert summary["max_draws_of_one_recording"] == 1.0
     assert summary["imbalance_after"] == summary["imbalance_before"] == 500.0
@@ -217,7 +217,7 @@ def test_none_audit_has_no_repetition(long_tail):
 
 def test_sqrt_is_between_none_and_inverse(long_tail):
     _, labels = long_tail
-    audits = {s: data.sampling_audit(labels, s)[1] for s in ("none", "sqrt", "inverse")}
+    audits = {s: sampling.sampling_audit(labels, s)[1] for s in ("none", "sqrt", "inverse")}
     maxima = [audits[s]["max_draws_of_one_recording"] for s in ("none", "sqrt", "inverse")]
     assert maxima[0] < maxima[1] < maxima[2]
     assert audits["inverse"]["imbalance_after"] < audits["sqrt"]["imbalance_after"] < audits["none"]["imbalance_after"]
@@ -228,7 +228,7 @@ def test_sqrt_is_between_none_and_inverse(long_tail):
 
 def test_cap_audit(long_tail):
     counts, labels = long_tail
-    frame, summary = data.sampling_audit(labels, "cap", cap_per_class=20)
+    frame, summary = sampling.sampling_audit(labels, "cap", cap_per_class=20)
     length = sum(min(c, 20) for c in counts.values())
     assert summary["epoch_length"] == length == summary["expected_distinct_recordings"]
     np.testing.assert_allclose(frame["expected_draws_per_epoch"], np.minimum(frame["recordings"], 20))
@@ -240,31 +240,31 @@ def test_audit_extras():
     labels = labels_from_counts(SMALL_COUNTS, shuffle_seed=None)
     extras = np.zeros(len(labels), dtype=bool)
     extras[:10] = True  # 10 of species "a"'s 50 rows are extra windows
-    frame, summary = data.sampling_audit(labels, "none", extras=extras)
+    frame, summary = sampling.sampling_audit(labels, "none", extras=extras)
     assert dict(zip(frame["species"], frame["extra_recordings"])) == {"a": 10, "b": 0, "c": 0, "d": 0,
                                                                        "e": 0, "f": 0}
     assert summary["extra_share"] == pytest.approx(10 / len(labels))
-    _, inverse_summary = data.sampling_audit(labels, "inverse", extras=extras)
+    _, inverse_summary = sampling.sampling_audit(labels, "inverse", extras=extras)
     assert inverse_summary["extra_share"] == pytest.approx(10 / 50 / 6)
-    assert "extra_share" not in data.sampling_audit(labels, "none")[1]
+    assert "extra_share" not in sampling.sampling_audit(labels, "none")[1]
 
 
 def test_format_sampling_audit_shows_the_problem(long_tail):
     _, labels = long_tail
-    frame, summary = data.sampling_audit(labels, "inverse")
-    text = data.format_sampling_audit(frame, summary, "inverse")
+    frame, summary = sampling.sampling_audit(labels, "inverse")
+    text = sampling.format_sampling_audit(frame, summary, "inverse")
     assert "500.0x before" in text and "1.0x after" in text
     assert "WARNING: the single recording of" in text
     assert f"{summary['distinct_share']:.1%}" in text
     assert len(text.splitlines()) <= 12
-    calm = data.format_sampling_audit(*data.sampling_audit(labels, "none"), "none")
+    calm = sampling.format_sampling_audit(*sampling.sampling_audit(labels, "none"), "none")
     assert "WARNING" not in calm and "500.0x before -> 500.0x after" in calm
 
 
 def test_write_sampling_audit(tmp_path, long_tail):
     _, labels = long_tail
-    frame, _ = data.sampling_audit(labels, "sqrt")
-    path = data.write_sampling_audit(frame, tmp_path)
+    frame, _ = sampling.sampling_audit(labels, "sqrt")
+    path = sampling.write_sampling_audit(frame, tmp_path)
     assert path == tmp_path / "sampling_audit.csv"
     back = pd.read_csv(path)
     assert list(back.columns) == list(frame.columns) and len(back) == 264
@@ -275,7 +275,7 @@ def test_write_sampling_audit(tmp_path, long_tail):
 
 def test_draw_counter_and_append_drawn_counts(tmp_path):
     labels = np.array(["b", "a", "a", "c", "b", "a"])
-    counter = data.DrawCounter(len(labels))
+    counter = sampling.DrawCounter(len(labels))
     counter.add([1, 2, 1])
     counter.add(np.array([0, 5]))
     counter.add([])
@@ -284,16 +284,16 @@ def test_draw_counter_and_append_drawn_counts(tmp_path):
     assert list(frame.columns) == ["epoch", "species", "draws"]
     assert dict(zip(frame["species"], frame["draws"])) == {"a": 4, "b": 1, "c": 0}
     assert (frame["epoch"] == 0).all() and frame["draws"].iloc[0] == 4
-    path = data.append_drawn_counts(tmp_path / "drawn_counts.csv", frame)
+    path = sampling.append_drawn_counts(tmp_path / "drawn_counts.csv", frame)
     counter.reset()
     counter.add([3, 3])
-    data.append_drawn_counts(tmp_path, counter.to_frame(labels, epoch=1))
+    sampling.append_drawn_counts(tmp_path, counter.to_frame(labels, epoch=1))
     lines = path.read_text().splitlines()
     assert lines[0] == "epoch,species,draws"
     assert sum(line.startswith("epoch") for line in lines) == 1 and len(lines) == 1 + 3 + 3
     back = pd.read_csv(path)
     assert back.loc[back["epoch"] == 1].set_index("species")["draws"].to_dict() == {"a": 0, "b": 0, "c": 2}
-    too_far = data.DrawCounter()
+    too_far = sampling.DrawCounter()
     too_far.add([1])
     with pytest.raises(ValueError, match="labels given"):  # record 1 drawn, only one label
         too_far.to_frame(["a"], 0)
@@ -301,8 +301,8 @@ def test_draw_counter_and_append_drawn_counts(tmp_path):
 
 def test_draw_counter_matches_a_real_epoch(long_tail):
     _, labels = long_tail
-    draw = data.epoch_draw(len(labels), 0, 0, labels, "inverse")
-    counter = data.DrawCounter()
+    draw = sampling.draw_epoch(len(labels), 0, 0, labels, "inverse")
+    counter = sampling.DrawCounter()
     for start in range(0, len(draw), 32):  # batch by batch, as a training loop would
         counter.add(draw[start:start + 32])
     frame = counter.to_frame(labels, epoch=0)

@@ -11,6 +11,9 @@ import torch
 import model as model_lib
 import train
 from conftest import quick_args, write_tiny_dataset
+import runfolder
+import losses
+import data
 
 
 def read_rows(path):
@@ -19,7 +22,7 @@ def read_rows(path):
 
 
 def final_weights(out_dir):
-    last = train.periodic_checkpoints(out_dir)[-1]
+    last = runfolder.periodic_checkpoints(out_dir)[-1]
     return torch.load(last, weights_only=True)["model"]
 
 
@@ -31,7 +34,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tiny_data, tmp_path):
 
     interrupted = tmp_path / "interrupted"
     state = train.main(quick_args(tiny_data, interrupted, "--max-steps", "2", "--dropout", "0.5", "--mixup-prob", "1"))
-    assert state["stop_reason"] == "reached --max-steps 2"
+    assert state.stop_reason == "reached --max-steps 2"
     checkpoint = interrupted / "checkpoint_step00000002.pt"
     assert torch.load(checkpoint, weights_only=True)["step_in_epoch"] == 2  # mid-epoch
     train.main(quick_args(tiny_data, interrupted, "--resume", str(checkpoint), "--dropout", "0.5", "--mixup-prob", "1"))
@@ -67,12 +70,12 @@ def test_same_seed_same_metrics_and_workers_do_not_matter(tiny_data, tmp_path):
 def test_keep_last_counts_files_on_disk_across_restarts(tiny_data, tmp_path):
     out = tmp_path / "run"
     train.main(quick_args(tiny_data, out, "--keep-last", "5", "--max-steps", "3"))
-    assert [p.name for p in train.periodic_checkpoints(out)] == ["checkpoint_step00000002.pt",
+    assert [p.name for p in runfolder.periodic_checkpoints(out)] == ["checkpoint_step00000002.pt",
                                                                  "checkpoint_step00000003.pt"]
     # A new process knows nothing of the old list; pruning must still remove the old files.
     train.main(quick_args(tiny_data, out, "--keep-last", "1",
                           "--resume", str(out / "checkpoint_step00000003.pt")))
-    assert [p.name for p in train.periodic_checkpoints(out)] == ["checkpoint_step00000006.pt"]
+    assert [p.name for p in runfolder.periodic_checkpoints(out)] == ["checkpoint_step00000006.pt"]
     assert (out / "best.pt").exists()
     assert not list(out.glob("*.tmp"))
 
@@ -83,7 +86,7 @@ def test_patience_stops_and_says_why(tiny_data, tmp_path):
     state = train.main(quick_args(tiny_data, tmp_path / "run", "--epochs", "5", "--monitor", "val_loss",
                                   "--min-delta", "10", "--patience", "2"))
     assert len(read_rows(tmp_path / "run" / "metrics.csv")) == 3
-    assert "val_loss did not improve by more than 10.0 for 2 evaluations" in state["stop_reason"]
+    assert "val_loss did not improve by more than 10.0 for 2 evaluations" in state.stop_reason
 
 
 def test_checkpoint_is_plain_data_and_load_model_rebuilds_the_run(tiny_data, tmp_path):
@@ -115,7 +118,7 @@ def test_unreadable_and_missing_files_are_reported_and_skipped(tmp_path):
     missing = data_dir / "train_audio" / table.loc[1, "filename"]
     missing.unlink()
     state = train.main(quick_args(data_dir, tmp_path / "run", "--epochs", "1"))
-    assert state["global_step"] == 3  # 16 usable of 18: 13 train -> 3 steps
+    assert state.global_step == 3  # 16 usable of 18: 13 train -> 3 steps
     bad = pd.read_csv(tmp_path / "run" / "bad_files.csv")
     assert sorted(bad["path"]) == sorted([str(corrupt.resolve()), str(missing.resolve())])
     assert bad["reason"].str.len().min() > 10
@@ -124,7 +127,7 @@ def test_unreadable_and_missing_files_are_reported_and_skipped(tmp_path):
 def test_file_failing_mid_epoch_is_skipped_not_fatal(tiny_data, tmp_path, caplog):
     data_dir = tmp_path / "data"
     shutil.copytree(tiny_data, data_dir)
-    labels, train_set, _ = train.prepare_data(quick_args(data_dir, tmp_path / "run"), tmp_path)
+    labels, train_set, _ = data.build_datasets(quick_args(data_dir, tmp_path / "run"), tmp_path)
     # The header check passed; now the file breaks before it is decoded.
     open(train_set.paths[0], "wb").close()
     assert train_set[(0, 0, 0)] is None
@@ -152,13 +155,13 @@ def test_focal_loss_is_bce_at_gamma_zero_and_matches_its_formula():
     torch.manual_seed(0)
     logits, targets = torch.randn(6, 5) * 3, (torch.rand(6, 5) > 0.7).float()
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
-    assert torch.allclose(train.compute_loss(logits, targets, "focal", focal_gamma=0.0), bce, atol=1e-7)
+    assert torch.allclose(losses.compute_loss(logits, targets, "focal", focal_gamma=0.0), bce, atol=1e-7)
     # Hand formula: -alpha_t (1 - p_t)^gamma log(p_t).
     p = logits.sigmoid()
     p_t = torch.where(targets == 1, p, 1 - p)
     alpha_t = torch.where(targets == 1, torch.tensor(0.25), torch.tensor(0.75))
     expected = (-alpha_t * (1 - p_t) ** 2 * torch.log(p_t)).mean()
-    got = train.compute_loss(logits, targets, "focal", focal_gamma=2.0, focal_alpha=0.25)
+    got = losses.compute_loss(logits, targets, "focal", focal_gamma=2.0, focal_alpha=0.25)
     assert torch.allclose(got, expected, rtol=1e-5)
 
 
@@ -167,16 +170,16 @@ def test_label_smoothing_by_hand():
     target = torch.tensor([[1.0, 0.0, 0.0]])
     smoothed = torch.tensor([[0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3]])
     expected = -(smoothed * logits.log_softmax(dim=1)).sum()
-    assert torch.allclose(train.compute_loss(logits, target, "ce", label_smoothing=0.1), expected)
+    assert torch.allclose(losses.compute_loss(logits, target, "ce", label_smoothing=0.1), expected)
     expected_bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([[0.95, 0.05, 0.05]]))
-    assert torch.allclose(train.compute_loss(logits, target, "bce", label_smoothing=0.1), expected_bce)
+    assert torch.allclose(losses.compute_loss(logits, target, "bce", label_smoothing=0.1), expected_bce)
 
 
 def test_ce_renormalises_secondary_targets():
     logits = torch.tensor([[1.0, 0.5, -1.0]])
     with_secondary = torch.tensor([[1.0, 0.5, 0.0]])
     expected = -(torch.tensor([[2 / 3, 1 / 3, 0.0]]) * logits.log_softmax(dim=1)).sum()
-    assert torch.allclose(train.compute_loss(logits, with_secondary, "ce"), expected)
+    assert torch.allclose(losses.compute_loss(logits, with_secondary, "ce"), expected)
 
 
 def test_loss_switch_changes_loss_and_activation(tiny_data, tmp_path):
@@ -221,16 +224,16 @@ def test_ema_is_evaluated_saved_and_resumed_exactly(tiny_data, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_files_and_keeps_last_checkpoint(tiny_data, tmp_path, monkeypatch):
-    real_loss = train.batch_loss
+    real_loss = losses.batch_loss
     calls = {"n": 0}
 
     def loss_that_breaks(logits, targets, args, loss_name):
         calls["n"] += 1
         loss = real_loss(logits, targets, args, loss_name)
         return loss * float("inf") if calls["n"] == 3 else loss
-    monkeypatch.setattr(train, "batch_loss", loss_that_breaks)
+    monkeypatch.setattr(losses, "batch_loss", loss_that_breaks)
     out = tmp_path / "run"
-    with pytest.raises(train.NonFiniteLossError, match=r"step 2; batch files: .*XC\d+\.ogg"):
+    with pytest.raises(losses.NonFiniteLossError, match=r"step 2; batch files: .*XC\d+\.ogg"):
         train.main(quick_args(tiny_data, out))
     # The evaluation after step 2 wrote a checkpoint before the bad step 3; it is intact.
     good = torch.load(out / "checkpoint_step00000002.pt", weights_only=True)
@@ -246,7 +249,7 @@ def test_lr_find_writes_curve_and_suggests_a_rate(tiny_data, tmp_path):
     rates = [float(row["lr"]) for row in curve]
     assert rates == sorted(rates) and rates[0] == pytest.approx(1e-7)
     assert (out / "lr_find.png").stat().st_size > 1000
-    assert not train.periodic_checkpoints(out)  # nothing trained is kept
+    assert not runfolder.periodic_checkpoints(out)  # nothing trained is kept
 
 
 def test_model_flags_reach_the_checkpoint(tiny_data, tmp_path):
@@ -307,7 +310,7 @@ def test_audit_sampling_builds_the_training_sampler_and_trains_nothing(tiny_data
     assert table["expected_draws_per_epoch"].to_numpy() == pytest.approx([14 / 4] * 4)
     assert result["audit"]["imbalance_after"] == pytest.approx(1.0)
     assert "sampling audit" in caplog.text
-    assert not train.periodic_checkpoints(out) and not (out / "metrics.csv").exists()
+    assert not runfolder.periodic_checkpoints(out) and not (out / "metrics.csv").exists()
 
 
 def test_drawn_counts_follow_the_sampler_and_survive_resume(tiny_data, tmp_path):
@@ -321,7 +324,7 @@ def test_drawn_counts_follow_the_sampler_and_survive_resume(tiny_data, tmp_path)
     common = ["--sampler", "cap", "--cap-per-class", "2", "--batch-size", "2", "--epochs", "2"]
     train.main(quick_args(tiny_data, interrupted, *common, "--max-steps", "6"))
     train.main(quick_args(tiny_data, interrupted, *common, "--resume",
-                          str(train.periodic_checkpoints(interrupted)[-1])))
+                          str(runfolder.periodic_checkpoints(interrupted)[-1])))
     assert pd.read_csv(interrupted / "drawn_counts.csv").equals(drawn)
     assert read_rows(interrupted / "steps.csv") == read_rows(full / "steps.csv")
 

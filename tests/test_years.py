@@ -16,9 +16,9 @@ import torch
 from conftest import TINY_SPECIES, quick_args, tone_recording
 
 import data
-import infer
 import model as model_lib
 import train
+import soundscapes
 
 COLUMNS = {
     "2021": ["primary_label", "secondary_labels", "type", "latitude", "longitude", "scientific_name",
@@ -182,16 +182,16 @@ def write_2021_soundscapes(root):
 
 def test_2021_soundscape_labels_become_file_rows(tmp_path):
     table_path = write_2021_soundscapes(tmp_path)
-    rows, audio_dir = data.read_soundscape_labels(table_path)
+    rows, audio_dir = soundscapes.read_soundscape_labels(table_path)
     assert audio_dir == tmp_path / "train_soundscapes"
     assert rows["file"].tolist()[:3] == ["7019_COR_20190904.ogg"] * 3
     assert rows["start_s"].tolist() == [0.0, 5.0, 10.0] * 2
     assert rows["labels"].tolist() == ["nocall", "aaabbb1", "aaabbb1 cccddd1", "cccddd1", "nocall", "nocall"]
-    targets = infer.read_labels(table_path, ["aaabbb1", "cccddd1"])
+    targets = soundscapes.read_labels(table_path, ["aaabbb1", "cccddd1"])
     assert targets.loc["7019_COR_20190904_15"].tolist() == [1, 1]
     assert targets.loc["2782_SSW_20190904_5"].tolist() == [0, 1]
     assert targets.loc["7019_COR_20190904_5"].tolist() == [0, 0]             # nocall: no species
-    nocall = data.nocall_soundscape_rows(table_path)
+    nocall = soundscapes.nocall_soundscape_rows(table_path)
     assert [(p.split("/")[-1], s) for p, s in zip(nocall["path"], nocall["start_s"])] == [
         ("7019_COR_20190904.ogg", 0.0), ("2782_SSW_20190904.ogg", 5.0), ("2782_SSW_20190904.ogg", 10.0)]
 
@@ -200,7 +200,7 @@ def test_2021_soundscape_without_its_audio_names_it(tmp_path):
     table_path = write_2021_soundscapes(tmp_path)
     (tmp_path / "train_soundscapes" / "2782_SSW_20190904.ogg").unlink()
     with pytest.raises(FileNotFoundError, match="2782_SSW_"):
-        data.read_soundscape_labels(table_path)
+        soundscapes.read_soundscape_labels(table_path)
 
 
 def test_training_on_two_years_with_2021_soundscape_validation(tmp_path):
@@ -213,10 +213,10 @@ def test_training_on_two_years_with_2021_soundscape_validation(tmp_path):
                       "--val-soundscapes", str(table_path))
     args.data_dir = [str(first), str(second)]
     state = train.main(args)
-    checkpoint = model_lib.read_checkpoint(state["out_dir"] / "best.pt")
+    checkpoint = model_lib.read_checkpoint(state.out_dir / "best.pt")
     assert checkpoint["labels"] == ["1139490", "aaabbb1", "cccddd1", "eeefff1"]
-    logged = pd.read_csv(state["out_dir"] / "metrics.csv")
+    logged = pd.read_csv(state.out_dir / "metrics.csv")
     assert logged["soundscape_cmap5"].notna().all() and logged["cmap5"].notna().all()
-    config = json.loads((state["out_dir"] / "config.json").read_text())
+    config = json.loads((state.out_dir / "config.json").read_text())
     assert config["data_dir"] == [str(first), str(second)]
-    assert torch.load(state["out_dir"] / "best.pt", weights_only=True)["args"]["data_dir"] == args.data_dir
+    assert torch.load(state.out_dir / "best.pt", weights_only=True)["args"]["data_dir"] == args.data_dir

@@ -1,0 +1,195 @@
+"""Audio in: decode with soundfile, mix to mono, resample, cut a crop, and the int16 sample format.
+
+Everything that turns a file into float32 samples at the model's rate goes through
+`to_mono_resampled`, so training crops, background noise, validation soundscapes
+and inference windows are decoded and resampled the same way. The spectrogram is
+the model's job (model.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+AUDIO_EXTENSIONS = (".ogg", ".mp3", ".flac", ".wav")
+CROP_POLICIES = ("ends", "random")
+PAD_MODES = ("zero", "repeat")
+INT16_SCALE = 32767.0       # the cache stores samples as int16: float = int16 / INT16_SCALE
+
+
+def audio_files(folder, recursive: bool = True) -> list[Path]:
+    """The ogg/mp3/flac/wav files in `folder` (and below it, if recursive), sorted; may be empty."""
+    folder = Path(folder)
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(path for path in candidates if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file())
+
+
+def check_audio_files(paths) -> tuple[list[tuple[int, float]], list[tuple[str, str]]]:
+    """Read each file's header once: -> ([(frames, samplerate) or None], [(path, reason)])."""
+    headers, bad = [], []
+    for path in paths:
+        try:
+            if not Path(path).is_file():
+                raise FileNotFoundError("file does not exist")
+            info = sf.info(path)
+            if info.frames <= 0 or info.samplerate <= 0:
+                raise ValueError("no audio frames")
+            headers.append((info.frames, info.samplerate))
+        except Exception as error:  # missing, unreadable, not audio: all reported, none fatal
+            reason = f"{type(error).__name__}: {error}".replace("\n", " ")
+            headers.append(None)
+            bad.append((str(path), reason))
+    return headers, bad
+
+
+# ----------------------------------------------------------------------------- resampling
+
+class Resampler:
+    """torchaudio.transforms.Resample's filter, applied without its zero taps.
+
+    torchaudio resamples with one windowed-sinc kernel per output phase, each as long
+    as `orig` input samples plus the filter's reach, by a dense strided convolution.
+    Between rates with a small common divisor nearly all taps are exactly zero
+    (22.05 -> 32 kHz: 640 phases of 455 taps, 12-13 of them non-zero), so most of its
+    work multiplies zeros. Here each row of a matrix holds the input of `frames_per_row`
+    consecutive frames (enough for >= 64 output samples, so a ratio like 3:2 still
+    makes a well-shaped matrix product), and blocks of 16 output phases are multiplied
+    with just the columns where their taps are non-zero. Same kernel, padding and
+    length as torchaudio, so the same audio to float rounding (tested).
+    """
+
+    PHASES_PER_BLOCK = 16
+
+    def __init__(self, source_rate: int, target_rate: int):
+        reference = torchaudio.transforms.Resample(source_rate, target_rate)
+        divisor = math.gcd(int(source_rate), int(target_rate))
+        self.orig, self.new = int(source_rate) // divisor, int(target_rate) // divisor
+        self.width = int(reference.width)
+        kernel = reference.kernel[:, 0].float()           # (new, 2 * width + orig): one row per output phase
+        self.frames_per_row = -(-4 * self.PHASES_PER_BLOCK // self.new)
+        self.taps = kernel.shape[1] + (self.frames_per_row - 1) * self.orig
+        expanded = torch.zeros((self.frames_per_row * self.new, self.taps))
+        for frame in range(self.frames_per_row):    # frame m's phases read the input m * orig later
+            expanded[frame * self.new:(frame + 1) * self.new,
+                     frame * self.orig:frame * self.orig + kernel.shape[1]] = kernel
+        self.blocks = []                            # (first phase, end phase, first tap, end tap, weights)
+        for first in range(0, len(expanded), self.PHASES_PER_BLOCK):
+            block = expanded[first:first + self.PHASES_PER_BLOCK]   # (phases, taps)
+            used = torch.nonzero(block.abs().sum(dim=0)).flatten()
+            low, high = int(used[0]), int(used[-1]) + 1
+            self.blocks.append((first, first + len(block), low, high, block[:, low:high].T.contiguous()))
+
+    def __call__(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(samples,) float32 -> (ceil(samples * new / orig),) float32."""
+        length = len(waveform)
+        n_rows = -(-(length // self.orig + 1) // self.frames_per_row)   # torchaudio's frames, grouped
+        stride = self.frames_per_row * self.orig
+        right = (n_rows - 1) * stride + self.taps - length - self.width  # torchaudio pads width + orig
+        padded = torch.nn.functional.pad(waveform[None], (self.width, right))[0]
+        rows = padded.as_strided((n_rows, self.taps), (stride, 1))      # (R, taps): each row's input
+        out = torch.empty((n_rows, self.frames_per_row * self.new))        # (R, phases)
+        for first, end, low, high, weights in self.blocks:
+            out[:, first:end] = rows[:, low:high] @ weights                # (R, used taps) @ (used taps, phases)
+        return out.reshape(-1)[:math.ceil(self.new * length / self.orig)]
+
+
+_resamplers: dict[tuple[int, int], Resampler] = {}
+
+
+def to_mono_resampled(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """(frames, channels) float -> (samples,) float32 mono at target_rate, NaN/inf zeroed."""
+    if audio.ndim == 2 and audio.shape[1] > 1:
+        mono = audio.mean(axis=1, dtype=np.float32)
+    else:  # already one channel: a view, not an average over one column
+        mono = np.asarray(audio.reshape(len(audio)), dtype=np.float32)
+    if not np.isfinite(mono).all():
+        mono = np.nan_to_num(mono, nan=0.0, posinf=0.0, neginf=0.0)
+    if source_rate == target_rate or len(mono) == 0:
+        return mono
+    key = (source_rate, target_rate)
+    if key not in _resamplers:  # the kernel is computed once per rate pair and process
+        _resamplers[key] = Resampler(source_rate, target_rate)
+    return _resamplers[key](torch.from_numpy(mono)).numpy()
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_audio(path, sample_rate: int) -> np.ndarray:
+    """A whole file -> (samples,) float32 mono at sample_rate (soundscapes; crops use read_window)."""
+    audio, source_rate = sf.read(path, dtype="float32", always_2d=True)
+    return to_mono_resampled(audio, source_rate, sample_rate)
+
+
+def read_window(path, start_seconds: float, seconds: float, sample_rate: int, pad: str = "zero") -> np.ndarray:
+    """Decode only [start, start + seconds) of a file -> (round(seconds*sample_rate),) float32.
+
+    Seeks instead of decoding the whole file; pads with zeros past the end.
+    """
+    with sf.SoundFile(path) as audio_file:
+        source_rate = audio_file.samplerate
+        start = min(int(round(start_seconds * source_rate)), audio_file.frames)
+        audio_file.seek(start)
+        audio = audio_file.read(int(math.ceil(seconds * source_rate)), dtype="float32", always_2d=True)
+    return fit_length(to_mono_resampled(audio, source_rate, sample_rate), int(round(seconds * sample_rate)), pad)
+
+
+def fit_length(waveform: np.ndarray, samples: int, pad: str = "zero") -> np.ndarray:
+    """Cut or pad to `samples`: zeros after the end, or the clip repeated ("repeat")."""
+    if len(waveform) >= samples:
+        return waveform[:samples]
+    if pad == "repeat" and len(waveform) > 0:
+        return np.tile(waveform, -(-samples // len(waveform)))[:samples]
+    if pad not in PAD_MODES:
+        raise ValueError(f"unknown pad mode {pad!r}; expected one of {PAD_MODES}")
+    return np.pad(waveform, (0, samples - len(waveform)))
+
+
+# ----------------------------------------------------------------------------- training crops
+
+@dataclass
+class CropSettings:
+    sample_rate: int = 32000
+    window_seconds: float = 5.0
+    policy: str = "ends"
+    ends_seconds: float = 8.0
+    pad: str = "zero"          # clips shorter than the window: "zero" or "repeat"
+
+
+def choose_crop_start(duration: float, window: float, policy: str, ends_seconds: float,
+                      rng: np.random.Generator | None) -> float:
+    """Start time (s) of the window to read. rng=None means evaluation: the first window.
+
+    "ends" (the original recipe): pick the first or the last `ends_seconds` of the
+    recording, then a random `window` inside it -- calls in xeno-canto recordings
+    cluster at the start and the end. "random": anywhere in the recording.
+    """
+    if rng is None or duration <= window:
+        return 0.0
+    if policy == "random":
+        return float(rng.uniform(0.0, duration - window))
+    if policy == "ends":
+        segment = min(max(ends_seconds, window), duration)  # never shorter than the window
+        segment_start = 0.0 if rng.random() < 0.5 else duration - segment
+        return segment_start + float(rng.uniform(0.0, max(segment - window, 0.0)))
+    raise ValueError(f"unknown crop policy {policy!r}; expected one of {CROP_POLICIES}")
+
+
+# ----------------------------------------------------------------------------- int16 sample format
+
+def to_int16(waveform: np.ndarray) -> np.ndarray:
+    """float32 in [-1, 1] -> int16 (rounded, clipped): the cache's sample format."""
+    return np.clip(np.round(waveform * INT16_SCALE), -32768, 32767).astype(np.int16)
+
+
+def as_float(waveforms: torch.Tensor) -> torch.Tensor:
+    """A batch of waveforms as float32: int16 batches (from the cache) are scaled to [-1, 1].
+
+    With --cache, batches stay int16 until here -- half the bytes through the loader
+    workers' shared memory and the host-to-GPU copy -- and are converted on the device.
+    """
+    return waveforms.float() / INT16_SCALE if waveforms.dtype == torch.int16 else waveforms

@@ -1,0 +1,281 @@
+"""Engines: how inference gets its speed on a CPU, behind one small interface.
+
+    runner = make_runner(model, args, device, bf16)      # waveforms (B, samples) -> logits (B, C)
+    stream = WindowStream(runner, model, batch_size)     # windows of many files -> each file's scores
+    for item in in_threads(decode, files, threads): ...  # decoding ahead of the model, in order
+
+A runner is plain PyTorch (`TorchRunner`) or the model's classifier exported to
+ONNX Runtime or OpenVINO (`ExportedRunner`, optional installs, checked against
+PyTorch on the first batch). With --streams, several batches run at once, each on
+its share of the threads. `WindowStream` queues windows across files, so a batch
+may end one file and start the next and the engine never drains at a file's end.
+infer.py reads as its job -- decode, windows, model, rows, write -- on top of this.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import model as model_lib
+import soundscapes
+
+log = logging.getLogger("birdclef")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class Runner:
+    """Waveforms (B, samples) -> logits (B, C): `runner(batch)` for one batch, `runner.map(batches)`
+    for many, `streams` of them at a time.
+
+    Streams: on a CPU with few cores a batch on every core at once (each stream one
+    thread) keeps the cores busier than one batch spread over all of them, whose threads
+    wait for each other after every layer. The very first batch runs alone, so an
+    exported engine's check against torch happens once, before any other batch.
+    Results are collected in order: `submit` returns a callable that waits for them.
+    """
+
+    streams, stream_threads, pool = 1, 1, None
+
+    @property
+    def max_in_flight(self) -> int:
+        """Batches started and not yet collected. Results are collected in order, so with
+        only one batch per stream a stream slowed by a decoding thread would hold up the
+        others; 4 per stream let them run on."""
+        return 4 * self.streams if self.streams > 1 else 1
+
+    def submit(self, batch: torch.Tensor):
+        """Start one batch -> a callable that waits for its logits and returns them."""
+        if self.streams <= 1:
+            logits = self(batch)
+            return lambda: logits
+        if self.pool is None:  # made once and kept: each thread keeps its engine state
+            self.pool = ThreadPoolExecutor(self.streams, thread_name_prefix="stream",
+                                           initializer=torch.set_num_threads, initargs=(self.stream_threads,))
+            # alone, and in a stream thread: an OpenVINO request made in this thread too would
+            # keep buffers of its own
+            logits = self.pool.submit(self, batch).result()
+            return lambda: logits
+        return self.pool.submit(self, batch).result
+
+    def map(self, batches):
+        """Logits of each batch, in order, with up to max_in_flight + 1 batches held at a time."""
+        in_flight = deque()
+        for batch in batches:
+            in_flight.append(self.submit(batch))
+            if len(in_flight) > self.max_in_flight:
+                yield in_flight.popleft()()
+        while in_flight:
+            yield in_flight.popleft()()
+
+
+def split_threads(threads: int, streams: int) -> tuple[int, int]:
+    """--threads (0 = torch's default) and --streams -> (streams, threads of each): never more
+    streams than threads."""
+    total = threads or torch.get_num_threads()
+    streams = max(1, min(streams, total))
+    return streams, total // streams
+
+
+class TorchRunner(Runner):
+    """Waveforms (B, samples) -> logits (B, C) float32 on the CPU, with plain PyTorch."""
+
+    def __init__(self, model: model_lib.BirdCallModel, device: torch.device, bf16: bool, channels_last: bool = True,
+                 streams: int = 1, threads: int = 0):
+        self.model, self.device, self.bf16 = model.to(device), device, bf16
+        if device.type == "cpu":
+            self.streams, self.stream_threads = split_threads(threads, streams)
+            if channels_last:
+                self.model.to(memory_format=torch.channels_last)  # faster convolutions with oneDNN
+
+    @torch.inference_mode()
+    def __call__(self, waveforms: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(waveforms.to(self.device)).float().cpu()
+
+
+class _Classifier(torch.nn.Module):
+    """The exported part: spectrogram image -> logits (the frontend stays the model's torch layer)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        return self.model.classify(image)
+
+
+def import_optional(name: str):
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise ValueError(f"--backend {name} needs the optional package '{name}' "
+                         f"(pip install {name}); it is not installed") from error
+
+
+class ExportedRunner(Runner):
+    """The model's own torch frontend, then its classifier exported to ONNX Runtime or OpenVINO.
+
+    The first batch is also run through plain fp32 PyTorch and the scores compared,
+    so an export that changes the predictions is refused instead of submitted.
+    """
+
+    def __init__(self, model: model_lib.BirdCallModel, backend: str, bf16: bool, threads: int,
+                 tolerance: float, streams: int = 1):
+        self.model, self.backend, self.tolerance, self.checked = model.float().cpu().eval(), backend, tolerance, False
+        self.streams, self.stream_threads = split_threads(threads, streams)
+        if self.streams > 1:
+            threads = self.stream_threads  # ONNX Runtime: threads of each run; OpenVINO: of each stream
+        with torch.no_grad():  # not inference_mode: exporters trace with these tensors
+            example = model.frontend(torch.randn(2, model.window_samples))     # (2, 1, n_mels, T)
+        if backend == "onnxruntime":
+            ort = import_optional("onnxruntime")
+            import tempfile
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "classifier.onnx"
+                torch.onnx.export(_Classifier(model).eval(), (example,), str(path), input_names=["image"],
+                                  output_names=["logits"], dynamo=False,
+                                  dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+                options = ort.SessionOptions()
+                options.enable_cpu_mem_arena = False  # the arena would keep every batch's peak allocation
+                if threads:
+                    options.intra_op_num_threads = threads
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.run = lambda image: session.run(None, {"image": image})[0]   # safe from several threads
+        elif backend == "openvino":
+            ov = import_optional("openvino")
+            config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+            if self.streams > 1:  # one executor stream per concurrent batch
+                config.update({"NUM_STREAMS": self.streams, "INFERENCE_NUM_THREADS": threads * self.streams})
+            elif threads:
+                config["INFERENCE_NUM_THREADS"] = threads
+            compiled = ov.Core().compile_model(ov.convert_model(_Classifier(model), example_input=example),
+                                               "CPU", config)
+            requests = threading.local()   # an infer request serves one batch at a time: one per thread
+
+            def run(image):
+                if not hasattr(requests, "request"):
+                    requests.request = compiled.create_infer_request()
+                return requests.request.infer([image])[0]
+            self.run = run
+        else:
+            raise ValueError(f"unknown backend {backend!r}")
+        self.model.eval()  # exporters restore the wrapper's train/eval mode onto the model; keep eval
+
+    @torch.inference_mode()
+    def __call__(self, waveforms: torch.Tensor) -> torch.Tensor:
+        image = self.model.frontend(waveforms).numpy()                         # (B, 1, n_mels, T)
+        logits = torch.from_numpy(np.asarray(self.run(image), dtype=np.float32))
+        if not self.checked:
+            self.check_against_torch(waveforms[:8], logits[:8])
+        return logits
+
+    def check_against_torch(self, waveforms, logits):
+        check_parity(self.model, waveforms, logits, self.backend, self.tolerance)
+        self.checked = True
+
+
+def check_parity(model, waveforms: torch.Tensor, logits: torch.Tensor, backend: str, tolerance: float) -> float:
+    """Compare a backend's logits for `waveforms` with plain fp32 PyTorch; raise if the scores differ."""
+    with torch.inference_mode():
+        reference = model_lib.activate(model(waveforms), model.activation)
+    difference = (model_lib.activate(logits, model.activation) - reference).abs().max().item()
+    if not difference <= tolerance:  # also catches nan
+        raise FloatingPointError(f"--backend {backend} disagrees with PyTorch on the first batch: "
+                                 f"scores differ by up to {difference:.4f} (> --parity-tolerance "
+                                 f"{tolerance}); use --backend torch")
+    log.info("%s matches PyTorch on the first batch (largest score difference %.2e)", backend, difference)
+    return difference
+
+
+def make_runner(model, args, device, bf16):
+    if args.streams < 1:
+        raise ValueError(f"--streams must be at least 1, got {args.streams}")
+    if args.backend == "torch":
+        return TorchRunner(model, device, bf16, args.channels_last, args.streams, args.threads)
+    if device.type != "cpu":
+        raise ValueError(f"--backend {args.backend} runs on the CPU; use --backend torch with --device {device}")
+    return ExportedRunner(model, args.backend, bf16, args.threads, args.parity_tolerance, args.streams)
+
+
+class WindowStream:
+    """One model's windows on their way through its runner -> each file's window scores.
+
+    Windows queue up across files and go in whole batches, so a batch may end one file
+    and start the next: one partial batch per run instead of one per file, and with
+    --streams the engine never drains at a file's end. A file's scores are in `finished`
+    once all its windows are scored.
+    """
+
+    def __init__(self, runner, model: model_lib.BirdCallModel, batch_size: int, name: str):
+        self.runner, self.model, self.batch_size, self.name = runner, model, batch_size, name
+        self.windows = deque()     # (waveform, first sample) of each window not yet in a batch
+        self.files = deque()       # (key, number of its windows), oldest first
+        self.in_flight = deque()   # batches in the runner, oldest first: callables returning logits
+        self.scored, self.n_scored = [], 0   # activated (b, C) scores not yet handed to a file
+        self.finished = {}         # key -> (W, C) activated scores of each of its windows
+
+    def add(self, key, waveform: np.ndarray, offsets: np.ndarray) -> None:
+        """A file's windows, each starting at a sample offset of `waveform` (soundscapes.window_offsets)."""
+        self.windows.extend((waveform, int(offset)) for offset in offsets)
+        self.files.append((key, len(offsets)))
+        self.run()
+
+    def run(self, final: bool = False) -> None:
+        """Start every whole batch (and with final, the rest); collect those that must finish first."""
+        while len(self.windows) >= self.batch_size or (final and self.windows):
+            sources = [self.windows.popleft() for _ in range(min(self.batch_size, len(self.windows)))]
+            batch = torch.from_numpy(soundscapes.fill_batch(sources, self.model.window_samples))  # (B, samples)
+            self.in_flight.append(self.runner.submit(batch))
+            while len(self.in_flight) > self.runner.max_in_flight:
+                self.collect()
+        while final and self.in_flight:
+            self.collect()
+
+    def collect(self) -> None:
+        logits = self.in_flight.popleft()()                                   # (B, C)
+        scores = model_lib.checked_scores(logits, self.model.activation, self.name)
+        self.scored.append(scores)
+        self.n_scored += len(scores)
+        while self.files and self.n_scored >= self.files[0][1]:
+            key, n_windows = self.files.popleft()
+            scores = np.concatenate(self.scored)                               # (n_scored, C)
+            self.finished[key] = scores[:n_windows]                           # (W, C)
+            self.scored, self.n_scored = [scores[n_windows:]], self.n_scored - n_windows
+
+
+def in_threads(function, items: list, threads: int):
+    """function(item) for each item, in order, computed `threads` items ahead of the caller.
+
+    Threads, not processes: libsndfile and torch release the GIL while they work, and
+    a thread hands over a long file's waveform without copying it through shared
+    memory. At most threads + 1 results wait in memory.
+    """
+    if threads <= 0:
+        yield from (function(item) for item in items)
+        return
+    # one torch thread each (for resampling): the engine keeps the other cores
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode", initializer=torch.set_num_threads,
+                            initargs=(1,)) as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

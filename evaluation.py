@@ -1,0 +1,130 @@
+"""Evaluation: what every evaluation scores, on every rank's share, gathered before any metric.
+
+- the validation clips (the first window of each held-out recording): validation
+  loss, padded cmAP (pad 5 and 3), macro AP, LRAP -- for the model and its EMA;
+- labelled soundscapes (--val-soundscapes), cut into windows exactly as infer.py cuts
+  them (soundscapes.py), decoded once and scored at every evaluation;
+- the chance level: what random scores get on the same validation clips.
+No metric sees the no-call class (--nocall): it is not a species.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+
+import audio
+import distributed
+import loader
+import losses
+import metrics
+import model as model_lib
+import soundscapes
+
+log = logging.getLogger("birdclef")
+
+
+@dataclass
+class Validation:
+    """What every evaluation scores: the validation clips, and --val-soundscapes if given."""
+    loader: torch.utils.data.DataLoader
+    soundscapes: "SoundscapeValidation | None"
+    chance: dict                                   # metrics of random scores on the validation clips
+
+
+def build_validation(model, val_set, args, device) -> Validation:
+    """This rank's share of the validation windows, the soundscapes, and the chance level."""
+    rank, world_size = distributed.rank_and_world_size()
+    mine = list(range(rank, len(val_set), world_size))                     # every world_size-th window
+    batches = [mine[start:start + args.batch_size] for start in range(0, len(mine), args.batch_size)]
+    scapes = (SoundscapeValidation(args.val_soundscapes, args.val_soundscape_audio, model)
+              if args.val_soundscapes else None)
+    scored_targets = val_set.targets[:, [label != soundscapes.NOCALL for label in model.labels]]  # as evaluate scores
+    chance = metrics.classification_metrics(  # what random scores get on this validation set
+        scored_targets, np.random.default_rng(args.seed).random(scored_targets.shape))
+    log.info("chance level on this validation set (random scores): cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f",
+             chance["cmap5"], chance["cmap3"], chance["macro_ap"])
+    return Validation(loader.make_loader(val_set, args, device, batches), scapes, chance)
+
+
+@torch.inference_mode()
+def evaluate(model, batches, args, loss_name: str, device) -> dict:
+    """Validation loss and ranking metrics on the fixed validation windows."""
+    model.eval()
+    all_logits, all_targets, all_indices = [], [], []
+    for batch in batches:
+        if batch is None:
+            continue
+        all_logits.append(model(audio.as_float(batch["waveform"].to(device))).float().cpu())  # (B, C)
+        all_targets.append(batch["target"])
+        all_indices.append(batch["index"])
+    logits, targets = distributed.gather_rows(all_indices, all_logits, all_targets)  # (N, C) from every rank
+    if logits is None:
+        raise RuntimeError("no validation window could be decoded")
+    scores = model_lib.checked_scores(logits, model.activation, "the model on the validation windows")
+    # Validation loss without label smoothing, so runs with and without it compare.
+    loss = losses.compute_loss(logits, targets, loss_name, 0.0, args.focal_gamma, args.focal_alpha)
+    results = {"val_loss": loss.item()}
+    species = np.array([label != soundscapes.NOCALL for label in model.labels])  # nocall is not scored
+    results.update(metrics.classification_metrics(targets.numpy()[:, species], scores[:, species]))
+    return results
+
+
+def evaluate_all(model, ema, validation: Validation, args, loss_name: str, device) -> dict:
+    """The model (and its EMA, if any) on the validation clips, and the model on the soundscapes."""
+    distributed.broadcast_buffers(model)
+    results = evaluate(model, validation.loader, args, loss_name, device)
+    if ema is not None:
+        distributed.broadcast_buffers(ema.module)
+        ema_results = evaluate(ema.module, validation.loader, args, loss_name, device)
+        results.update({f"ema_{key}": value for key, value in ema_results.items()})
+    if validation.soundscapes is not None:
+        results.update(validation.soundscapes.evaluate(model, args.batch_size, device))
+    return results
+
+
+class SoundscapeValidation:
+    """Labelled soundscape segments, decoded once, scored at every evaluation.
+
+    Clip crops from the training recordings say little about soundscapes; this is
+    the number a leaderboard measures. Windows are cut with the functions above,
+    exactly as infer.py cuts them, so the two agree.
+    """
+
+    def __init__(self, table_path, audio_dir, model):
+        table, audio_dir = soundscapes.read_soundscape_labels(table_path, audio_dir)
+        rate, window = model.config["sample_rate"], model.config["window_seconds"]
+        windows, weights, ids = [], [], []
+        for name in dict.fromkeys(table["file"]):
+            waveform = audio.read_audio(audio_dir / name, rate)
+            n_rows = soundscapes.row_count(len(waveform), rate)
+            starts, row_weights = soundscapes.window_plan(n_rows, window, soundscapes.ROW_SECONDS)
+            windows.append(soundscapes.cut_windows(waveform, rate, starts, window))
+            weights.append(row_weights)
+            ids += soundscapes.row_ids(Path(name).stem, n_rows)
+        # the no-call column (--nocall) is scored by no metric: it is not a species
+        self.columns = np.array([label != soundscapes.NOCALL for label in model.labels])
+        labelled = soundscapes.read_labels(table_path, list(np.array(model.labels)[self.columns]), audio_dir)
+        keep = np.array([row_id in labelled.index for row_id in ids])
+        self.windows = torch.from_numpy(np.concatenate(windows))                  # (W, samples)
+        self.weights = scipy.linalg.block_diag(*weights)[keep]                     # (labelled rows, W)
+        self.targets = labelled.loc[np.array(ids)[keep]].to_numpy()                # (labelled rows, species)
+        log.info("soundscape validation: %d labelled 5-s rows from %d file(s) in %s", len(self.targets),
+                 len(windows), audio_dir)
+
+    @torch.inference_mode()
+    def evaluate(self, model, batch_size: int, device) -> dict:
+        model.eval()
+        rank, world_size = distributed.rank_and_world_size()
+        mine = torch.arange(rank, len(self.windows), world_size)               # this rank's share of the windows
+        batches = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+        (logits,) = distributed.gather_rows(batches, [model(self.windows[index].to(device)).float().cpu()
+                                                      for index in batches])  # (W, C) from every rank
+        scores = self.weights @ model_lib.checked_scores(logits, model.activation,
+                                                         "the model on the validation soundscapes")
+        scores = scores[:, self.columns]
+        return {f"soundscape_{key}": value for key, value in metrics.classification_metrics(self.targets, scores).items()}

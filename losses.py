@@ -1,0 +1,60 @@
+"""Losses: always means over the batch, never sums.
+
+A summed loss grows with the batch and the class count; in the original
+experiments a `reduction='sum'` loss sent predictions to inf. Each loss goes with
+one activation (model.activation_for_loss): softmax for ce, sigmoid for bce and
+focal, applied by model.activate() at evaluation and inference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("ce", "bce", "focal")
+
+
+def compute_loss(logits: torch.Tensor, targets: torch.Tensor, loss_name: str, label_smoothing: float = 0.0,
+                 focal_gamma: float = 2.0, focal_alpha: float | None = None) -> torch.Tensor:
+    """Mean loss of logits (B, C) against soft targets (B, C), in float32.
+
+    Always a mean, never a sum: a summed loss grows with batch and class count and
+    was what sent the original experiments' predictions to inf.
+    """
+    logits, targets = logits.float(), targets.float()
+    if loss_name == "ce":
+        # Soft-target cross-entropy; targets renormalised to a distribution so that
+        # secondary labels share the mass instead of inflating it.
+        distribution = targets / targets.sum(dim=1, keepdim=True).clamp_min(1e-8)
+        distribution = distribution * (1 - label_smoothing) + label_smoothing / logits.shape[1]
+        return F.cross_entropy(logits, distribution)
+    targets = targets * (1 - label_smoothing) + label_smoothing / 2  # towards 0.5 for a binary target
+    if loss_name == "bce":
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    if loss_name == "focal":
+        # Sigmoid focal loss (Lin et al. 2017): BCE down-weighted by (1 - p_t)^gamma on
+        # easy examples; with gamma 0 and no alpha it is exactly BCE.
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")   # (B, C)
+        probability = logits.sigmoid()
+        p_t = probability * targets + (1 - probability) * (1 - targets)
+        loss = bce * (1 - p_t) ** focal_gamma
+        if focal_alpha is not None:
+            loss = loss * (focal_alpha * targets + (1 - focal_alpha) * (1 - targets))
+        return loss.mean()
+    raise ValueError(f"unknown loss {loss_name!r}")
+
+
+def loss_at_epoch(args, epoch: int) -> str:
+    """--loss, or --loss-after from --loss-switch-epoch on."""
+    if args.loss_after and args.loss_switch_epoch is not None and epoch >= args.loss_switch_epoch:
+        return args.loss_after
+    return args.loss
+
+
+def batch_loss(logits, targets, args, loss_name: str) -> torch.Tensor:
+    return compute_loss(logits, targets, loss_name, args.label_smoothing, args.focal_gamma, args.focal_alpha)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
