@@ -1,9 +1,10 @@
-"""Audio in: decode with soundfile, mix to mono, resample, cut a crop, and the int16 sample format.
+"""Audio in: decode with soundfile, mix to mono, resample, cut a crop; the int16 sample format; distance and rooms.
 
 Everything that turns a file into float32 samples at the model's rate goes through
 `to_mono_resampled`, so training crops, background noise, validation soundscapes
 and inference windows are decoded and resampled the same way. The spectrogram is
-the model's job (model.py).
+the model's job (model.py). The low-pass (distance) and synthetic-room filters at
+the end serve both training augmentation (augment.py) and pseudo-soundscapes.
 """
 from __future__ import annotations
 
@@ -193,3 +194,52 @@ def as_float(waveforms: torch.Tensor) -> torch.Tensor:
     workers' shared memory and the host-to-GPU copy -- and are converted on the device.
     """
     return waveforms.float() / INT16_SCALE if waveforms.dtype == torch.int16 else waveforms
+
+
+# ----------------------------------------------------------------------------- distance and rooms
+
+LOWPASS_ORDER = 4      # Butterworth magnitude: -24 dB per octave above the cutoff
+
+
+def lowpass(waveforms: torch.Tensor, cutoff_hz, sample_rate: int) -> torch.Tensor:
+    """Each row of (B, samples) low-passed at its own cutoff (B,) in Hz: the magnitude response of
+    an order-4 Butterworth filter, 1 / sqrt(1 + (f / cutoff) ** 8), applied in the rFFT domain
+    (zero phase, so the call does not move in time). Air absorbs high frequencies more than low
+    ones, so a distant call is a duller one."""
+    samples = waveforms.shape[-1]
+    spectrum = torch.fft.rfft(waveforms.float(), dim=-1)                                   # (B, F)
+    frequency = torch.fft.rfftfreq(samples, d=1.0 / sample_rate).to(waveforms.device)       # (F,)
+    cutoff = torch.as_tensor(cutoff_hz, dtype=torch.float32, device=waveforms.device).reshape(-1, 1)  # (B, 1)
+    response = torch.rsqrt(1 + (frequency / cutoff) ** (2 * LOWPASS_ORDER))               # (B, F)
+    return torch.fft.irfft(spectrum * response, n=samples, dim=-1).to(waveforms.dtype)
+
+
+def room_impulse_response(rt60: float, sample_rate: int, generator: torch.Generator) -> torch.Tensor:
+    """A synthetic room (or forest) impulse response (rt60 * sample_rate,): the direct path (1 at t=0)
+    plus Gaussian noise whose amplitude falls by 60 dB in `rt60` seconds, exp(-ln(1000) t / rt60),
+    scaled so that the tail carries as much energy as the direct path."""
+    length = max(int(round(rt60 * sample_rate)), 2)
+    time = torch.arange(length, dtype=torch.float32) / sample_rate                        # (n,)
+    tail = torch.randn(length, generator=generator) * torch.exp(-math.log(1000.0) * time / rt60)
+    tail[0] = 0.0
+    response = tail / tail.norm().clamp_min(1e-12)
+    response[0] = 1.0
+    return response
+
+
+def reverberate(waveforms: torch.Tensor, rt60_seconds, sample_rate: int, generator: torch.Generator) -> torch.Tensor:
+    """Each row of (B, samples) convolved with its own room_impulse_response (rt60 (B,) seconds),
+    cut to the input's length, and scaled back to the row's own power: a room changes how a call
+    sounds, not how loud the example is. Rows of zero power stay zero."""
+    batch, samples = waveforms.shape
+    responses = [room_impulse_response(float(rt60), sample_rate, generator) for rt60 in rt60_seconds]
+    size = 1 << (samples + max(len(response) for response in responses) - 1).bit_length()   # FFT length, no wrap
+    kernels = torch.zeros((batch, size))
+    for row, response in enumerate(responses):
+        kernels[row, :len(response)] = response
+    signal = waveforms.float()
+    wet = torch.fft.irfft(torch.fft.rfft(signal, n=size) * torch.fft.rfft(kernels.to(signal.device)), n=size)
+    wet = wet[:, :samples]                                                                  # (B, samples)
+    power, wet_power = signal.square().mean(dim=1), wet.square().mean(dim=1)
+    scale = torch.where(wet_power > 0, torch.sqrt(power / wet_power.clamp_min(1e-30)), torch.zeros_like(power))
+    return (wet * scale[:, None]).to(waveforms.dtype)

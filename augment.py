@@ -316,6 +316,86 @@ def background_noise(waveforms: torch.Tensor, bank: BackgroundBank,
     return _add_at_snr(waveforms, rows, crops, snr_t)
 
 
+# ----------------------------------------------------------------------------- soundscape-style: distance, rooms, several calls
+
+def distance(waveforms: torch.Tensor, gain_db_range: tuple[float, float], lowpass_hz_range: tuple[float, float],
+             probability: float, rng: np.random.Generator | None, sample_rate: int) -> torch.Tensor:
+    """A call heard from further away: each chosen example (with `probability`) is low-passed at a
+    cutoff drawn log-uniformly from `lowpass_hz_range`, then multiplied by a gain drawn uniformly in dB
+    from `gain_db_range` (negative: quieter). The gain matters relative to what is added later: other
+    calls (mix_clips) and a fixed-level background."""
+    _check_probability(probability)
+    low_gain, high_gain = _check_range("gain_db_range", gain_db_range)
+    low_hz, high_hz = _check_range("lowpass_hz_range", lowpass_hz_range)
+    if probability <= 0:
+        return waveforms
+    rng = _require_rng(rng)
+    batch = waveforms.shape[0]
+    gain_db = rng.uniform(low_gain, high_gain, size=batch)                             # (B,)
+    cutoff = np.exp(rng.uniform(math.log(max(low_hz, 1.0)), math.log(max(high_hz, 1.0)), size=batch))   # (B,)
+    chosen = np.flatnonzero(rng.random(batch) < probability)                           # (K,)
+    if chosen.size == 0:
+        return waveforms
+    rows = torch.from_numpy(chosen).to(waveforms.device)
+    factor = torch.from_numpy((10.0 ** (gain_db[chosen] / 20.0)).astype(np.float32)).to(waveforms.device)
+    output = waveforms.clone()
+    output[rows] = (audio.lowpass(waveforms[rows], cutoff[chosen], sample_rate) * factor[:, None]).to(waveforms.dtype)
+    return output
+
+
+def reverb(waveforms: torch.Tensor, rt60_range: tuple[float, float], probability: float,
+           rng: np.random.Generator | None, sample_rate: int) -> torch.Tensor:
+    """Each chosen example (with `probability`) reverberated (audio.reverberate) with an RT60 drawn
+    uniformly in seconds from `rt60_range`, keeping its power."""
+    _check_probability(probability)
+    low, high = _check_range("rt60_range", rt60_range)
+    if probability <= 0:
+        return waveforms
+    rng = _require_rng(rng)
+    batch = waveforms.shape[0]
+    rt60 = rng.uniform(max(low, 1e-3), max(high, 1e-3), size=batch)                     # (B,)
+    chosen = np.flatnonzero(rng.random(batch) < probability)                           # (K,)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+    if chosen.size == 0:
+        return waveforms
+    rows = torch.from_numpy(chosen).to(waveforms.device)
+    output = waveforms.clone()
+    output[rows] = audio.reverberate(waveforms[rows], rt60[chosen], sample_rate, generator)
+    return output
+
+
+def mix_clips(waveforms: torch.Tensor, targets: torch.Tensor, probability: float, max_clips: int,
+              gain_db_range: tuple[float, float], rng: np.random.Generator | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several calls in one window, as in a soundscape row: each chosen example (with `probability`)
+    gets 1 to max_clips - 1 other examples of the batch added, each at a power drawn uniformly in dB
+    from `gain_db_range` relative to the example's own power; its targets become the element-wise
+    maximum of all of theirs (the union of the species). Unlike mixup, the example keeps its full
+    level and its full target. Partners come from the batch as it was before any mixing; a partner
+    or an example of zero power adds nothing (and no target)."""
+    _check_probability(probability)
+    low, high = _check_range("gain_db_range", gain_db_range)
+    batch = waveforms.shape[0]
+    if probability <= 0 or max_clips < 2 or batch < 2:
+        return waveforms, targets
+    rng = _require_rng(rng)
+    extra = rng.integers(1, max_clips, size=batch)                                     # (B,) partners per example
+    chosen = rng.random(batch) < probability                                           # (B,)
+    partners = (np.arange(batch)[:, None] + rng.integers(1, batch, size=(batch, max_clips - 1))) % batch  # never itself
+    gain_db = rng.uniform(low, high, size=(batch, max_clips - 1))                       # (B, max_clips - 1)
+    power = waveforms.float().square().mean(dim=1)                                     # (B,)
+    mixed_waveforms, mixed_targets = waveforms.float().clone(), targets.clone()
+    for row in np.flatnonzero(chosen):
+        for slot in range(extra[row]):
+            partner = int(partners[row, slot])
+            if power[row] <= 0 or power[partner] <= 0:
+                continue
+            scale = torch.sqrt(power[row] * 10.0 ** (gain_db[row, slot] / 10.0) / power[partner])
+            mixed_waveforms[row] += scale * waveforms[partner].float()
+            mixed_targets[row] = torch.maximum(mixed_targets[row], targets[partner])
+    return mixed_waveforms.to(waveforms.dtype), mixed_targets
+
+
 # ----------------------------------------------------------------------------- spectrogram masks
 
 def spec_augment(images: torch.Tensor, freq_masks: int, time_masks: int, max_pct: float,
@@ -358,7 +438,8 @@ def spec_augment(images: torch.Tensor, freq_masks: int, time_masks: int, max_pct
 
 # ----------------------------------------------------------------------------- settings and pipelines
 
-PROBABILITY_FIELDS = ("noise_prob", "bg_prob", "cutmix_prob", "gain_prob", "shift_prob")
+PROBABILITY_FIELDS = ("noise_prob", "bg_prob", "cutmix_prob", "gain_prob", "shift_prob", "mix_prob",
+                      "distance_prob", "reverb_prob")
 
 
 @dataclass
@@ -372,6 +453,10 @@ class AugmentSettings:
     gain_prob, gain_db:      random_gain probability; gains drawn in [-gain_db, +gain_db] dB
     shift_prob, shift_max:   time_shift probability and largest roll (fraction of the length)
     freq_masks, time_masks, mask_max_pct: spec_augment mask counts and width limit
+    mix_prob, mix_clips, mix_gain_db: mix_clips probability, most clips in a window, partner levels (dB)
+    distance_prob, distance_db, distance_lowpass_hz: distance probability, gain range (dB), cutoff range (Hz)
+    reverb_prob, reverb_rt60: reverb probability and RT60 range (s)
+    sample_rate:             of the waveforms (for the low-pass and the rooms)
     """
     noise_prob: float = 0.0
     noise_snr: tuple[float, float] = (3.0, 30.0)
@@ -387,6 +472,15 @@ class AugmentSettings:
     freq_masks: int = 0
     time_masks: int = 0
     mask_max_pct: float = 0.1
+    mix_prob: float = 0.0
+    mix_clips: int = 3
+    mix_gain_db: tuple[float, float] = (-12.0, 0.0)
+    distance_prob: float = 0.0
+    distance_db: tuple[float, float] = (-20.0, 0.0)
+    distance_lowpass_hz: tuple[float, float] = (2000.0, 16000.0)
+    reverb_prob: float = 0.0
+    reverb_rt60: tuple[float, float] = (0.2, 1.5)
+    sample_rate: int = 32000
 
     def scaled(self, strength: float) -> AugmentSettings:
         """These settings with every augmentation's probability and magnitude scaled by
@@ -403,7 +497,9 @@ class AugmentSettings:
                               the mask counts stay as set (they play the part of
                               a probability, which a count cannot be scaled like);
           cutmix_alpha:       unchanged: the mean replaced fraction is 1/2 for every
-                              alpha, so alpha has no "stronger" direction.
+                              alpha, so alpha has no "stronger" direction;
+          mix_gain_db, distance_db, distance_lowpass_hz, reverb_rt60: unchanged: they
+                              describe soundscape conditions, set directly.
         Strength 0 turns everything off: all probabilities 0 and no masks (the SNR
         ranges are then left as they are; nothing uses them).
         """
@@ -429,18 +525,24 @@ def augment_waveforms(waveforms: torch.Tensor, targets: torch.Tensor, settings: 
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the waveform augmentations of `settings` to (B, samples) and (B, C), in this order:
 
-      1. random_gain       2. time_shift       3. coloured_noise
-      4. background_noise  (only with a bank and bg_prob > 0)
-      5. cutmix_time
+      1. random_gain       2. time_shift       3. reverb          4. distance
+      5. mix_clips         6. coloured_noise   7. background_noise (only with a bank and bg_prob > 0)
+      8. cutmix_time
 
-    Level and position change first, so the noise is added at the requested SNR
-    relative to the example as the model will hear it and is not itself rolled;
+    Level and position change first; each call gets its room and its distance before
+    calls are summed (mix_clips), so a window may hold a near and a far call; noise
+    and the background bed are then added at the requested SNR relative to the
+    window as the model will hear it, and are not themselves rolled or filtered;
     cutmix comes last, so a pasted span carries the partner's own noise and the
     targets are mixed by the share of the final waveform that came from the
     partner. Mixup is a separate call in train.py, after this.
     """
     waveforms = random_gain(waveforms, (-settings.gain_db, settings.gain_db), settings.gain_prob, rng)
     waveforms = time_shift(waveforms, settings.shift_max, settings.shift_prob, rng)
+    waveforms = reverb(waveforms, settings.reverb_rt60, settings.reverb_prob, rng, settings.sample_rate)
+    waveforms = distance(waveforms, settings.distance_db, settings.distance_lowpass_hz, settings.distance_prob,
+                         rng, settings.sample_rate)
+    waveforms, targets = mix_clips(waveforms, targets, settings.mix_prob, settings.mix_clips, settings.mix_gain_db, rng)
     waveforms = coloured_noise(waveforms, settings.noise_snr, settings.noise_prob, rng, settings.noise_colours)
     if bank is not None and settings.bg_prob > 0:
         waveforms = background_noise(waveforms, bank, settings.bg_snr, settings.bg_prob, rng)

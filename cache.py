@@ -213,8 +213,7 @@ class AudioCache:
             os.close(self._file)
 
     def _read(self, offset: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
-        """count int16 samples from sample `offset` (into `out` if given): one pread, which
-        was faster here than slicing a memory map."""
+        """count int16 samples from sample `offset` (into `out` if given), with one pread."""
         if self._file is None:
             self._file = os.open(self.folder / "audio.int16", os.O_RDONLY)
         samples = np.empty(count, dtype=np.int16) if out is None else out

@@ -3,6 +3,7 @@
     python data.py demo --out DIR               writes the built-in synthetic demo data set
     python data.py cache --out DIR ...          decodes the crops' audio once (train.py --cache DIR)
     python data.py extras --detections CSV ...  selects detector-built extra windows (train.py --extras)
+    python data.py soundscapes --out DIR ...    labelled pseudo-soundscapes from the validation split
 
 `build_datasets(args, out_dir)` is the whole path from --data-dir to the training
 and validation datasets: metadata of one or more BirdCLEF years, the vocabulary,
@@ -31,6 +32,7 @@ import cache as cache_lib
 import distributed
 import extras as extras_lib
 import loader
+import pseudo_soundscapes
 import soundscapes
 
 log = logging.getLogger("birdclef")
@@ -314,11 +316,8 @@ def build_datasets(args, out_dir: Path) -> tuple[list[str], loader.RecordingData
     """
     crop = audio.CropSettings(args.sample_rate, args.window_seconds, args.crop_policy, args.ends_seconds, args.pad)
     table, labels, cache = read_usable_recordings(args, out_dir, crop)
+    train_index, val_index = split_usable_recordings(table, args)
     targets = make_targets(table, labels, args.secondary_weight)
-    train_index, val_index = split_recordings(table["primary_label"], args.val_fraction,
-                                              args.folds, args.fold, args.seed)
-    if len(val_index) == 0:
-        raise ValueError("the validation split is empty (every species has fewer than 2 recordings)")
     windows = training_windows(args, table, train_index, out_dir)
     train_targets = np.zeros((len(windows), len(labels)), dtype=np.float32)       # (N, C)
     known = (windows["record"] >= 0).to_numpy()
@@ -364,6 +363,16 @@ def read_usable_recordings(args, out_dir: Path, crop: audio.CropSettings):
         log.warning("%d species of the vocabulary have no usable recording (they can never be predicted "
                     "well): %s", len(missing), " ".join(missing[:20]))
     return table, labels, cache
+
+
+def split_usable_recordings(table: pd.DataFrame, args) -> tuple[np.ndarray, np.ndarray]:
+    """The split of the usable recordings by --seed, --val-fraction, --folds and --fold -> (train rows,
+    validation rows): the one split train.py and `python data.py soundscapes` both use."""
+    train_index, val_index = split_recordings(table["primary_label"], args.val_fraction,
+                                              args.folds, args.fold, args.seed)
+    if len(val_index) == 0:
+        raise ValueError("the validation split is empty (every species has fewer than 2 recordings)")
+    return train_index, val_index
 
 
 def training_windows(args, table: pd.DataFrame, train_index, out_dir: Path) -> pd.DataFrame:
@@ -495,7 +504,64 @@ def get_args_parser() -> argparse.ArgumentParser:
                               help="cache at most this many seconds per recording (0 = what the policy needs); "
                                    "crops outside are decoded during training")
     cache_parser.add_argument("--workers", type=int, default=2, help="decoding processes")
+    add_soundscapes_parser(commands)
     return parser
+
+
+def add_soundscapes_parser(commands) -> None:
+    defaults = pseudo_soundscapes.PlacementSettings()
+    parser = commands.add_parser("soundscapes", help="labelled pseudo-soundscapes from the validation split's "
+                                 "recordings, for train.py --val-soundscapes DIR/labels.csv",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", nargs="+", default=[str(DEMO_DIR)], help="as train.py --data-dir")
+    parser.add_argument("--out", required=True, help="folder to write (soundscapes, labels.csv, placements.csv)")
+    parser.add_argument("--seed", type=int, default=42, help="the split's seed: as train.py --seed")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="as train.py --val-fraction")
+    parser.add_argument("--folds", type=int, default=0, help="as train.py --folds")
+    parser.add_argument("--fold", type=int, default=0, help="as train.py --fold")
+    parser.add_argument("--bg-dir", default=None, help="background audio to lay the calls over (e.g. 2024's "
+                        "unlabeled_soundscapes/, no-call parts of 2021/2022 soundscapes, a noise collection)")
+    parser.add_argument("--detections", default=None, help="infer.py --detections table of the training audio: "
+                        "calls come from each recording's best windows, the bed (without --bg-dir) from the quietest")
+    parser.add_argument("--count", type=int, default=defaults.count, help="soundscapes to write")
+    parser.add_argument("--seconds", type=float, default=defaults.seconds, help="length of each soundscape")
+    parser.add_argument("--sample-rate", type=int, default=defaults.sample_rate, help="of the written soundscapes")
+    parser.add_argument("--empty-share", type=float, default=defaults.empty_share, help="share of rows without a call")
+    parser.add_argument("--max-calls", type=int, default=defaults.max_calls,
+                        help="calls of different species in one row, at most")
+    parser.add_argument("--call-seconds", type=float, default=defaults.call_seconds, help="length of each call")
+    parser.add_argument("--snr", type=float, nargs=2, default=list(defaults.snr_db), metavar=("LOW", "HIGH"),
+                        help="SNR of a call over the bed where it lies, in dB, before the distance gain")
+    parser.add_argument("--distance-prob", type=float, default=defaults.distance_prob,
+                        help="share of calls heard from a distance (a gain and a low-pass)")
+    parser.add_argument("--distance-db", type=float, nargs=2, default=list(defaults.distance_db),
+                        metavar=("LOW", "HIGH"), help="gain of a distant call in dB")
+    parser.add_argument("--distance-lowpass", type=float, nargs=2, default=list(defaults.distance_lowpass_hz),
+                        metavar=("LOW_HZ", "HIGH_HZ"), help="low-pass cutoff of a distant call (log-uniform)")
+    parser.add_argument("--reverb-prob", type=float, default=defaults.reverb_prob, help="share of calls reverberated")
+    parser.add_argument("--reverb-rt60", type=float, nargs=2, default=list(defaults.reverb_rt60),
+                        metavar=("LOW", "HIGH"), help="reverberation time range in seconds")
+    parser.add_argument("--placement-seed", type=int, default=defaults.seed,
+                        help="seed of every placement (the split has --seed)")
+    parser.set_defaults(nocall=False, cache=None, strict=False)   # read like train.py reads its data
+
+
+def soundscapes_command(args) -> pd.DataFrame:
+    """`python data.py soundscapes`: pseudo-soundscapes of the validation split's recordings only."""
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table, _, _ = read_usable_recordings(args, out_dir, crop=None)
+    _, val_index = split_usable_recordings(table, args)
+    recordings = table.iloc[val_index].reset_index(drop=True)
+    recordings["name"] = audio_names(recordings)
+    settings = pseudo_soundscapes.PlacementSettings(
+        count=args.count, seconds=args.seconds, sample_rate=args.sample_rate, empty_share=args.empty_share,
+        max_calls=args.max_calls, call_seconds=args.call_seconds, snr_db=tuple(args.snr),
+        distance_prob=args.distance_prob, distance_db=tuple(args.distance_db),
+        distance_lowpass_hz=tuple(args.distance_lowpass), reverb_prob=args.reverb_prob,
+        reverb_rt60=tuple(args.reverb_rt60), seed=args.placement_seed)
+    detections = pd.read_csv(args.detections, keep_default_na=False) if args.detections else None
+    return pseudo_soundscapes.build(recordings, out_dir, settings, args.bg_dir, detections)
 
 
 def main(argv=None) -> None:
@@ -512,7 +578,9 @@ def main(argv=None) -> None:
     elif args.command == "extras":
         if args.write_audio and not args.audio_dir:
             parser.error("--write-audio needs --audio-dir")
-        extras_lib.run_extras_command(args)
+        extras_lib.extras_command(args)
+    elif args.command == "soundscapes":
+        soundscapes_command(args)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def run_in_group(device: torch.device, work):
+def call_in_group(device: torch.device, work):
     """setup, then work() -> its result, then leave the group -- at once if work() raised."""
     setup(device)
     try:

@@ -144,43 +144,26 @@ class ExportedRunner(Runner):
         with torch.no_grad():  # not inference_mode: exporters trace with these tensors
             example = model.frontend(torch.randn(2, model.window_samples))     # (2, 1, n_mels, T)
         if backend == "onnxruntime":
-            ort = import_optional("onnxruntime")
-            import tempfile
-            with tempfile.TemporaryDirectory() as folder:
-                path = Path(folder) / "classifier.onnx"
-                torch.onnx.export(_Classifier(model).eval(), (example,), str(path), input_names=["image"],
-                                  output_names=["logits"], dynamo=False,
-                                  dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-                options = ort.SessionOptions()
-                options.enable_cpu_mem_arena = False  # the arena would keep every batch's peak allocation
-                if threads:
-                    options.intra_op_num_threads = threads
-                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            self.run = lambda image: session.run(None, {"image": image})[0]   # safe from several threads
+            self.session = onnxruntime_session(model, example, threads)
         elif backend == "openvino":
-            ov = import_optional("openvino")
-            config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
-            if self.streams > 1:  # one executor stream per concurrent batch
-                config.update({"NUM_STREAMS": self.streams, "INFERENCE_NUM_THREADS": threads * self.streams})
-            elif threads:
-                config["INFERENCE_NUM_THREADS"] = threads
-            compiled = ov.Core().compile_model(ov.convert_model(_Classifier(model), example_input=example),
-                                               "CPU", config)
-            requests = threading.local()   # an infer request serves one batch at a time: one per thread
-
-            def run(image):
-                if not hasattr(requests, "request"):
-                    requests.request = compiled.create_infer_request()
-                return requests.request.infer([image])[0]
-            self.run = run
+            self.compiled = openvino_model(model, example, bf16, threads, self.streams)
+            self.requests = threading.local()   # an infer request serves one batch at a time: one per thread
         else:
             raise ValueError(f"unknown backend {backend!r}")
         self.model.eval()  # exporters restore the wrapper's train/eval mode onto the model; keep eval
 
+    def classify(self, image: np.ndarray) -> np.ndarray:
+        """Spectrogram images (B, 1, n_mels, T) -> logits (B, C) in the exported engine; thread-safe."""
+        if self.backend == "onnxruntime":
+            return self.session.run(None, {"image": image})[0]
+        if not hasattr(self.requests, "request"):
+            self.requests.request = self.compiled.create_infer_request()
+        return self.requests.request.infer([image])[0]
+
     @torch.inference_mode()
     def __call__(self, waveforms: torch.Tensor) -> torch.Tensor:
         image = self.model.frontend(waveforms).numpy()                         # (B, 1, n_mels, T)
-        logits = torch.from_numpy(np.asarray(self.run(image), dtype=np.float32))
+        logits = torch.from_numpy(np.asarray(self.classify(image), dtype=np.float32))
         if not self.checked:
             self.check_against_torch(waveforms[:8], logits[:8])
         return logits
@@ -188,6 +171,33 @@ class ExportedRunner(Runner):
     def check_against_torch(self, waveforms, logits):
         check_parity(self.model, waveforms, logits, self.backend, self.tolerance)
         self.checked = True
+
+
+def onnxruntime_session(model, example: torch.Tensor, threads: int):
+    """The classifier exported to ONNX (dynamic batch) in an ONNX Runtime CPU session."""
+    ort = import_optional("onnxruntime")
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "classifier.onnx"
+        torch.onnx.export(_Classifier(model).eval(), (example,), str(path), input_names=["image"],
+                          output_names=["logits"], dynamo=False,
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = False  # the arena would keep every batch's peak allocation
+        if threads:
+            options.intra_op_num_threads = threads
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def openvino_model(model, example: torch.Tensor, bf16: bool, threads: int, streams: int):
+    """The classifier converted to OpenVINO and compiled for the CPU, one executor stream per --streams."""
+    ov = import_optional("openvino")
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+    if streams > 1:  # one executor stream per concurrent batch
+        config.update({"NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": threads * streams})
+    elif threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return ov.Core().compile_model(ov.convert_model(_Classifier(model), example_input=example), "CPU", config)
 
 
 def check_parity(model, waveforms: torch.Tensor, logits: torch.Tensor, backend: str, tolerance: float) -> float:
@@ -234,9 +244,9 @@ class WindowStream:
         """A file's windows, each starting at a sample offset of `waveform` (soundscapes.window_offsets)."""
         self.windows.extend((waveform, int(offset)) for offset in offsets)
         self.files.append((key, len(offsets)))
-        self.run()
+        self.start_batches()
 
-    def run(self, final: bool = False) -> None:
+    def start_batches(self, final: bool = False) -> None:
         """Start every whole batch (and with final, the rest); collect those that must finish first."""
         while len(self.windows) >= self.batch_size or (final and self.windows):
             sources = [self.windows.popleft() for _ in range(min(self.batch_size, len(self.windows)))]

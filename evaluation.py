@@ -30,9 +30,10 @@ log = logging.getLogger("birdclef")
 
 @dataclass
 class Validation:
-    """What every evaluation scores: the validation clips, and --val-soundscapes if given."""
+    """What every evaluation scores: the validation clips, --val-soundscapes and --test-soundscapes."""
     loader: torch.utils.data.DataLoader
-    soundscapes: "SoundscapeValidation | None"
+    soundscapes: "SoundscapeValidation | None"     # soundscape_* columns: may select best.pt
+    test_soundscapes: "SoundscapeValidation | None"  # test_* columns: for the record only
     chance: dict                                   # metrics of random scores on the validation clips
 
 
@@ -41,19 +42,20 @@ def build_validation(model, val_set, args, device) -> Validation:
     rank, world_size = distributed.rank_and_world_size()
     mine = list(range(rank, len(val_set), world_size))                     # every world_size-th window
     batches = [mine[start:start + args.batch_size] for start in range(0, len(mine), args.batch_size)]
-    scapes = (SoundscapeValidation(args.val_soundscapes, args.val_soundscape_audio, model)
+    scapes = (SoundscapeValidation(args.val_soundscapes, args.val_soundscape_audio, model, "soundscape", args.seed)
               if args.val_soundscapes else None)
-    scored_targets = val_set.targets[:, [label != soundscapes.NOCALL for label in model.labels]]  # as evaluate scores
-    chance = metrics.classification_metrics(  # what random scores get on this validation set
-        scored_targets, np.random.default_rng(args.seed).random(scored_targets.shape))
+    test = (SoundscapeValidation(args.test_soundscapes, args.test_soundscape_audio, model, "test", args.seed)
+            if args.test_soundscapes else None)
+    chance = chance_level(val_set.targets[:, scored_columns(model.labels)], args.seed)
     log.info("chance level on this validation set (random scores): cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f",
              chance["cmap5"], chance["cmap3"], chance["macro_ap"])
-    return Validation(loader.make_loader(val_set, args, device, batches), scapes, chance)
+    return Validation(loader.make_loader(val_set, args, device, batches), scapes, test, chance)
 
 
 @torch.inference_mode()
-def evaluate(model, batches, args, loss_name: str, device) -> dict:
-    """Validation loss and ranking metrics on the fixed validation windows."""
+def predict_clips(model, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model on the validation windows -> (logits (N, C), targets (N, C)), gathered from every
+    rank and ordered by window."""
     model.eval()
     all_logits, all_targets, all_indices = [], [], []
     for batch in batches:
@@ -65,13 +67,29 @@ def evaluate(model, batches, args, loss_name: str, device) -> dict:
     logits, targets = distributed.gather_rows(all_indices, all_logits, all_targets)  # (N, C) from every rank
     if logits is None:
         raise RuntimeError("no validation window could be decoded")
+    return logits, targets
+
+
+def evaluate(model, batches, args, loss_name: str, device) -> dict:
+    """Validation loss and ranking metrics on the fixed validation windows."""
+    logits, targets = predict_clips(model, batches, device)
     scores = model_lib.checked_scores(logits, model.activation, "the model on the validation windows")
     # Validation loss without label smoothing, so runs with and without it compare.
     loss = losses.compute_loss(logits, targets, loss_name, 0.0, args.focal_gamma, args.focal_alpha)
     results = {"val_loss": loss.item()}
-    species = np.array([label != soundscapes.NOCALL for label in model.labels])  # nocall is not scored
+    species = scored_columns(model.labels)
     results.update(metrics.classification_metrics(targets.numpy()[:, species], scores[:, species]))
     return results
+
+
+def scored_columns(labels: list[str]) -> np.ndarray:
+    """(C,) bool: the columns metrics score -- every species, not the no-call class."""
+    return np.array([label != soundscapes.NOCALL for label in labels])
+
+
+def chance_level(targets: np.ndarray, seed: int) -> dict:
+    """What random scores get on these targets: padded cmAP is far from 0 even then."""
+    return metrics.classification_metrics(targets, np.random.default_rng(seed).random(targets.shape))
 
 
 def evaluate_all(model, ema, validation: Validation, args, loss_name: str, device) -> dict:
@@ -82,20 +100,32 @@ def evaluate_all(model, ema, validation: Validation, args, loss_name: str, devic
         distributed.broadcast_buffers(ema.module)
         ema_results = evaluate(ema.module, validation.loader, args, loss_name, device)
         results.update({f"ema_{key}": value for key, value in ema_results.items()})
-    if validation.soundscapes is not None:
-        results.update(validation.soundscapes.evaluate(model, args.batch_size, device))
+    for scapes in (validation.soundscapes, validation.test_soundscapes):
+        if scapes is not None:
+            results.update(scapes.evaluate(model, args.batch_size, device))
     return results
+
+
+def chance_columns(validation: Validation) -> dict:
+    """The chance level of each scored set, as metrics.csv columns: chance_cmap5 (the clips),
+    soundscape_chance_cmap5, test_chance_cmap5."""
+    columns = {"chance_cmap5": validation.chance["cmap5"]}
+    for scapes in (validation.soundscapes, validation.test_soundscapes):
+        if scapes is not None:
+            columns[f"{scapes.prefix}_chance_cmap5"] = scapes.chance["cmap5"]
+    return columns
 
 
 class SoundscapeValidation:
     """Labelled soundscape segments, decoded once, scored at every evaluation.
 
     Clip crops from the training recordings say little about soundscapes; this is
-    the number a leaderboard measures. Windows are cut with the functions above,
-    exactly as infer.py cuts them, so the two agree.
+    the number a leaderboard measures. Windows are cut with soundscapes.py's functions,
+    exactly as infer.py cuts them, so the two agree. Metrics are named `<prefix>_cmap5` etc.
     """
 
-    def __init__(self, table_path, audio_dir, model):
+    def __init__(self, table_path, audio_dir, model, prefix: str = "soundscape", seed: int = 0):
+        self.prefix = prefix
         table, audio_dir = soundscapes.read_soundscape_labels(table_path, audio_dir)
         rate, window = model.config["sample_rate"], model.config["window_seconds"]
         windows, weights, ids = [], [], []
@@ -106,14 +136,14 @@ class SoundscapeValidation:
             windows.append(soundscapes.cut_windows(waveform, rate, starts, window))
             weights.append(row_weights)
             ids += soundscapes.row_ids(Path(name).stem, n_rows)
-        # the no-call column (--nocall) is scored by no metric: it is not a species
-        self.columns = np.array([label != soundscapes.NOCALL for label in model.labels])
+        self.columns = scored_columns(model.labels)
         labelled = soundscapes.read_labels(table_path, list(np.array(model.labels)[self.columns]), audio_dir)
         keep = np.array([row_id in labelled.index for row_id in ids])
         self.windows = torch.from_numpy(np.concatenate(windows))                  # (W, samples)
         self.weights = scipy.linalg.block_diag(*weights)[keep]                     # (labelled rows, W)
         self.targets = labelled.loc[np.array(ids)[keep]].to_numpy()                # (labelled rows, species)
-        log.info("soundscape validation: %d labelled 5-s rows from %d file(s) in %s", len(self.targets),
+        self.chance = chance_level(self.targets, seed)
+        log.info("%s soundscapes: %d labelled 5-s rows from %d file(s) in %s", prefix, len(self.targets),
                  len(windows), audio_dir)
 
     @torch.inference_mode()
@@ -127,4 +157,5 @@ class SoundscapeValidation:
         scores = self.weights @ model_lib.checked_scores(logits, model.activation,
                                                          "the model on the validation soundscapes")
         scores = scores[:, self.columns]
-        return {f"soundscape_{key}": value for key, value in metrics.classification_metrics(self.targets, scores).items()}
+        return {f"{self.prefix}_{key}": value
+                for key, value in metrics.classification_metrics(self.targets, scores).items()}

@@ -87,7 +87,7 @@ def write_extra_audio(extras: pd.DataFrame, audio_dir, out_dir, chunk_seconds: f
     return written
 
 
-def run_extras_command(args) -> pd.DataFrame:
+def extras_command(args) -> pd.DataFrame:
     """`python data.py extras`: select, write extras.csv, print the totals per species, and with
     --write-audio also write the chunks."""
     detections = pd.read_csv(args.detections)

@@ -285,7 +285,7 @@ def score_files(files: list[Path], members: list[Member], columns: list[str], ar
             log.warning("%s: %s; writing %d row(s) of zeros", path, decoded["error"], n_rows)
         results.update(finished_rows(streams, members, row_weights, len(columns), args))
     for stream in streams:
-        stream.run(final=True)
+        stream.start_batches(final=True)
     results.update(finished_rows(streams, members, row_weights, len(columns), args))
     return results, problems, audio_seconds
 
@@ -400,7 +400,7 @@ def main(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = distributed.local_device(args.device)
-    return distributed.run_in_group(device, functools.partial(infer, args, device))
+    return distributed.call_in_group(device, functools.partial(infer, args, device))
 
 
 def infer(args, device: torch.device) -> dict:

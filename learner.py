@@ -114,7 +114,11 @@ def augment_settings(args) -> augment.AugmentSettings:
         noise_prob=args.noise_prob, noise_snr=tuple(args.noise_snr), bg_prob=args.bg_prob if args.bg_dir else 0.0,
         bg_snr=tuple(args.bg_snr), cutmix_prob=args.cutmix_prob, cutmix_alpha=args.cutmix_alpha,
         gain_prob=args.gain_prob, gain_db=args.gain_db, shift_prob=args.shift_prob, shift_max=args.shift_max,
-        freq_masks=args.freq_masks, time_masks=args.time_masks, mask_max_pct=args.mask_max_pct)
+        freq_masks=args.freq_masks, time_masks=args.time_masks, mask_max_pct=args.mask_max_pct,
+        mix_prob=args.mix_prob, mix_clips=args.mix_clips, mix_gain_db=tuple(args.mix_gain_db),
+        distance_prob=args.distance_prob, distance_db=tuple(args.distance_db),
+        distance_lowpass_hz=tuple(args.distance_lowpass), reverb_prob=args.reverb_prob,
+        reverb_rt60=tuple(args.reverb_rt60), sample_rate=args.sample_rate)
     return settings.scaled(args.aug_strength)
 
 

@@ -117,11 +117,13 @@ def start_logs(out_dir: Path, resumed_from: dict | None = None) -> None:
 SCORE_COLUMNS = ["val_loss", "cmap5", "cmap3", "macro_ap", "lrap"]
 
 
-def metric_columns(with_ema: bool, with_soundscapes: bool = False) -> list[str]:
+def metric_columns(with_ema: bool, with_soundscapes: bool = False, with_test: bool = False) -> list[str]:
     ema_columns = [f"ema_{column}" for column in SCORE_COLUMNS] if with_ema else []
     soundscape_columns = [f"soundscape_{column}" for column in SCORE_COLUMNS[1:]] if with_soundscapes else []
+    test_columns = [f"test_{column}" for column in SCORE_COLUMNS[1:]] if with_test else []
+    chance = ["chance_cmap5"] + ["soundscape_chance_cmap5"] * with_soundscapes + ["test_chance_cmap5"] * with_test
     return ["evaluation", "epoch", "global_step", "train_loss", *SCORE_COLUMNS, *ema_columns,
-            *soundscape_columns, "lr"]
+            *soundscape_columns, *test_columns, "lr", *chance]
 
 
 def write_evaluation(out_dir: Path, row: dict, step_rows: list[tuple], checkpoint: dict, improved: bool,
@@ -137,7 +139,7 @@ def write_evaluation(out_dir: Path, row: dict, step_rows: list[tuple], checkpoin
 
 def append_metrics(path: Path, row: dict) -> None:
     """One row of metrics.csv; its columns follow from the row (EMA and soundscape ones when present)."""
-    columns = metric_columns("ema_val_loss" in row, "soundscape_cmap5" in row)
+    columns = metric_columns("ema_val_loss" in row, "soundscape_cmap5" in row, "test_cmap5" in row)
     new_file = not path.exists()
     with open(path, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -196,7 +198,7 @@ def plot_metrics(csv_path: Path, png_path: Path) -> None:
     loss_axis.plot(table["epoch"], table["val_loss"], marker=".", label="validation loss")
     loss_axis.set_xlabel("epoch")
     loss_axis.legend()
-    for column in ("cmap5", "cmap3", "macro_ap", "lrap", "soundscape_cmap5", "soundscape_macro_ap"):
+    for column in ("cmap5", "cmap3", "macro_ap", "lrap", "soundscape_cmap5", "soundscape_macro_ap", "test_cmap5"):
         if column in table:
             score_axis.plot(table["epoch"], table[column], marker=".", label=column)
     score_axis.set_xlabel("epoch")

@@ -218,6 +218,23 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--time-masks", type=int, default=0, help="SpecAugment time masks per example")
     group.add_argument("--mask-max-pct", type=float, default=0.1,
                        help="SpecAugment: widest mask as a fraction of the bands or frames")
+    group.add_argument("--mix-prob", type=float, default=0.0,
+                       help="probability that a window gets 1 to --mix-clips - 1 other windows of its batch added "
+                            "at full weight (targets: the union), as soundscape rows hold several calls")
+    group.add_argument("--mix-clips", type=int, default=3, help="most calls in one window, with --mix-prob")
+    group.add_argument("--mix-gain-db", type=float, nargs=2, default=[-12.0, 0.0], metavar=("LOW", "HIGH"),
+                       help="power of each added window relative to the window it joins, in dB")
+    group.add_argument("--distance-prob", type=float, default=0.0,
+                       help="probability of a distant call: a gain from --distance-db and a low-pass cutoff "
+                            "from --distance-lowpass")
+    group.add_argument("--distance-db", type=float, nargs=2, default=[-20.0, 0.0], metavar=("LOW", "HIGH"),
+                       help="gain range of a distant call in dB (relative to what is mixed in later)")
+    group.add_argument("--distance-lowpass", type=float, nargs=2, default=[2000.0, 16000.0],
+                       metavar=("LOW_HZ", "HIGH_HZ"), help="low-pass cutoff range of a distant call (log-uniform)")
+    group.add_argument("--reverb-prob", type=float, default=0.0,
+                       help="probability of reverberation by a synthetic exponentially decaying impulse response")
+    group.add_argument("--reverb-rt60", type=float, nargs=2, default=[0.2, 1.5], metavar=("LOW", "HIGH"),
+                       help="reverberation time range in seconds (the time to decay by 60 dB)")
 
     group = parser.add_argument_group("evaluation and checkpoints")
     group.add_argument("--evals-per-epoch", type=int, default=2,
@@ -231,6 +248,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "the clip-level numbers")
     group.add_argument("--val-soundscape-audio", default=None,
                        help="folder of those soundscapes' audio (default: test_soundscapes/ beside the table)")
+    group.add_argument("--test-soundscapes", default=None,
+                       help="labelled-soundscape table scored at every evaluation for the record only (test_* "
+                            "columns), never for best.pt or patience: to see whether validation tracks it")
+    group.add_argument("--test-soundscape-audio", default=None,
+                       help="folder of the --test-soundscapes audio (default: test_soundscapes/ beside the table)")
     group.add_argument("--patience", type=int, default=8,
                        help="stop after this many evaluations without improvement (0 = never)")
     group.add_argument("--min-delta", type=float, default=0.0,
@@ -393,7 +415,7 @@ def evaluate_and_save(learner: learner_lib.Learner, validation: evaluation.Valid
            "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
            "global_step": state.global_step,
            "train_loss": state.train_loss_sum / max(state.train_loss_count, 1),
-           "lr": learner.optimizer.param_groups[0]["lr"], **results}
+           "lr": learner.optimizer.param_groups[0]["lr"], **results, **evaluation.chance_columns(validation)}
     state.train_loss_sum, state.train_loss_count = 0.0, 0
     improved = state.update_best(results[args.monitor], args.monitor, args.min_delta)
     if distributed.is_main_process():
@@ -405,7 +427,8 @@ def evaluate_and_save(learner: learner_lib.Learner, validation: evaluation.Valid
              row["macro_ap"], row["lrap"],
              (f"  EMA cmAP5 {row['ema_cmap5']:.4f}" if learner.ema is not None else "")
              + (f"  soundscape cmAP5 {row['soundscape_cmap5']:.4f} macroAP {row['soundscape_macro_ap']:.4f}"
-                if validation.soundscapes is not None else ""),
+                if validation.soundscapes is not None else "")
+             + (f"  test cmAP5 {row['test_cmap5']:.4f}" if validation.test_soundscapes is not None else ""),
              "  (best)" if improved else "")
 
 
@@ -531,7 +554,7 @@ def main(args):
     Under torchrun, every rank runs this."""
     check_arguments(args)
     device = distributed.local_device(args.device)
-    return distributed.run_in_group(device, functools.partial(set_up_and_train, args, device))
+    return distributed.call_in_group(device, functools.partial(set_up_and_train, args, device))
 
 
 def check_arguments(args) -> None:

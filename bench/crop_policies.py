@@ -32,7 +32,7 @@ import infer  # noqa: E402
 import train  # noqa: E402
 
 
-def run(name: str, flags: list[str], args, work: Path) -> dict:
+def train_and_score(name: str, flags: list[str], args, work: Path) -> dict:
     out = work / name
     labels = Path(args.data_dir) / "test_soundscapes_labels.csv"
     started = time.time()
@@ -78,9 +78,9 @@ def main() -> None:
     data.ensure_demo_data(args.data_dir)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    rows = [run("ends", [], args, work), run("random", ["--crop-policy", "random"], args, work)]
+    rows = [train_and_score("ends", [], args, work), train_and_score("random", ["--crop-policy", "random"], args, work)]
     extras, n_extras = make_extras(work / "ends" / "best.pt", args, work)
-    rows.append(run("extras", ["--extras", str(extras)], args, work))
+    rows.append(train_and_score("extras", ["--extras", str(extras)], args, work))
     rows[-1]["flags"] = f"--extras extras.csv ({n_extras} windows, {args.min}-{args.max}//{args.divisor:g}, " \
                         f"threshold {args.threshold:g})"
     print(f"\n{args.epochs} epochs each, batch {args.batch_size}, lr {args.lr}, random init, seed {args.seed}\n")

@@ -35,7 +35,7 @@ RECIPES = {
 }
 
 
-def run_recipe(name: str, flags: list[str], args, work: Path) -> dict:
+def train_recipe(name: str, flags: list[str], args, work: Path) -> dict:
     out = work / name
     train_args = train.get_args_parser().parse_args([
         "--data-dir", str(args.data_dir), "--no-pretrained", "--out-dir", str(out), "--epochs", str(args.epochs),
@@ -67,7 +67,7 @@ def main() -> None:
     data.ensure_demo_data(args.data_dir)
     rows = []
     for name in args.recipes:
-        rows.append(run_recipe(name, RECIPES[name], args, Path(args.work_dir)))
+        rows.append(train_recipe(name, RECIPES[name], args, Path(args.work_dir)))
         print(f"{name}: {rows[-1]}", flush=True)
     print(f"\n{args.epochs} epochs each, batch {args.batch_size}, lr {args.lr}, random init, seed {args.seed}; "
           f"chance cmAP5 on the validation clips {rows[0]['chance_cmap5']:.3f}\n")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import data  # noqa: E402
 import distributed  # noqa: E402
 import train  # noqa: E402
-import data
 
 out, argv = Path(sys.argv[1]), sys.argv[2:]
 args = train.get_args_parser().parse_args(argv)

@@ -64,7 +64,7 @@ def noise_bank(tmp_path) -> BackgroundBank:
              subtype="FLOAT")
     sf.write(tmp_path / "wind.wav", (0.05 * rng.standard_normal(SAMPLES // 3)).astype(np.float32), 16000,
              subtype="FLOAT")
-    return BackgroundBank(tmp_path, 16000, SAMPLES)
+    return BackgroundBank(tmp_path, sample_rate=16000, window_samples=SAMPLES)
 
 
 def everything_on() -> AugmentSettings:
@@ -78,14 +78,15 @@ def everything_on() -> AugmentSettings:
 @pytest.mark.parametrize("snr_db", [-5.0, 0.0, 12.5, 30.0])
 def test_coloured_noise_reaches_requested_snr(colour, snr_db):
     before = signals(32)
-    after = augment.coloured_noise(before, (snr_db, snr_db), 1.0, np.random.default_rng(1), colours=(colour,))
+    after = augment.coloured_noise(before, (snr_db, snr_db), probability=1.0, rng=np.random.default_rng(1),
+                                   colours=(colour,))
     measured = measured_snr_db(before, after)
     assert np.all(np.abs(measured - snr_db) < 0.5), measured
 
 
 def test_coloured_noise_snr_is_drawn_over_the_range():
     before = signals(400)
-    after = augment.coloured_noise(before, (-5.0, 20.0), 1.0, np.random.default_rng(1))
+    after = augment.coloured_noise(before, (-5.0, 20.0), probability=1.0, rng=np.random.default_rng(1))
     measured = measured_snr_db(before, after)
     assert measured.min() > -5.5 and measured.max() < 20.5
     # uniform on [-5, 20]: quartiles near 1.25, 7.5, 13.75
@@ -95,7 +96,8 @@ def test_coloured_noise_snr_is_drawn_over_the_range():
 @pytest.mark.parametrize("colour, expected_slope", [("white", 0.0), ("pink", -1.0), ("brown", -2.0)])
 def test_noise_colour_has_its_spectral_slope(colour, expected_slope):
     before = signals(64)
-    after = augment.coloured_noise(before, (10.0, 10.0), 1.0, np.random.default_rng(2), colours=(colour,))
+    after = augment.coloured_noise(before, (10.0, 10.0), probability=1.0, rng=np.random.default_rng(2),
+                                   colours=(colour,))
     noise = (after.double() - before.double()).numpy()
     assert abs(spectral_slope(noise) - expected_slope) < 0.3
     assert np.all(np.abs(noise.mean(axis=1)) < 1e-3 * np.sqrt((noise ** 2).mean(axis=1)))  # no DC offset
@@ -104,7 +106,7 @@ def test_noise_colour_has_its_spectral_slope(colour, expected_slope):
 def test_coloured_noise_picks_every_colour():
     before = torch.zeros(300, SAMPLES)
     before[:, ::2] = 1.0  # any non-silent signal; its power sets the noise level only
-    after = augment.coloured_noise(before, (0.0, 0.0), 1.0, np.random.default_rng(3))
+    after = augment.coloured_noise(before, (0.0, 0.0), probability=1.0, rng=np.random.default_rng(3))
     slopes = [spectral_slope((after[i:i + 1] - before[i:i + 1]).double().numpy()) for i in range(300)]
     # single-example slopes are noisy but the three colours stay well apart
     counts = np.histogram(slopes, bins=[-3, -1.5, -0.5, 0.5])[0]   # brown, pink, white
@@ -114,7 +116,7 @@ def test_coloured_noise_picks_every_colour():
 def test_coloured_noise_skips_digital_silence():
     before = signals(4)
     before[1] = 0.0
-    after = augment.coloured_noise(before, (5.0, 5.0), 1.0, np.random.default_rng(0))
+    after = augment.coloured_noise(before, (5.0, 5.0), probability=1.0, rng=np.random.default_rng(0))
     assert torch.isfinite(after).all()
     assert torch.equal(after[1], before[1])
     assert changed_rows(before, after).sum() == 3
@@ -122,27 +124,28 @@ def test_coloured_noise_skips_digital_silence():
 
 def test_coloured_noise_checks_its_arguments():
     with pytest.raises(ValueError, match="colours"):
-        augment.coloured_noise(signals(2), (0.0, 1.0), 1.0, np.random.default_rng(0), colours=("blue",))
+        augment.coloured_noise(signals(2), (0.0, 1.0), probability=1.0, rng=np.random.default_rng(0),
+                               colours=("blue",))
     with pytest.raises(ValueError, match="snr_db_range"):
-        augment.coloured_noise(signals(2), (5.0, 1.0), 1.0, np.random.default_rng(0))
+        augment.coloured_noise(signals(2), (5.0, 1.0), probability=1.0, rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="probability"):
-        augment.coloured_noise(signals(2), (0.0, 1.0), 1.5, np.random.default_rng(0))
+        augment.coloured_noise(signals(2), (0.0, 1.0), probability=1.5, rng=np.random.default_rng(0))
 
 
 # ----------------------------------------------------------------------------- probability, determinism
 
 def apply_op(name: str, waveforms: torch.Tensor, probability: float, rng, bank=None) -> torch.Tensor:
     if name == "coloured_noise":
-        return augment.coloured_noise(waveforms, (0.0, 20.0), probability, rng)
+        return augment.coloured_noise(waveforms, (0.0, 20.0), probability=probability, rng=rng)
     if name == "background_noise":
-        return augment.background_noise(waveforms, bank, (0.0, 20.0), probability, rng)
+        return augment.background_noise(waveforms, bank, (0.0, 20.0), probability=probability, rng=rng)
     if name == "gain":
-        return augment.random_gain(waveforms, (-6.0, 6.0), probability, rng)
+        return augment.random_gain(waveforms, (-6.0, 6.0), probability=probability, rng=rng)
     if name == "shift":
-        return augment.time_shift(waveforms, 0.5, probability, rng)
+        return augment.time_shift(waveforms, max_fraction=0.5, probability=probability, rng=rng)
     if name == "cutmix":
         targets = torch.eye(waveforms.shape[0])
-        return augment.cutmix_time(waveforms, targets, 1.0, probability, rng)[0]
+        return augment.cutmix_time(waveforms, targets, alpha=1.0, probability=probability, rng=rng)[0]
     raise AssertionError(name)
 
 
@@ -170,7 +173,7 @@ def test_probability_one_changes_every_example(name, noise_bank):
 def test_changed_fraction_matches_probability(name, tmp_path):
     batch, samples = 2000, 256
     sf.write(tmp_path / "hiss.wav", np.random.default_rng(1).standard_normal(1000).astype(np.float32), 16000)
-    short_bank = BackgroundBank(tmp_path, 16000, samples)
+    short_bank = BackgroundBank(tmp_path, sample_rate=16000, window_samples=samples)
     before = signals(batch, samples=samples, seed=4)
     after = apply_op(name, before, 0.3, np.random.default_rng(7), short_bank)
     fraction = changed_rows(before, after).mean()
@@ -205,15 +208,16 @@ def test_no_global_random_state_is_used():
 @pytest.mark.parametrize("snr_db", [-3.0, 0.0, 2.0, 15.0])
 def test_background_noise_reaches_requested_snr(noise_bank, snr_db):
     before = signals(32)
-    after = augment.background_noise(before, noise_bank, (snr_db, snr_db), 1.0, np.random.default_rng(8))
+    after = augment.background_noise(before, noise_bank, (snr_db, snr_db), probability=1.0,
+                                     rng=np.random.default_rng(8))
     measured = measured_snr_db(before, after)
     assert np.all(np.abs(measured - snr_db) < 0.5), measured
 
 
 def test_background_noise_snr_is_drawn_over_the_range(noise_bank):
     before = signals(400)
-    measured = measured_snr_db(before, augment.background_noise(before, noise_bank, (-3.0, 3.0), 1.0,
-                                                                np.random.default_rng(8)))
+    measured = measured_snr_db(before, augment.background_noise(before, noise_bank, (-3.0, 3.0), probability=1.0,
+                                                                rng=np.random.default_rng(8)))
     assert measured.min() > -3.5 and measured.max() < 3.5
     assert np.allclose(np.percentile(measured, [25, 50, 75]), [-1.5, 0.0, 1.5], atol=0.6)
 
@@ -221,10 +225,10 @@ def test_background_noise_snr_is_drawn_over_the_range(noise_bank):
 def test_background_noise_adds_scaled_crops_of_the_bank(tmp_path):
     clip = np.random.default_rng(6).standard_normal(3 * SAMPLES).astype(np.float32)
     sf.write(tmp_path / "only.wav", clip, 16000, subtype="FLOAT")
-    bank = BackgroundBank(tmp_path, 16000, SAMPLES)
+    bank = BackgroundBank(tmp_path, sample_rate=16000, window_samples=SAMPLES)
     before = signals(8)
-    added = (augment.background_noise(before, bank, (5.0, 5.0), 1.0, np.random.default_rng(9)).double()
-             - before.double()).numpy()
+    after = augment.background_noise(before, bank, (5.0, 5.0), probability=1.0, rng=np.random.default_rng(9))
+    added = (after.double() - before.double()).numpy()
     clip = clip.astype(np.float64)
     size = clip.size + SAMPLES
     starts = []
@@ -241,8 +245,8 @@ def test_background_noise_adds_scaled_crops_of_the_bank(tmp_path):
 
 def test_background_noise_rejects_wrong_window(noise_bank):
     with pytest.raises(ValueError, match="samples"):
-        augment.background_noise(signals(2, samples=SAMPLES + 1), noise_bank, (0.0, 1.0), 1.0,
-                                 np.random.default_rng(0))
+        augment.background_noise(signals(2, samples=SAMPLES + 1), noise_bank, (0.0, 1.0), probability=1.0,
+                                 rng=np.random.default_rng(0))
 
 
 # ----------------------------------------------------------------------------- background bank
@@ -260,7 +264,7 @@ def test_bank_loads_resamples_and_mixes_to_mono(tmp_path):
     write_ogg(tmp_path / "tone.ogg", (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 22050)
     (tmp_path / "notes.txt").write_text("not audio")
 
-    bank = BackgroundBank(tmp_path, 16000, 4000)
+    bank = BackgroundBank(tmp_path, sample_rate=16000, window_samples=4000)
     assert len(bank) == 5
     assert sorted(p.name for p in bank.paths) == ["stereo.flac", "tone.ogg", "tone_16000.wav",
                                                   "tone_44100.wav", "tone_8000.wav"]
@@ -281,7 +285,7 @@ def test_bank_crops_long_files_and_tiles_short_ones(tmp_path):
     short_file = (np.arange(10000, 10300) + 1) / 2 ** 16
     sf.write(tmp_path / "long.wav", long_file.astype(np.float32), 16000, subtype="FLOAT")
     sf.write(tmp_path / "short.wav", short_file.astype(np.float32), 16000, subtype="FLOAT")
-    bank = BackgroundBank(tmp_path, 16000, 1000)
+    bank = BackgroundBank(tmp_path, sample_rate=16000, window_samples=1000)
     crops = bank.sample(200, np.random.default_rng(0))
     assert crops.shape == (200, 1000) and crops.dtype == torch.float32
     positions = np.rint(crops.double().numpy() * 2 ** 16).astype(int) - 1
@@ -306,9 +310,9 @@ def test_bank_empty_folder_raises_naming_it(tmp_path):
     empty.mkdir()
     (empty / "readme.txt").write_text("no audio")
     with pytest.raises(ValueError, match="no_noise_here"):
-        BackgroundBank(empty, 16000, 1000)
+        BackgroundBank(empty, sample_rate=16000, window_samples=1000)
     with pytest.raises(ValueError, match="missing_folder"):
-        BackgroundBank(tmp_path / "missing_folder", 16000, 1000)
+        BackgroundBank(tmp_path / "missing_folder", sample_rate=16000, window_samples=1000)
 
 
 # ----------------------------------------------------------------------------- cutmix
@@ -318,7 +322,8 @@ def test_cutmix_replaces_a_span_with_partner_samples_and_mixes_targets_by_it():
     # value b * samples + i names example b, position i (exact in float32)
     waveforms = torch.arange(batch * samples, dtype=torch.float32).reshape(batch, samples)
     targets = torch.eye(batch)
-    mixed, mixed_targets = augment.cutmix_time(waveforms, targets, 1.0, 1.0, np.random.default_rng(3))
+    mixed, mixed_targets = augment.cutmix_time(waveforms, targets, alpha=1.0, probability=1.0,
+                                               rng=np.random.default_rng(3))
     source = mixed.long()
     source_example, source_position = source // samples, source % samples
     assert torch.equal(source_position, torch.arange(samples).expand(batch, samples))  # same positions
@@ -341,7 +346,8 @@ def test_cutmix_replaces_a_span_with_partner_samples_and_mixes_targets_by_it():
 
 def test_cutmix_probability_zero_keeps_targets():
     waveforms, targets = signals(8), torch.eye(8)
-    out_waveforms, out_targets = augment.cutmix_time(waveforms, targets, 1.0, 0.0, np.random.default_rng(0))
+    out_waveforms, out_targets = augment.cutmix_time(waveforms, targets, alpha=1.0, probability=0.0,
+                                                     rng=np.random.default_rng(0))
     assert torch.equal(out_waveforms, waveforms) and torch.equal(out_targets, targets)
 
 
@@ -349,7 +355,7 @@ def test_cutmix_probability_zero_keeps_targets():
 
 def test_gain_stays_within_db_range():
     before = signals(500)
-    after = augment.random_gain(before, (-6.0, 3.0), 1.0, np.random.default_rng(0))
+    after = augment.random_gain(before, (-6.0, 3.0), probability=1.0, rng=np.random.default_rng(0))
     gain_db = 20 * np.log10(np.abs(after.double().numpy()).max(axis=1) / np.abs(before.double().numpy()).max(axis=1))
     assert gain_db.min() >= -6.0 - 1e-4 and gain_db.max() <= 3.0 + 1e-4
     assert gain_db.min() < -5.5 and gain_db.max() > 2.5           # the whole range is used
@@ -360,7 +366,7 @@ def test_gain_stays_within_db_range():
 def test_time_shift_is_a_circular_roll_within_limit():
     samples = 1000
     before = signals(200, samples=samples)
-    after = augment.time_shift(before, 0.25, 1.0, np.random.default_rng(0))
+    after = augment.time_shift(before, max_fraction=0.25, probability=1.0, rng=np.random.default_rng(0))
     shifts = []
     for b in range(200):
         assert torch.equal(after[b].sort().values, before[b].sort().values)
@@ -387,7 +393,8 @@ def test_spec_augment_masks(freq_masks, time_masks):
     batch, n_mels, frames, max_pct = 200, 64, 100, 0.2
     images = torch.randn(batch, 1, n_mels, frames, generator=torch.Generator().manual_seed(0))
     copy = images.clone()
-    out = augment.spec_augment(images, freq_masks, time_masks, max_pct, np.random.default_rng(0))
+    out = augment.spec_augment(images, freq_masks=freq_masks, time_masks=time_masks, max_pct=max_pct,
+                               rng=np.random.default_rng(0))
     assert torch.equal(images, copy)                   # input untouched
     assert out.data_ptr() != images.data_ptr()
     max_bands, max_frames = math.floor(max_pct * n_mels), math.floor(max_pct * frames)
@@ -415,10 +422,12 @@ def test_spec_augment_masks(freq_masks, time_masks):
 
 def test_spec_augment_determinism_and_no_masks():
     images = torch.randn(4, 1, 32, 40, generator=torch.Generator().manual_seed(0))
-    first = augment.spec_augment(images, 2, 2, 0.2, np.random.default_rng(1))
-    assert torch.equal(first, augment.spec_augment(images, 2, 2, 0.2, np.random.default_rng(1)))
-    assert not torch.equal(first, augment.spec_augment(images, 2, 2, 0.2, np.random.default_rng(2)))
-    unmasked = augment.spec_augment(images, 0, 0, 0.2, np.random.default_rng(1))
+    def two_masks_each(seed):
+        return augment.spec_augment(images, freq_masks=2, time_masks=2, max_pct=0.2, rng=np.random.default_rng(seed))
+    first = two_masks_each(1)
+    assert torch.equal(first, two_masks_each(1))
+    assert not torch.equal(first, two_masks_each(2))
+    unmasked = augment.spec_augment(images, freq_masks=0, time_masks=0, max_pct=0.2, rng=np.random.default_rng(1))
     assert torch.equal(unmasked, images) and unmasked.data_ptr() != images.data_ptr()
 
 
@@ -489,11 +498,11 @@ def test_augment_waveforms_applies_the_documented_order(noise_bank):
     settings = AugmentSettings(noise_prob=0.8, bg_prob=0.8, cutmix_prob=0.8, gain_prob=0.8, shift_prob=0.8)
     out, out_targets = augment.augment_waveforms(waveforms, targets, settings, np.random.default_rng(4), noise_bank)
     rng = np.random.default_rng(4)
-    expected = augment.random_gain(waveforms, (-6.0, 6.0), 0.8, rng)
-    expected = augment.time_shift(expected, 0.5, 0.8, rng)
-    expected = augment.coloured_noise(expected, (3.0, 30.0), 0.8, rng)
-    expected = augment.background_noise(expected, noise_bank, (0.0, 2.0), 0.8, rng)
-    expected, expected_targets = augment.cutmix_time(expected, targets, 1.0, 0.8, rng)
+    expected = augment.random_gain(waveforms, (-6.0, 6.0), probability=0.8, rng=rng)
+    expected = augment.time_shift(expected, max_fraction=0.5, probability=0.8, rng=rng)
+    expected = augment.coloured_noise(expected, (3.0, 30.0), probability=0.8, rng=rng)
+    expected = augment.background_noise(expected, noise_bank, (0.0, 2.0), probability=0.8, rng=rng)
+    expected, expected_targets = augment.cutmix_time(expected, targets, alpha=1.0, probability=0.8, rng=rng)
     assert torch.equal(out, expected) and torch.equal(out_targets, expected_targets)
 
 
@@ -501,5 +510,6 @@ def test_augment_images_applies_spec_augment():
     images = torch.randn(8, 1, 32, 50, generator=torch.Generator().manual_seed(0))
     settings = AugmentSettings(freq_masks=2, time_masks=3, mask_max_pct=0.2)
     out = augment.augment_images(images, settings, np.random.default_rng(5))
-    assert torch.equal(out, augment.spec_augment(images, 2, 3, 0.2, np.random.default_rng(5)))
+    expected = augment.spec_augment(images, freq_masks=2, time_masks=3, max_pct=0.2, rng=np.random.default_rng(5))
+    assert torch.equal(out, expected)
     assert not torch.equal(out, images)

@@ -1,4 +1,10 @@
-"""python data.py cache: crops read from the cache equal decoded crops; size, resume, refusal."""
+"""Tests for cache.py (`python data.py cache`, train.py --cache): crops read from the cache equal decoded
+crops; its size, resume and refusal; and cached int16 batches, also through loader.py's BatchRing,
+equal the items read one by one.
+
+The recordings are written here at the training rate; the reference is the same
+RecordingDataset without a cache, up to int16 rounding.
+"""
 from __future__ import annotations
 
 import json
@@ -10,12 +16,12 @@ import soundfile as sf
 import torch
 from conftest import quick_args, tone_recording
 
-import data
-import train
 import audio
-import sampling
-import loader
 import cache as cache_lib
+import data
+import loader
+import sampling
+import train
 
 RATE = 16000
 QUANTUM = 1.5 / audio.INT16_SCALE      # int16 rounding, and nothing more
@@ -43,7 +49,8 @@ def as_float(item):
 
 
 def settings(policy="ends", max_seconds=0.0, rate=RATE):
-    return cache_lib.cache_settings(rate, policy, 4.0, 2.0, max_seconds)
+    return cache_lib.cache_settings(sample_rate=rate, policy=policy, ends_seconds=4.0, window_seconds=2.0,
+                                    max_seconds=max_seconds)
 
 
 def build_cache(data_dir, out_dir, cache_settings, workers=0):
@@ -59,13 +66,16 @@ def open_cache(folder, table, cache_settings):
 def datasets(root, cache_dir, policy="ends", max_seconds=0.0):
     table, _ = data.read_training_data([root])
     durations = [sf.info(path).duration for path in table["path"]]
-    crop = audio.CropSettings(RATE, 2.0, policy, 4.0)
+    crop = audio.CropSettings(sample_rate=RATE, window_seconds=2.0, policy=policy, ends_seconds=4.0)
     targets = np.zeros((len(table), 1), dtype=np.float32)
     cache = open_cache(cache_dir, table, settings(policy, max_seconds))
     plain = loader.RecordingDataset(table["path"], durations, targets, crop, seed=3)
     cached = loader.RecordingDataset(table["path"], durations, targets, crop, seed=3, cache=cache,
-                                   cache_rows=np.arange(len(table)))
+                                     cache_rows=np.arange(len(table)))
     return plain, cached
+
+
+real_read_window = audio.read_window       # before any test replaces it
 
 
 @pytest.mark.parametrize("policy", ["ends", "random"])
@@ -80,9 +90,6 @@ def test_cached_crops_equal_decoded_crops(native_data, tmp_path, policy, monkeyp
             np.testing.assert_allclose(as_float(cached[item]), plain[item]["waveform"].numpy(), atol=QUANTUM, rtol=0)
     np.testing.assert_allclose(as_float(cached[5]), plain[5]["waveform"].numpy(), atol=QUANTUM, rtol=0)
     assert len(decoded) == 4 * len(plain) + 1            # only the uncached dataset decoded anything
-
-
-real_read_window = audio.read_window
 
 
 def test_size_follows_the_policy_and_max_seconds_lowers_it(native_data, tmp_path, capsys, monkeypatch):
@@ -142,7 +149,9 @@ def test_a_cache_of_other_data_policy_or_rate_is_refused(native_data, tiny_data,
     with pytest.raises(cache_lib.CacheError, match="another data set"):
         open_cache(tmp_path / "cache", data.read_training_data([tiny_data])[0], settings())
     with pytest.raises(cache_lib.CacheError, match="ends"):              # a run cropping 6 s ends instead of 4
-        build_cache(native_data, tmp_path / "cache", cache_lib.cache_settings(RATE, "ends", 6.0, 2.0), workers=0)
+        build_cache(native_data, tmp_path / "cache",
+                    cache_lib.cache_settings(sample_rate=RATE, policy="ends", ends_seconds=6.0, window_seconds=2.0),
+                    workers=0)
     with pytest.raises(cache_lib.CacheError, match="not a cache"):
         open_cache(tmp_path, table, settings())
 
@@ -162,9 +171,11 @@ def test_training_with_the_cache_says_so_and_trains_the_same(native_data, tmp_pa
                               for name in ("plain", "cached", "cached_workers"))
     np.testing.assert_allclose(cached["loss"], plain["loss"], rtol=1e-3)
     np.testing.assert_array_equal(workers["loss"], cached["loss"])
-    with pytest.raises(cache_lib.CacheError, match="crop_policy"):
-        train.main(quick_args(native_data, tmp_path / "refused", "--cache", str(tmp_path / "cache"),
-                              "--crop-policy", "random", *common))
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    with pytest.raises(cache_lib.CacheError, match="crop_policy"):     # where train.py reads its data
+        data.build_datasets(quick_args(native_data, refused, "--cache", str(tmp_path / "cache"),
+                                       "--crop-policy", "random", *common), refused)
 
 
 @pytest.mark.parametrize("max_seconds", [0.0, 5.0])     # 5 s: some crops are not cached and are decoded
@@ -172,11 +183,11 @@ def test_whole_batches_from_the_cache_equal_items_read_one_by_one(native_data, t
     build_cache(native_data, tmp_path / "cache", settings(max_seconds=max_seconds), workers=0)
     _, cached = datasets(native_data, tmp_path / "cache", max_seconds=max_seconds)
     cached.paths[1], cached.cache_rows[1] = str(tmp_path / "missing.ogg"), -1     # fails: left out of its batch
-    sampler = sampling.EpochBatchSampler(np.tile(np.arange(len(cached)), 6), 4, epoch=2)
+    sampler = sampling.EpochBatchSampler(np.tile(np.arange(len(cached)), 6), batch_size=4, epoch=2)
     loaders = [torch.utils.data.DataLoader(cached, batch_sampler=sampler, num_workers=workers,
                                            collate_fn=loader.collate) for workers in (0, 2)]
     loaders.append(loader.RingDataLoader(cached, batch_sampler=sampler, num_workers=2, collate_fn=loader.collate,
-                               ring_batch_size=4))    # through a BatchRing (12 batches, 5 slots)
+                                         ring_batch_size=4))    # through a BatchRing (12 batches, 5 slots)
     for data_loader in loaders:
         kept = list(data_loader)   # all kept before looking: a slot reused under a kept batch would show
         for items, batch in zip(sampler, kept, strict=True):
@@ -203,7 +214,8 @@ def test_a_recording_that_fails_to_decode_is_left_out_and_the_cache_still_comple
     assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["complete"]
     assert np.load(tmp_path / "cache" / "done.npy").tolist() == [1, 1, 2, 1, 1, 1, 1, 1]
     _, cached = datasets(native_data, tmp_path / "cache")
-    assert cached.cache.window(2, 0.0, 2.0) is None and cached.cache.window(3, 0.0, 2.0) is not None
+    assert cached.cache.window(row=2, start_seconds=0.0, seconds=2.0) is None
+    assert cached.cache.window(row=3, start_seconds=0.0, seconds=2.0) is not None
     assert cached[(2, 0, 0)] is None            # decoded as without a cache, fails, skipped as usual
 
 
@@ -215,7 +227,7 @@ def test_batch_ring_frees_slots_of_failed_batches_and_is_made_anew_for_each_pass
     monkeypatch.setattr(loader.BatchRing, "WAIT_SECONDS", 20.0)      # a leaked slot fails fast
     batches = [[(1, 0, position)] for position in range(8)] + [[(0, 0, 8), (2, 0, 9)]]  # 8 batches that fail
     data_loader = loader.RingDataLoader(cached, batch_sampler=batches, num_workers=1, prefetch_factor=1,
-                         collate_fn=loader.collate, ring_batch_size=2)      # 2 slots
+                                        collate_fn=loader.collate, ring_batch_size=2)      # 2 slots
     for _ in range(2):
         received = list(data_loader)
         assert received[:8] == [None] * 8

@@ -1,4 +1,5 @@
-"""The built-in demo data set: exact BirdCLEF 2023 layout, weak labels, determinism."""
+"""Tests for demo.py, the built-in demo data set: exact BirdCLEF 2023 layout, weak labels,
+determinism, and a run of train.py then infer.py on it end to end."""
 from __future__ import annotations
 
 import ast
@@ -7,10 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+from conftest import quick_args, run_infer
 
+import audio
 import data
 import demo
-import audio
+import train
 
 
 @pytest.fixture(scope="module")
@@ -71,23 +74,19 @@ def test_small_and_deterministic(demo_dir, tmp_path):
     recording = plan_a["recordings"][0]
     np.testing.assert_array_equal(demo.synth_recording(recording)[0], demo.synth_recording(recording)[0])
     # OGG pages carry a random stream serial in libsndfile; the writer fixes it, so files are byte-identical.
-    audio = demo.synth_recording(recording)[0]
-    demo.write_ogg(tmp_path / "a.ogg", audio, recording["sr"], 1234)
-    demo.write_ogg(tmp_path / "b.ogg", audio, recording["sr"], 1234)
+    samples = demo.synth_recording(recording)[0]
+    demo.write_ogg(tmp_path / "a.ogg", samples, recording["sr"], serial=1234)
+    demo.write_ogg(tmp_path / "b.ogg", samples, recording["sr"], serial=1234)
     assert (tmp_path / "a.ogg").read_bytes() == (tmp_path / "b.ogg").read_bytes()
 
 
 def test_train_then_infer_on_the_demo_soundscapes(demo_dir, tmp_path):
     """End to end: a checkpoint trained in the test, applied to the demo soundscapes, scored with --labels."""
-    import infer
-    import train
-    from conftest import quick_args
     train.main(quick_args(demo_dir, tmp_path / "run", "--epochs", "1", "--batch-size", "16"))
     labels_path = demo_dir / "test_soundscapes_labels.csv"
-    result = infer.main(infer.get_args_parser().parse_args([
-        "--ckpts", str(tmp_path / "run" / "best.pt"), "--soundscapes", str(demo_dir / "test_soundscapes"),
-        "--labels", str(labels_path), "--out", str(tmp_path / "submission.csv"),
-        "--sample-submission", str(demo_dir / "sample_submission.csv")]))
+    result = run_infer("--ckpts", tmp_path / "run" / "best.pt", "--soundscapes", demo_dir / "test_soundscapes",
+                       "--labels", labels_path, "--out", tmp_path / "submission.csv",
+                       "--sample-submission", demo_dir / "sample_submission.csv")
     labels = pd.read_csv(labels_path, keep_default_na=False)
     submission = pd.read_csv(tmp_path / "submission.csv")
     expected_ids = [f"{name[:-4]}_{end}" for name, end in zip(labels["file"], labels["end_s"])]

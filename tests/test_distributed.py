@@ -2,9 +2,9 @@
 and inference split across processes -- each compared with a single-process run."""
 from __future__ import annotations
 
-import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
-from conftest import ROOT, tone_recording
+import torch
+from conftest import ROOT, read_rows, run_infer, tone_recording
 
 import data
+import distributed
 import train
-import sampling
-import runfolder
 
 # Two processes, per-process batch 2 == one process, batch 4. The backbone is frozen
 # (BatchNorm statistics are per process under DDP, see README) and augmentation is off
@@ -40,11 +40,6 @@ def torchrun(script, *argv, processes=2):
 
 def single(*argv):
     return train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
-
-
-def rows(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_rank_shards_are_disjoint_and_together_the_single_process_draw(tiny_data, tmp_path):
@@ -85,43 +80,33 @@ def test_resume_under_torchrun_continues_the_same_way(tiny_data, tmp_path):
     torchrun(ROOT / "train.py", "--data-dir", tiny_data, "--out-dir", tmp_path / "full", "--batch-size", "2", *COMMON)
     torchrun(ROOT / "train.py", "--data-dir", tiny_data, "--out-dir", tmp_path / "cut", "--batch-size", "2", *COMMON,
              "--max-steps", "5")                                  # stops after an evaluation step
-    assert len(rows(tmp_path / "cut" / "steps.csv")) == 5
+    assert len(read_rows(tmp_path / "cut" / "steps.csv")) == 5
     torchrun(ROOT / "train.py", "--data-dir", tiny_data, "--out-dir", tmp_path / "cut", "--batch-size", "2", *COMMON,
              "--resume", "auto")
-    assert rows(tmp_path / "cut" / "steps.csv") == rows(tmp_path / "full" / "steps.csv")
-    full, cut = rows(tmp_path / "full" / "metrics.csv"), rows(tmp_path / "cut" / "metrics.csv")
+    assert read_rows(tmp_path / "cut" / "steps.csv") == read_rows(tmp_path / "full" / "steps.csv")
+    full, cut = read_rows(tmp_path / "full" / "metrics.csv"), read_rows(tmp_path / "cut" / "metrics.csv")
     assert [row["cmap5"] for row in cut] == [row["cmap5"] for row in full]
 
 
-def test_inference_splits_files_across_processes_and_rank_0_writes_one_submission(tiny_data, tmp_path):
-    single("--data-dir", tiny_data, "--out-dir", tmp_path / "run", "--batch-size", "4", *COMMON, "--epochs", "1")
+def test_inference_splits_files_across_processes_and_rank_0_writes_one_submission(checkpoint, tmp_path):
     folder = tmp_path / "scapes"
     folder.mkdir()
     for index, seconds in enumerate([12.0, 7.0, 20.0]):
         sf.write(folder / f"s{index}.ogg", tone_recording(900.0 * (index + 1), seconds, 16000,
                                                          np.random.default_rng(index)), 16000)
-    common = ["--ckpts", tmp_path / "run" / "best.pt", "--soundscapes", folder, "--precision", "fp32"]
+    common = ["--ckpts", checkpoint, "--soundscapes", folder, "--precision", "fp32"]
     torchrun(ROOT / "infer.py", *common, "--out", tmp_path / "ddp.csv")
-    import infer
-    infer.main(infer.get_args_parser().parse_args([str(a) for a in common + ["--out", tmp_path / "one.csv"]]))
+    run_infer(*common, "--out", tmp_path / "one.csv")
     ddp, one = pd.read_csv(tmp_path / "ddp.csv"), pd.read_csv(tmp_path / "one.csv")
     assert ddp["row_id"].tolist() == one["row_id"].tolist() and len(one) == 3 + 2 + 4
     np.testing.assert_allclose(ddp.iloc[:, 1:].to_numpy(), one.iloc[:, 1:].to_numpy(), rtol=1e-5, atol=1e-7)
     assert sorted(p.name for p in tmp_path.glob("ddp*")) == ["ddp.csv"]
 
 
-def test_sharded_sampler_positions_do_not_depend_on_the_number_of_processes():
-    draw = sampling.draw_epoch(23, seed=3, epoch=1)
-    one = [item for batch in sampling.EpochBatchSampler(draw, 6, 1) for item in batch]
-    three = [item for rank in range(3) for batch in sampling.EpochBatchSampler(draw, 2, 1, 0, rank, 3) for item in batch]
-    assert sorted(three, key=lambda item: item[2]) == one
-
-
-def test_resume_with_another_number_of_processes_is_refused(tiny_data, tmp_path):
-    import torch
-    single("--data-dir", tiny_data, "--out-dir", tmp_path / "run", "--batch-size", "4", *COMMON, "--max-steps", "2")
-    checkpoint = runfolder.periodic_checkpoints(tmp_path / "run")[-1]
-    assert torch.load(checkpoint, weights_only=True)["world_size"] == 1
+def test_resume_with_another_number_of_processes_is_refused(tiny_data, trained_run, tmp_path):
+    (tmp_path / "run").mkdir()
+    checkpoint = shutil.copy(trained_run / "checkpoint_step00000002.pt", tmp_path / "run")
+    assert torch.load(checkpoint, weights_only=True)["world_size"] == 1    # written by one process
     state = torch.load(checkpoint, weights_only=True)
     state["world_size"] = 2                          # as if written under torchrun --nproc_per_node 2
     torch.save(state, checkpoint)
@@ -131,7 +116,6 @@ def test_resume_with_another_number_of_processes_is_refused(tiny_data, tmp_path)
 
 
 def test_ranks_that_read_different_data_are_stopped(tiny_data, tmp_path, monkeypatch):
-    import distributed
     args = train.get_args_parser().parse_args(["--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "r"),
                                                "--batch-size", "4", *COMMON])
     labels, train_set, val_set = data.build_datasets(args, tmp_path)

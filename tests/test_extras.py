@@ -1,15 +1,23 @@
-"""data.py extras: choosing detector-built extra training windows (log experiments 61-91)."""
+"""Tests for extras.py (`python data.py extras`, train.py --extras): choosing detector-built extra
+training windows (log experiments 61-91), and how the training set and its audit take them in.
+
+Detections are a hand-made table whose selections are worked out by hand in the docstring
+and parameters; the training set's extra windows are compared with the plain training set
+and with the windows decoded directly.
+"""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+from conftest import quick_args
 
-import data
 import audio
-import soundscapes
+import data
 import extras as extras_lib
+import soundscapes
+import train
 
 
 def detections_table():
@@ -43,7 +51,8 @@ def counts(extras):
     (5, 20, 1.2, 7, 3, 1),    # XC1: floor(9/1.2)=7
 ])
 def test_counts_per_recording(minimum, maximum, divisor, expected_xc1, expected_xc2, expected_small):
-    extras = extras_lib.select_extras(detections_table(), 0.55, minimum, maximum, divisor, keep_all_below=3)
+    extras = extras_lib.select_extras(detections_table(), threshold=0.55, minimum=minimum, maximum=maximum,
+                                      divisor=divisor, keep_all_below=3)
     got = counts(extras)
     assert got.get("aaa/XC1.ogg", 0) == expected_xc1
     assert got.get("aaa/XC2.ogg", 0) == expected_xc2
@@ -54,7 +63,8 @@ def test_counts_per_recording(minimum, maximum, divisor, expected_xc1, expected_
 
 
 def test_best_windows_first_and_columns():
-    extras = extras_lib.select_extras(detections_table(), 0.55, 4, 12, 1.5, keep_all_below=3)
+    extras = extras_lib.select_extras(detections_table(), threshold=0.55, minimum=4, maximum=12, divisor=1.5,
+                                      keep_all_below=3)
     assert list(extras.columns) == ["filename", "start_s", "primary_score", "labels"]
     xc1 = extras[extras["filename"] == "aaa/XC1.ogg"]
     assert list(xc1["start_s"]) == [0.0, 5.0, 10.0, 15.0, 20.0, 25.0]  # the six best scores
@@ -63,7 +73,8 @@ def test_best_windows_first_and_columns():
 
 def test_keep_all_rule_applies_by_recordings_per_species():
     # With keep_all_below 13 the common species (12 recordings) keeps all its detections too.
-    extras = extras_lib.select_extras(detections_table(), 0.55, 4, 12, 1.5, keep_all_below=13)
+    extras = extras_lib.select_extras(detections_table(), threshold=0.55, minimum=4, maximum=12, divisor=1.5,
+                                      keep_all_below=13)
     assert counts(extras)["aaa/XC1.ogg"] == 9
 
 
@@ -88,8 +99,6 @@ def test_cli_writes_csv_and_audio_chunks(tmp_path, capsys):
 # ----------------------------------------------------------------------------- train.py --extras
 
 def test_train_extras_are_fixed_windows_of_training_recordings_only(tiny_data, tmp_path, caplog):
-    import train
-    from conftest import quick_args
     plain_labels, plain_train, plain_val = data.build_datasets(quick_args(tiny_data, tmp_path / "plain"), tmp_path)
     table = data.read_metadata(tiny_data)
     names = dict(zip(table["path"], table["filename"]))
@@ -116,22 +125,13 @@ def test_train_extras_are_fixed_windows_of_training_recordings_only(tiny_data, t
     # the extra row decodes exactly its window, whatever the epoch and position
     item = train_set[(n + 1, 3, 17)]
     window = train_set.crop.window_seconds
-    expected = audio.read_window(plain_train.paths[0],
-                                soundscapes.fixed_window_start(5.0, train_set.durations[n + 1], window), window,
-                                train_set.crop.sample_rate)
+    start = soundscapes.fixed_window_start(row_start=5.0, duration=train_set.durations[n + 1], window=window)
+    expected = audio.read_window(plain_train.paths[0], start_seconds=start, seconds=window,
+                                 sample_rate=train_set.crop.sample_rate)
     np.testing.assert_array_equal(item["waveform"].numpy(), expected)
 
 
-def test_fixed_window_start_centres_a_longer_window_and_stays_inside():
-    assert soundscapes.fixed_window_start(10.0, 60.0, 5.0) == 10.0
-    assert soundscapes.fixed_window_start(10.0, 60.0, 7.0) == 9.0            # centred on the 5-s row
-    assert soundscapes.fixed_window_start(0.0, 60.0, 7.0) == 0.0             # not before the start
-    assert soundscapes.fixed_window_start(55.0, 58.0, 7.0) == 51.0           # not past the end
-
-
 def test_sampling_audit_counts_extras_separately(tiny_data, tmp_path):
-    import train
-    from conftest import quick_args
     _, plain_train, _ = data.build_datasets(quick_args(tiny_data, tmp_path / "plain"), tmp_path)
     table = data.read_metadata(tiny_data)
     names = dict(zip(table["path"], table["filename"]))

@@ -1,32 +1,30 @@
-"""Fault injection: bad audio and metadata, interruptions, full disks, non-finite numbers.
+"""Fault injection across modules: bad audio and metadata, interruptions, full disks, non-finite numbers.
 
-Every bad file is generated here, inside the test; nothing is committed.
+Every bad file is generated here, inside the test; nothing is committed. Each fault is
+met where a user meets it: training (train.py or the data it reads), inference
+(infer.py), or both. (A torn checkpoint passed over by --resume auto: test_runfolder.py.)
 """
 from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
+import unittest.mock
 
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+from conftest import quick_args, read_rows, run_infer, tone_recording, write_tiny_dataset
 
-import data
-import infer
-import train
-from conftest import quick_args, tone_recording
 import audio
-import soundscapes
-import runfolder
+import data
 import losses
-
-
-def read_rows(path):
-    return pd.read_csv(path).to_dict("records")
+import model as model_lib
+import runfolder
+import soundscapes
+import train
 
 
 def write_bad_audio(folder, sample_rate=16000):
@@ -63,20 +61,12 @@ def write_bad_audio(folder, sample_rate=16000):
     return kinds
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    train.main(quick_args(tiny_data, out, "--epochs", "1"))
-    return out / "best.pt"
-
-
 # ----------------------------------------------------------------------------- bad audio
 
 def test_inference_on_a_folder_of_bad_files_writes_the_good_ones(checkpoint, tmp_path):
     folder = tmp_path / "bad"
     kinds = write_bad_audio(folder)
-    result = infer.main(infer.get_args_parser().parse_args(
-        ["--ckpts", str(checkpoint), "--soundscapes", str(folder), "--out", str(tmp_path / "sub.csv")]))
+    result = run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "sub.csv")
     submission = pd.read_csv(tmp_path / "sub.csv")
     assert np.isfinite(submission.iloc[:, 1:].to_numpy()).all()
     stems = {row_id.rsplit("_", 1)[0] for row_id in submission["row_id"]}
@@ -91,39 +81,41 @@ def test_inference_on_a_folder_of_bad_files_writes_the_good_ones(checkpoint, tmp
 
 
 def test_training_skips_bad_recordings_and_strict_refuses(tmp_path):
-    data_dir = tmp_path / "data"
-    shutil.copytree(write_tiny_dataset_once(tmp_path), data_dir)
+    data_dir = write_tiny_dataset(tmp_path / "data")
     table = pd.read_csv(data_dir / "train_metadata.csv")
     first = data_dir / "train_audio" / table.loc[0, "filename"]
     first.write_bytes(first.read_bytes()[:200])  # truncated ogg
     (data_dir / "train_audio" / table.loc[1, "filename"]).write_text("not audio")
-    state = train.main(quick_args(data_dir, tmp_path / "run", "--epochs", "1"))
-    assert state.global_step > 0
-    bad = pd.read_csv(tmp_path / "run" / "bad_files.csv")
+    # what train.py trains on: the data set as data.build_datasets reads it
+    out = tmp_path / "run"
+    out.mkdir()
+    _, train_set, val_set = data.build_datasets(quick_args(data_dir, out, "--epochs", "1"), out)
+    assert len(train_set) // 4 > 0                      # at least one training step of --batch-size 4
+    bad = pd.read_csv(out / "bad_files.csv")
     assert len(bad) >= 1 and bad["reason"].str.len().min() > 5
+    # every recording is trained on or validated on, except those listed as bad
+    listed = set(bad["path"])
+    assert set(train_set.paths + val_set.paths) == {path for path in data.read_metadata(data_dir)["path"]
+                                                     if path not in listed}
     with pytest.raises(ValueError, match="--strict"):
-        train.main(quick_args(data_dir, tmp_path / "strict", "--strict"))
-
-
-def write_tiny_dataset_once(tmp_path):
-    from conftest import write_tiny_dataset
-    return write_tiny_dataset(tmp_path / "source")
+        data.build_datasets(quick_args(data_dir, out, "--strict"), out)
 
 
 def test_nan_samples_are_zeroed_and_short_clips_padded(tmp_path):
     kinds = write_bad_audio(tmp_path / "audio")
     assert kinds["nan.wav"] == "nan"
-    waveform = audio.read_window(tmp_path / "audio" / "nan.wav", 0.0, 1.0, 16000)
+    waveform = audio.read_window(tmp_path / "audio" / "nan.wav", start_seconds=0.0, seconds=1.0, sample_rate=16000)
     assert np.isfinite(waveform).all() and (waveform[1000:1100] == 0).all()
-    short = audio.read_window(tmp_path / "audio" / "short.wav", 0.0, 2.0, 16000, pad="zero")
+    short = audio.read_window(tmp_path / "audio" / "short.wav", start_seconds=0.0, seconds=2.0, sample_rate=16000,
+                              pad="zero")
     assert short.shape == (32000,) and (short[8000:] == 0).all()
-    repeated = audio.read_window(tmp_path / "audio" / "short.wav", 0.0, 2.0, 16000, pad="repeat")
+    repeated = audio.read_window(tmp_path / "audio" / "short.wav", start_seconds=0.0, seconds=2.0, sample_rate=16000,
+                                 pad="repeat")
     np.testing.assert_array_equal(repeated[8000:16000], repeated[:8000])
     assert np.abs(repeated[8000:]).max() > 0
 
 
 def test_species_without_usable_recordings_is_warned(tmp_path, caplog):
-    from conftest import write_tiny_dataset
     data_dir = write_tiny_dataset(tmp_path / "data")
     table = pd.read_csv(data_dir / "train_metadata.csv")
     for name in table.loc[table["primary_label"] == "ggghhh1", "filename"]:
@@ -157,20 +149,6 @@ def test_ctrl_c_saves_the_current_step_and_resume_auto_continues_exactly(tiny_da
     train.main(quick_args(tiny_data, interrupted, "--resume", "auto"))
     assert read_rows(interrupted / "steps.csv") == read_rows(full / "steps.csv")
     assert read_rows(interrupted / "metrics.csv") == read_rows(full / "metrics.csv")
-
-
-def test_resume_auto_passes_over_a_corrupt_newest_checkpoint(tiny_data, tmp_path, caplog):
-    out = tmp_path / "run"
-    train.main(quick_args(tiny_data, out, "--max-steps", "3"))
-    newest = runfolder.periodic_checkpoints(out)[-1]
-    newest.write_bytes(newest.read_bytes()[:1000])  # as if torn (cannot happen with os.replace, but be safe)
-    with caplog.at_level("WARNING"):
-        assert runfolder.newest_complete_checkpoint(out).name == "checkpoint_step00000002.pt"
-    assert "passing over" in caplog.text
-    with pytest.raises(ValueError, match="needs --out-dir"):
-        train.main(train.get_args_parser().parse_args(["--resume", "auto"]))
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        runfolder.newest_complete_checkpoint(tmp_path / "empty")
 
 
 def test_full_disk_keeps_previous_checkpoints_and_says_so(tiny_data, tmp_path, monkeypatch):
@@ -234,9 +212,8 @@ def test_one_hour_file_gives_720_rows(checkpoint, tmp_path):
         block = (0.01 * np.random.default_rng(0).standard_normal(rate * 60)).astype(np.float32)
         for _ in range(60):
             handle.write(block)
-    result = infer.main(infer.get_args_parser().parse_args(
-        ["--ckpts", str(checkpoint), "--soundscapes", str(folder), "--out", str(tmp_path / "sub.csv"),
-         "--batch-size", "128"]))
+    result = run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "sub.csv",
+                       "--batch-size", "128")
     assert result["rows"] == 720 and not result["problems"]
     assert pd.read_csv(tmp_path / "sub.csv")["row_id"].iloc[-1] == "hour_3600"
 
@@ -247,7 +224,6 @@ def test_ensemble_members_with_other_rates_and_windows_each_get_their_own_input(
     other["model_config"].update(sample_rate=22050, window_seconds=3.0, fmax=11025.0)
     for key in [k for k in other["model"] if k.startswith("frontend.")]:
         del other["model"][key]  # the frontend's buffers follow the new rate
-    import model as model_lib
     rebuilt = model_lib.BirdCallModel(other["model_config"])
     other["model"].update({k: v for k, v in rebuilt.state_dict().items() if k.startswith("frontend.")})
     torch.save(other, tmp_path / "other.pt")
@@ -260,20 +236,18 @@ def test_ensemble_members_with_other_rates_and_windows_each_get_their_own_input(
     def spy(sources, window_samples):
         fed.append((window_samples, len(sources), {len(waveform) for waveform, _ in sources}))
         return real_fill_batch(sources, window_samples)
-    import unittest.mock
     with unittest.mock.patch.object(soundscapes, "fill_batch", spy):
-        result = infer.main(infer.get_args_parser().parse_args(
-            ["--ckpts", str(checkpoint), str(tmp_path / "other.pt"), "--soundscapes", str(folder),
-             "--out", str(tmp_path / "sub.csv")]))
+        result = run_infer("--ckpts", checkpoint, tmp_path / "other.pt", "--soundscapes", folder,
+                           "--out", tmp_path / "sub.csv")
     assert result["rows"] == 3
     # 12 s of 44.1 kHz audio: 2-s windows of the 16 kHz waveform, 3-s windows of the 22.05 kHz one
     assert sorted(fed) == [(32000, 3, {12 * 16000}), (66150, 3, {12 * 22050})]
 
 
 def test_non_finite_logits_never_reach_a_metric_or_a_submission(checkpoint, tiny_data, tmp_path, monkeypatch):
-    import model as model_lib
     with pytest.raises(FloatingPointError, match="2 non-finite logits"):
-        model_lib.checked_scores(torch.tensor([[0.0, float("nan")], [float("inf"), 1.0]]), "softmax", "test")
+        model_lib.checked_scores(torch.tensor([[0.0, float("nan")], [float("inf"), 1.0]]), activation="softmax",
+                                 source="test")
     # Inference: a checkpoint whose head emits nan writes no submission.
     broken = torch.load(checkpoint, weights_only=True)
     broken["model"]["head.bias"][0] = float("nan")
@@ -282,8 +256,7 @@ def test_non_finite_logits_never_reach_a_metric_or_a_submission(checkpoint, tiny
     folder.mkdir()
     sf.write(folder / "a.wav", tone_recording(2500.0, 6.0, 16000, np.random.default_rng(0)), 16000)
     with pytest.raises(FloatingPointError, match="non-finite logits"):
-        infer.main(infer.get_args_parser().parse_args(
-            ["--ckpts", str(tmp_path / "broken.pt"), "--soundscapes", str(folder), "--out", str(tmp_path / "sub.csv")]))
+        run_infer("--ckpts", tmp_path / "broken.pt", "--soundscapes", folder, "--out", tmp_path / "sub.csv")
     assert not (tmp_path / "sub.csv").exists()
     # Training: nan validation logits stop the run before a metrics row or checkpoint is written.
     real_classify = model_lib.BirdCallModel.classify

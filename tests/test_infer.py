@@ -1,59 +1,34 @@
-"""infer.py: row layout, ensembles aligned by name, window overlap, smoothing, outputs, bad input."""
+"""Tests for infer.py: row layout, ensembles aligned by name, smoothing and priors, output formats,
+scoring against labels, detections, EMA and averaged weights, bad input.
+
+A checkpoint trained once for the session (conftest's `checkpoint`) is scored on tone
+recordings written here. (Runners, streams and backends: test_engines.py; the row grid
+and window cutting: test_soundscapes.py.)
+"""
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+from conftest import ROOT, TINY_SPECIES, run_infer, tone_recording, write_tone
 
 import infer
-import train
-from conftest import TINY_SPECIES, quick_args, tone_recording
+import model as model_lib
 import soundscapes
-import engines
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    train.main(quick_args(tiny_data, out, "--epochs", "1"))
-    return out / "best.pt"
-
-
-def run_infer(*argv):
-    return infer.main(infer.get_args_parser().parse_args([str(a) for a in argv]))
-
-
-def write_audio(path, seconds, sample_rate=16000, frequency=2500.0, channels=1):
-    audio = tone_recording(frequency, seconds, sample_rate, np.random.default_rng(1))
-    if channels > 1:
-        audio = np.stack([audio] * channels, axis=1)
-    # Written in blocks: libsndfile 1.2's Vorbis encoder segfaults on one very large write.
-    with sf.SoundFile(path, "w", sample_rate, channels) as handle:
-        for start in range(0, len(audio), sample_rate):
-            handle.write(audio[start:start + sample_rate])
-    return path
-
-
-@pytest.mark.parametrize("seconds, expected", [(12.3, 3), (5.0, 1), (600.0, 120), (600.01, 120),
-                                               (2.0, 1), (10.9, 2), (11.0, 3)])
-def test_row_count(seconds, expected):
-    sample_rate = 32000
-    assert soundscapes.row_count(int(round(seconds * sample_rate)), sample_rate) == expected
 
 
 def test_row_ids_and_counts_end_to_end(checkpoint, tmp_path):
     folder = tmp_path / "soundscapes"
     folder.mkdir()
-    write_audio(folder / "soundscape_29201.wav", 12.3)
-    write_audio(folder / "short.flac", 5.0, sample_rate=44100, channels=2)
-    write_audio(folder / "long.ogg", 600.0, sample_rate=22050)
+    write_tone(folder / "soundscape_29201.wav", 12.3)
+    write_tone(folder / "short.flac", 5.0, sample_rate=44100, channels=2)
+    write_tone(folder / "long.ogg", 600.0, sample_rate=22050)
     result = run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "sub.csv")
     submission = pd.read_csv(tmp_path / "sub.csv")
     ids = list(submission["row_id"])
@@ -77,7 +52,7 @@ def permuted_copy(checkpoint, path, order):
 def test_ensemble_aligns_permuted_label_orders(checkpoint, tmp_path):
     folder = tmp_path / "s"
     folder.mkdir()
-    write_audio(folder / "a.wav", 17.0)
+    write_tone(folder / "a.wav", 17.0)
     permuted = permuted_copy(checkpoint, tmp_path / "permuted.pt", [2, 0, 3, 1])
     common = ["--soundscapes", folder, "--precision", "fp32"]
     alone = run_infer("--ckpts", checkpoint, "--out", tmp_path / "1.csv", *common)["submission"]
@@ -92,7 +67,7 @@ def test_ensemble_aligns_permuted_label_orders(checkpoint, tmp_path):
 def test_sample_submission_fixes_columns_and_unknown_species_get_zero(checkpoint, tmp_path):
     folder = tmp_path / "s"
     folder.mkdir()
-    write_audio(folder / "a.wav", 7.0)
+    write_tone(folder / "a.wav", 7.0)
     columns = ["row_id", "zzzzzz1", "ggghhh1", "aaabbb1", "eeefff1", "cccddd1"]
     pd.DataFrame(columns=columns).to_csv(tmp_path / "sample_submission.csv", index=False)
     run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "sub.csv",
@@ -102,48 +77,6 @@ def test_sample_submission_fixes_columns_and_unknown_species_get_zero(checkpoint
     assert (submission["zzzzzz1"] == 0).all() and (submission["ggghhh1"] > 0).all()
 
 
-def test_window_plan_overlap_weights_by_hand():
-    starts, weights = soundscapes.window_plan(n_rows=2, window_seconds=5.0, hop_seconds=5.0)
-    np.testing.assert_allclose(starts, [0.0, 5.0])
-    np.testing.assert_allclose(weights, np.eye(2))
-    # hop 2.5 s: windows at 0, 2.5, 5, 7.5 s. Row 0 [0, 5) overlaps window 0 fully and
-    # window 1 for 2.5 s -> weights 2/3, 1/3. Row 1 [5, 10): window 1 for 2.5 s, window 2
-    # fully, window 3 for 2.5 s -> 1/4, 1/2, 1/4.
-    starts, weights = soundscapes.window_plan(n_rows=2, window_seconds=5.0, hop_seconds=2.5)
-    np.testing.assert_allclose(starts, [0.0, 2.5, 5.0, 7.5])
-    np.testing.assert_allclose(weights, [[2 / 3, 1 / 3, 0, 0], [0, 1 / 4, 1 / 2, 1 / 4]])
-    # A 10-s model sees 2.5 s of context on each side of its row.
-    starts, weights = soundscapes.window_plan(n_rows=3, window_seconds=10.0, hop_seconds=5.0)
-    np.testing.assert_allclose(starts, [-2.5, 2.5, 7.5])
-    np.testing.assert_allclose(weights[1], [0.25, 0.5, 0.25])
-
-
-def test_cut_windows_pads_at_both_ends():
-    waveform = np.arange(1, 21, dtype=np.float32)  # 20 samples at 2 Hz = 10 s
-    windows = soundscapes.cut_windows(waveform, 2, np.array([-2.5, 2.5, 7.5]), 10.0)
-    assert windows.shape == (3, 20)
-    np.testing.assert_array_equal(windows[0][:5], 0)
-    np.testing.assert_array_equal(windows[0][5:], np.arange(1, 16))
-    np.testing.assert_array_equal(windows[2][:5], np.arange(16, 21))
-    np.testing.assert_array_equal(windows[2][5:], 0)
-
-
-def test_batches_filled_across_files_equal_cut_windows():
-    rng = np.random.default_rng(0)
-    files = [rng.standard_normal(n).astype(np.float32) for n in (23, 7, 40)]   # at 2 Hz
-    plans = [soundscapes.window_plan(soundscapes.row_count(len(w), 2), 10.0, 2.5)[0] for w in files]
-    expected = np.concatenate([soundscapes.cut_windows(w, 2, starts, 10.0) for w, starts in zip(files, plans)])
-    sources = [(w, int(offset)) for w, starts in zip(files, plans) for offset in soundscapes.window_offsets(starts, 2)]
-    batches = [soundscapes.fill_batch(sources[first:first + 4], 20) for first in range(0, len(sources), 4)]
-    np.testing.assert_array_equal(np.concatenate(batches), expected)
-    # and against a hand-built zero-padded file: windows entirely before or after the audio are zeros
-    padded = np.concatenate([np.zeros(30, np.float32), files[1], np.zeros(30, np.float32)])
-    out = np.empty(20, np.float32)
-    for offset in (-25, -20, -3, 0, 5, 7, 12):
-        soundscapes.copy_window(files[1], offset, out)
-        np.testing.assert_array_equal(out, padded[30 + offset:50 + offset])
-
-
 def test_smoothing_and_file_prior_by_hand():
     scores = np.array([[1.0], [0.0], [0.0], [0.5]], dtype=np.float32)
     smoothed = infer.smooth_rows(scores, [0.1, 0.8, 0.1])
@@ -151,7 +84,7 @@ def test_smoothing_and_file_prior_by_hand():
     np.testing.assert_allclose(smoothed[:, 0], [0.8 / 0.9, 0.1, 0.05, (0.8 * 0.5) / 0.9], rtol=1e-6)
     with pytest.raises(ValueError):
         infer.smooth_rows(scores, [0.5, 0.5])
-    prior = infer.apply_file_prior(scores, 0.25)
+    prior = infer.apply_file_prior(scores, weight=0.25)
     np.testing.assert_allclose(prior[:, 0], [1.0, 0.25, 0.25, 0.625])
 
 
@@ -162,16 +95,16 @@ def test_combine_power_mean_and_missing_species():
     a = np.array([[0.2, 0.6]])
     b = np.array([[0.4]])
     members = [Fake([0, 1]), Fake([1])]  # the second model knows only species 1
-    mean = infer.combine([a, b], members, 3, "mean", 2.0)
+    mean = infer.combine([a, b], members, n_columns=3, how="mean", power=2.0)
     np.testing.assert_allclose(mean, [[0.2, 0.5, 0.0]])
-    power = infer.combine([a, b], members, 3, "power", 2.0)
+    power = infer.combine([a, b], members, n_columns=3, how="power", power=2.0)
     np.testing.assert_allclose(power, [[0.2, np.sqrt((0.36 + 0.16) / 2), 0.0]], rtol=1e-6)
 
 
 def test_raven_and_csv_formats(checkpoint, tmp_path):
     folder = tmp_path / "s"
     folder.mkdir()
-    write_audio(folder / "site1.wav", 12.0)
+    write_tone(folder / "site1.wav", 12.0)
     run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "raven",
               "--format", "raven", "--min-conf", "0.2")
     table = pd.read_csv(tmp_path / "raven" / "site1.selections.txt", sep="\t")
@@ -214,7 +147,7 @@ def test_scoring_with_both_label_formats(checkpoint, tmp_path):
 def test_bad_files_still_give_a_submission(checkpoint, tmp_path, caplog):
     folder = tmp_path / "s"
     folder.mkdir()
-    write_audio(folder / "good.wav", 10.0)
+    write_tone(folder / "good.wav", 10.0)
     (folder / "text.ogg").write_text("not audio at all")
     open(folder / "empty.wav", "wb").close()
     with caplog.at_level(logging.WARNING):
@@ -231,7 +164,6 @@ def test_one_line_errors(checkpoint, tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no ogg/mp3/flac/wav files"):
         run_infer("--ckpts", checkpoint, "--soundscapes", empty)
-    import model as model_lib
     with pytest.raises(model_lib.CheckpointError, match="not found"):
         run_infer("--ckpts", tmp_path / "missing.pt", "--soundscapes", empty)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
@@ -259,60 +191,27 @@ def test_detections_mode_on_training_audio(checkpoint, tiny_data, tmp_path):
     assert len(result["detections"]) == len(table)
 
 
-def test_parity_check_refuses_a_backend_that_changes_scores(checkpoint):
-    import model as model_lib
-    model = model_lib.load_model(checkpoint)
-    waveforms = torch.randn(3, model.window_samples)
-    with torch.inference_mode():
-        logits = model(waveforms)
-    assert engines.check_parity(model, waveforms, logits, "fake", 1e-6) < 1e-6
-    with pytest.raises(FloatingPointError, match="disagrees with PyTorch"):
-        engines.check_parity(model, waveforms, logits + torch.tensor([3.0, 0, 0, 0]), "fake", 0.02)
-    with pytest.raises(FloatingPointError):
-        engines.check_parity(model, waveforms, logits * float("nan"), "fake", 0.02)
-
-
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_optional_backends_match_torch(backend, checkpoint, tmp_path):
-    pytest.importorskip(backend)
+def test_ema_weights_are_used_when_asked(trained_run, tmp_path):
+    # A checkpoint whose EMA weights are another checkpoint's weights: with --ema it must score
+    # exactly as that other checkpoint does, without it as its own weights do.
+    own, other = (torch.load(trained_run / f"checkpoint_step0000000{step}.pt", weights_only=True) for step in (3, 2))
+    assert not torch.equal(own["model"]["head.weight"], other["model"]["head.weight"])
+    torch.save({**own, "model_ema": other["model"], "ema_updates": 3}, tmp_path / "with_ema.pt")
     folder = tmp_path / "s"
     folder.mkdir()
-    write_audio(folder / "a.wav", 23.0)
-    write_audio(folder / "b.wav", 41.0, frequency=4000.0)
-    common = ["--ckpts", checkpoint, "--soundscapes", folder, "--precision", "fp32", "--batch-size", "2"]
-    torch_scores = run_infer(*common, "--out", tmp_path / "t.csv", "--streams", "1")["submission"]
-    # 2 streams: several batches in flight at once, each thread with its own engine request
-    other = run_infer(*common, "--out", tmp_path / "o.csv", "--backend", backend, "--streams", "2")["submission"]
-    assert list(other["row_id"]) == list(torch_scores["row_id"])
-    np.testing.assert_allclose(other.iloc[:, 1:].to_numpy(), torch_scores.iloc[:, 1:].to_numpy(), atol=1e-4)
-
-
-def test_missing_optional_backend_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
-    with pytest.raises(ValueError, match="needs the optional package 'openvino'"):
-        engines.import_optional("openvino")
-
-
-def test_ema_weights_are_used_when_asked(tiny_data, tmp_path):
-    out = tmp_path / "run"
-    train.main(quick_args(tiny_data, out, "--epochs", "1", "--ema", "0.5"))
-    folder = tmp_path / "s"
-    folder.mkdir()
-    write_audio(folder / "a.wav", 7.0)
-    common = ["--ckpts", out / "best.pt", "--soundscapes", folder, "--precision", "fp32"]
+    write_tone(folder / "a.wav", 7.0)
+    common = ["--ckpts", tmp_path / "with_ema.pt", "--soundscapes", folder, "--precision", "fp32"]
     raw = run_infer(*common, "--out", tmp_path / "raw.csv")["submission"]
     ema = run_infer(*common, "--out", tmp_path / "ema.csv", "--ema")["submission"]
     assert not np.allclose(raw.iloc[:, 1:].to_numpy(), ema.iloc[:, 1:].to_numpy())
-    import model as model_lib
-    plain = torch.load(out / "best.pt", weights_only=True)
-    del plain["model_ema"]
-    torch.save(plain, tmp_path / "plain.pt")
+    reference = run_infer("--ckpts", trained_run / "checkpoint_step00000002.pt", "--soundscapes", folder,
+                          "--precision", "fp32", "--out", tmp_path / "reference.csv")["submission"]
+    np.testing.assert_allclose(ema.iloc[:, 1:].to_numpy(), reference.iloc[:, 1:].to_numpy(), atol=1e-7)
     with pytest.raises(model_lib.CheckpointError, match="no EMA weights"):
-        model_lib.load_model(tmp_path / "plain.pt", ema=True)
+        model_lib.load_model(trained_run / "checkpoint_step00000002.pt", ema=True)
 
 
 def test_average_weights_is_one_model_with_the_mean_weights(checkpoint, tmp_path):
-    import model as model_lib
     first, second = sorted(checkpoint.parent.glob("checkpoint_step*.pt"))[:2]
     members = infer.load_members([first, second], average_weights=True)
     assert len(members) == 1
@@ -333,7 +232,7 @@ def test_nocall_takes_part_in_the_softmax_then_is_dropped(checkpoint, tmp_path):
     torch.save(state, tmp_path / "with_nocall.pt")
     folder = tmp_path / "s"
     folder.mkdir()
-    write_audio(folder / "a.wav", 10.0)
+    write_tone(folder / "a.wav", 10.0)
     submission = run_infer("--ckpts", tmp_path / "with_nocall.pt", "--soundscapes", folder,
                            "--out", tmp_path / "sub.csv", "--precision", "fp32")["submission"]
     assert list(submission.columns) == ["row_id", *sorted(TINY_SPECIES)[1:]]
@@ -341,98 +240,6 @@ def test_nocall_takes_part_in_the_softmax_then_is_dropped(checkpoint, tmp_path):
     assert (row_sums < 1 - 1e-4).all()  # the nocall share of the softmax is not redistributed
 
 
-class SlowDoubler(engines.Runner):
-    """A runner whose batches take different times, so concurrent ones finish out of order."""
-
-    def __init__(self, streams):
-        self.streams, self.stream_threads = streams, 1
-        self.threads_used, self.running, self.most_running = [], 0, 0
-        self.first_done, self.started_beside_first = False, False
-        self.lock = threading.Lock()
-
-    def __call__(self, batch):
-        with self.lock:
-            self.started_beside_first |= bool(self.threads_used) and not self.first_done
-            self.running += 1
-            self.most_running = max(self.most_running, self.running)
-            self.threads_used.append(threading.current_thread().name)
-        time.sleep(0.002 * (1 + int(batch[0]) % 5))
-        with self.lock:
-            self.running -= 1
-            self.first_done = True
-        return batch * 2
-
-
-def test_streams_return_every_batch_in_order_with_bounded_memory():
-    batches = [torch.full((3,), float(i)) for i in range(23)]
-    for streams in (1, 2, 3):
-        runner, pulled = SlowDoubler(streams), []
-
-        def source():
-            for batch in batches:
-                pulled.append(batch)
-                yield batch
-        outputs = []
-        for _ in range(2):  # the second call reuses the pool made by the first
-            for logits in runner.map(source()):
-                assert len(pulled) - len(outputs) - 1 <= runner.max_in_flight  # held besides the one returned
-                outputs.append(logits)
-            pulled.clear()
-            assert [float(o[0]) for o in outputs] == [2.0 * i for i in range(23)]
-            outputs = []
-        if streams == 1:
-            assert set(runner.threads_used) == {threading.main_thread().name}
-        assert runner.most_running == streams and not runner.started_beside_first
-        assert len(set(runner.threads_used[1:])) == streams
-
-
-def test_streams_give_the_same_submission(checkpoint, tmp_path):
-    folder = tmp_path / "s"
-    folder.mkdir()
-    write_audio(folder / "a.wav", 31.0)
-    write_audio(folder / "b.ogg", 17.0, sample_rate=22050, frequency=4000.0)
-    common = ["--ckpts", checkpoint, "--soundscapes", folder, "--batch-size", "2", "--threads", "2"]
-    one = run_infer(*common, "--out", tmp_path / "one.csv", "--streams", "1")["submission"]
-    two = run_infer(*common, "--out", tmp_path / "two.csv", "--streams", "2")["submission"]
-    assert list(two["row_id"]) == list(one["row_id"])
-    np.testing.assert_allclose(two.iloc[:, 1:].to_numpy(), one.iloc[:, 1:].to_numpy(), atol=1e-6)
-    with pytest.raises(ValueError, match="--streams must be at least 1"):
-        run_infer(*common, "--out", tmp_path / "zero.csv", "--streams", "0")
-
-
-def test_split_threads_never_more_streams_than_threads():
-    assert engines.split_threads(4, 2) == (2, 2)
-    assert engines.split_threads(2, 2) == (2, 1)
-    assert engines.split_threads(1, 2) == (1, 1)
-    assert engines.split_threads(3, 1) == (1, 3)
-
-
-def test_batches_run_across_files_with_the_scores_of_each_file_alone(checkpoint, tmp_path):
-    """Windows of consecutive files share batches (one partial batch per run, not per file),
-    and each file's rows are what it gets when scored on its own."""
-    lengths = {"a": 7.0, "b": 12.3, "c": 23.0, "d": 3.0}
-    together = tmp_path / "together"
-    together.mkdir()
-    for index, (stem, seconds) in enumerate(lengths.items()):
-        write_audio(together / f"{stem}.wav", seconds, frequency=1500.0 + 700 * index)
-    batches = []
-    real_fill_batch = soundscapes.fill_batch
-
-    def spy(sources, window_samples):
-        batches.append([id(waveform) for waveform, _ in sources])
-        return real_fill_batch(sources, window_samples)
-    import unittest.mock
-    common = ["--ckpts", checkpoint, "--hop", "2.5", "--batch-size", "3", "--smooth", "0.2,0.6,0.2"]
-    with unittest.mock.patch.object(soundscapes, "fill_batch", spy):
-        joint = run_infer(*common, "--soundscapes", together, "--out", tmp_path / "joint.csv")["submission"]
-    assert sum(len(batch) < 3 for batch in batches) == 1                  # only the run's last batch
-    assert sum(len(set(batch)) > 1 for batch in batches) >= 2              # batches spanning two files
-    alone = []
-    for stem in lengths:
-        folder = tmp_path / stem
-        folder.mkdir()
-        (folder / f"{stem}.wav").write_bytes((together / f"{stem}.wav").read_bytes())
-        alone.append(run_infer(*common, "--soundscapes", folder, "--out", tmp_path / f"{stem}.csv")["submission"])
-    alone = pd.concat(alone, ignore_index=True)
-    assert list(joint["row_id"]) == list(alone["row_id"])
-    np.testing.assert_allclose(joint.iloc[:, 1:].to_numpy(), alone.iloc[:, 1:].to_numpy(), atol=1e-5)
+def test_inference_never_imports_augment():
+    code = "import sys, infer; assert 'augment' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT))

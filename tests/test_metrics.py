@@ -227,5 +227,5 @@ def test_classification_metrics_keys_and_types():
     assert list(m) == ["cmap5", "cmap3", "macro_ap", "lrap"]
     for v in m.values():
         assert type(v) is float
-    assert m["cmap5"] == padded_cmap(targets, scores, 5)
-    assert m["cmap3"] == padded_cmap(targets, scores, 3)
+    assert m["cmap5"] == padded_cmap(targets, scores, padding_factor=5)
+    assert m["cmap3"] == padded_cmap(targets, scores, padding_factor=3)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 
+import huggingface_hub.constants as hub_constants
 import pytest
 import timm
 import torch
 import torchaudio
 
-import model
+import model as model_lib
 
 SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX = 16000, 512, 256, 32, 50.0, 8000.0
 
@@ -26,8 +27,8 @@ def make_config(**overrides) -> dict:
     return config
 
 
-def frontend(normalization="standard") -> model.MelFrontend:
-    return model.MelFrontend(SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX, normalization)
+def frontend(normalization="standard") -> model_lib.MelFrontend:
+    return model_lib.MelFrontend(SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX, normalization)
 
 
 def waveforms(batch: int, samples: int = SAMPLE_RATE, seed: int = 0) -> torch.Tensor:
@@ -38,9 +39,9 @@ def waveforms(batch: int, samples: int = SAMPLE_RATE, seed: int = 0) -> torch.Te
 
 
 @pytest.fixture(scope="module")
-def small_model() -> model.BirdCallModel:
+def small_model() -> model_lib.BirdCallModel:
     torch.manual_seed(0)
-    return model.BirdCallModel(make_config()).eval()
+    return model_lib.BirdCallModel(make_config()).eval()
 
 
 # ----------------------------------------------------------------------------- frontend
@@ -70,7 +71,7 @@ def test_frontend_none_matches_hand_log_mel():
     torch.testing.assert_close(image, expected, atol=2e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", [model.MelFrontend, model.PCENFrontend])
+@pytest.mark.parametrize("kind", [model_lib.MelFrontend, model_lib.PCENFrontend])
 def test_mel_spectrogram_equals_torchaudio_mel_spectrogram(kind):
     """Power (mel) or magnitude (PCEN) mel spectrogram, against the torchaudio transform it replaces."""
     layer = kind(SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX)
@@ -115,10 +116,11 @@ def test_frontend_minmax_normalisation_per_example():
 
 def test_frontend_rejects_fmax_above_nyquist_and_unknown_normalisation():
     with pytest.raises(ValueError, match="Nyquist"):
-        model.MelFrontend(16000, 512, 256, 32, 50.0, 8001.0)
-    model.MelFrontend(16000, 512, 256, 32, 50.0, 8000.0)  # exactly Nyquist is allowed
+        model_lib.MelFrontend(sample_rate=16000, n_fft=512, hop=256, n_mels=32, fmin=50.0, fmax=8001.0)
+    model_lib.MelFrontend(sample_rate=16000, n_fft=512, hop=256, n_mels=32, fmin=50.0, fmax=8000.0)  # Nyquist: allowed
     with pytest.raises(ValueError, match="normalization"):
-        model.MelFrontend(16000, 512, 256, 32, 50.0, 8000.0, "zscore")
+        model_lib.MelFrontend(sample_rate=16000, n_fft=512, hop=256, n_mels=32, fmin=50.0, fmax=8000.0,
+                              normalization="zscore")
 
 
 def test_frontend_is_float32_under_bf16_autocast():
@@ -149,7 +151,7 @@ def test_model_forward_returns_logits(small_model):
 
 def test_model_output_is_not_a_probability():
     torch.manual_seed(1)
-    net = model.BirdCallModel(make_config()).eval()
+    net = model_lib.BirdCallModel(make_config()).eval()
     with torch.no_grad():
         net.head.weight.zero_()
         net.head.bias.copy_(torch.tensor([-3.0, 2.0, 0.5]))
@@ -164,12 +166,12 @@ def test_model_properties(small_model):
     assert small_model.labels == ["aaa1", "bbb1", "ccc1"]
     assert small_model.activation == "softmax"
     assert small_model.window_samples == SAMPLE_RATE
-    assert model.BirdCallModel(make_config(window_seconds=2.5, activation="sigmoid")).window_samples == 40000
+    assert model_lib.BirdCallModel(make_config(window_seconds=2.5, activation="sigmoid")).window_samples == 40000
 
 
 def test_model_config_is_a_copy():
     config = make_config()
-    net = model.BirdCallModel(config)
+    net = model_lib.BirdCallModel(config)
     config["labels"].append("zzz9")
     assert net.labels == ["aaa1", "bbb1", "ccc1"]
     assert net.head.out_features == 3
@@ -177,53 +179,52 @@ def test_model_config_is_a_copy():
 
 def test_activate_softmax_sigmoid_and_unknown():
     logits = torch.tensor([[-3.0, 2.0, 0.5], [10.0, 10.0, -10.0], [0.0, 0.0, 0.0]])
-    soft = model.activate(logits, "softmax")
+    soft = model_lib.activate(logits, "softmax")
     exp = [[math.exp(v) for v in row] for row in logits.tolist()]
     expected_soft = torch.tensor([[v / sum(row) for v in row] for row in exp])
     torch.testing.assert_close(soft, expected_soft)
     torch.testing.assert_close(soft.sum(dim=1), torch.ones(3))
-    sig = model.activate(logits, "sigmoid")
+    sig = model_lib.activate(logits, "sigmoid")
     expected_sig = torch.tensor([[1 / (1 + math.exp(-v)) for v in row] for row in logits.tolist()])
     torch.testing.assert_close(sig, expected_sig)
     assert torch.equal(sig, torch.sigmoid(logits))
-    assert model.activate(logits.to(torch.bfloat16), "softmax").dtype == torch.float32
+    assert model_lib.activate(logits.to(torch.bfloat16), "softmax").dtype == torch.float32
     with pytest.raises(ValueError, match="tanh"):
-        model.activate(logits, "tanh")
+        model_lib.activate(logits, "tanh")
 
 
 # ----------------------------------------------------------------------------- backbones
 
 def test_check_backbone_name_unknown_raises_with_timms_message():
     with pytest.raises(ValueError, match=r"Unknown model") as raised:
-        model.check_backbone_name("efficientnet_b99_nonexistent")
+        model_lib.check_backbone_name("efficientnet_b99_nonexistent")
     assert "efficientnet_b99_nonexistent" in str(raised.value)
     with pytest.raises(ValueError, match=r"Unknown model"):
-        model.create_backbone("efficientnet_b99_nonexistent", False, None)
+        model_lib.create_backbone("efficientnet_b99_nonexistent", pretrained=False, pretrained_file=None)
 
 
 def test_check_backbone_name_accepts_real_names_without_building(monkeypatch):
     def no_build(*args, **kwargs):
         raise AssertionError("check_backbone_name must not build a known model")
     monkeypatch.setattr(timm, "create_model", no_build)
-    model.check_backbone_name("efficientnet_b0")   # the train.py default
-    model.check_backbone_name("test_efficientnet")
+    model_lib.check_backbone_name("efficientnet_b0")   # the train.py default
+    model_lib.check_backbone_name("test_efficientnet")
 
 
 def test_create_backbone_random_init_has_one_channel_and_no_classifier():
-    backbone = model.create_backbone("test_efficientnet", False, None)
+    backbone = model_lib.create_backbone("test_efficientnet", pretrained=False, pretrained_file=None)
     assert backbone.conv_stem.weight.shape[1] == 1
     features = backbone(torch.zeros(2, 1, N_MELS, 63))
     assert features.ndim == 4 and features.shape[:2] == (2, backbone.num_features)
 
 
 def test_pretrained_from_hub_offline_raises_pretrained_weights_error(monkeypatch, tmp_path):
-    import huggingface_hub.constants as hub_constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # the constant is read at import, so set it too; and an empty cache
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(model.PretrainedWeightsError) as raised:
-        model.create_backbone("test_efficientnet", True, None)
+    with pytest.raises(model_lib.PretrainedWeightsError) as raised:
+        model_lib.create_backbone("test_efficientnet", pretrained=True, pretrained_file=None)
     message = str(raised.value)
     assert "--pretrained-file" in message and "--no-pretrained" in message
     assert "test_efficientnet" in message
@@ -240,21 +241,21 @@ def test_pretrained_failure_never_falls_back_to_random(monkeypatch):
         return real_create(name, pretrained=False, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", create)
-    with pytest.raises(model.PretrainedWeightsError) as raised:
-        model.create_backbone("test_efficientnet", True, None)
+    with pytest.raises(model_lib.PretrainedWeightsError) as raised:
+        model_lib.create_backbone("test_efficientnet", pretrained=True, pretrained_file=None)
     message = str(raised.value)
     assert "--pretrained-file" in message and "--no-pretrained" in message
     assert "simulated: weights unreachable" in message
     assert isinstance(raised.value.__cause__, OSError)
     assert calls == [True], "after the failed pretrained load no random model may be built"
-    with pytest.raises(model.PretrainedWeightsError):
-        model.BirdCallModel(make_config(), pretrained=True)
+    with pytest.raises(model_lib.PretrainedWeightsError):
+        model_lib.BirdCallModel(make_config(), pretrained=True)
 
 
 def test_missing_pretrained_file_raises(tmp_path):
     missing = tmp_path / "nowhere" / "weights.pth"
-    with pytest.raises(model.PretrainedWeightsError) as raised:
-        model.create_backbone("test_efficientnet", True, str(missing))
+    with pytest.raises(model_lib.PretrainedWeightsError) as raised:
+        model_lib.create_backbone("test_efficientnet", pretrained=True, pretrained_file=str(missing))
     message = str(raised.value)
     assert str(missing) in message
     assert "--no-pretrained" in message
@@ -267,7 +268,7 @@ def test_pretrained_file_loads_weights_and_sums_rgb_stem(tmp_path):
     path = tmp_path / "test_efficientnet.pth"
     torch.save(source.state_dict(), path)
 
-    backbone = model.create_backbone("test_efficientnet", True, str(path))
+    backbone = model_lib.create_backbone("test_efficientnet", pretrained=True, pretrained_file=str(path))
     loaded = backbone.state_dict()
     torch.testing.assert_close(loaded["conv_stem.weight"],
                                saved["conv_stem.weight"].sum(dim=1, keepdim=True), atol=0, rtol=0)
@@ -282,7 +283,7 @@ def test_pretrained_file_loads_weights_and_sums_rgb_stem(tmp_path):
     assert not any(name.startswith("classifier") for name in loaded)
 
     torch.manual_seed(7)
-    fresh = model.create_backbone("test_efficientnet", False, None).state_dict()
+    fresh = model_lib.create_backbone("test_efficientnet", pretrained=False, pretrained_file=None).state_dict()
     assert not torch.equal(fresh["blocks.0.0.conv.weight"], saved["blocks.0.0.conv.weight"]), \
         "sanity: random initialisation must differ from the saved weights"
 
@@ -306,62 +307,62 @@ def _record_execution(message):
 
 def test_read_checkpoint_missing_path(tmp_path):
     path = tmp_path / "nope" / "best.pt"
-    with pytest.raises(model.CheckpointError, match="not found") as raised:
-        model.read_checkpoint(path)
+    with pytest.raises(model_lib.CheckpointError, match="not found") as raised:
+        model_lib.read_checkpoint(path)
     assert str(path) in str(raised.value)
 
 
 def test_read_checkpoint_refuses_pickled_code(tmp_path, small_model):
     path = tmp_path / "evil.pt"
-    torch.save({"format": model.CHECKPOINT_FORMAT, "model": small_model.state_dict(),
+    torch.save({"format": model_lib.CHECKPOINT_FORMAT, "model": small_model.state_dict(),
                 "model_config": small_model.config, "extra": Payload()}, path)
     EXECUTED.clear()
-    with pytest.raises(model.CheckpointError, match="weights_only") as raised:
-        model.read_checkpoint(path)
+    with pytest.raises(model_lib.CheckpointError, match="weights_only") as raised:
+        model_lib.read_checkpoint(path)
     assert str(path) in str(raised.value)
     assert EXECUTED == [], "the pickled code ran"
 
 
 def test_read_checkpoint_plain_dict_without_model(tmp_path):
     path = tmp_path / "plain.pt"
-    torch.save({"format": model.CHECKPOINT_FORMAT, "weights": {"a": torch.zeros(2)}}, path)
-    with pytest.raises(model.CheckpointError, match="'model'"):
-        model.read_checkpoint(path)
+    torch.save({"format": model_lib.CHECKPOINT_FORMAT, "weights": {"a": torch.zeros(2)}}, path)
+    with pytest.raises(model_lib.CheckpointError, match="'model'"):
+        model_lib.read_checkpoint(path)
     tensor_path = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), tensor_path)
-    with pytest.raises(model.CheckpointError):
-        model.read_checkpoint(tensor_path)
+    with pytest.raises(model_lib.CheckpointError):
+        model_lib.read_checkpoint(tensor_path)
 
 
 def test_read_checkpoint_wrong_format(tmp_path, small_model):
     path = tmp_path / "old.pt"
-    torch.save({"format": model.CHECKPOINT_FORMAT + 1, "model": small_model.state_dict(),
+    torch.save({"format": model_lib.CHECKPOINT_FORMAT + 1, "model": small_model.state_dict(),
                 "model_config": small_model.config}, path)
-    with pytest.raises(model.CheckpointError, match="format"):
-        model.read_checkpoint(path)
+    with pytest.raises(model_lib.CheckpointError, match="format"):
+        model_lib.read_checkpoint(path)
 
 
 def test_read_checkpoint_text_file(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("this is a text file, not a checkpoint\n")
-    with pytest.raises(model.CheckpointError) as raised:
-        model.read_checkpoint(path)
+    with pytest.raises(model_lib.CheckpointError) as raised:
+        model_lib.read_checkpoint(path)
     assert str(path) in str(raised.value)
 
 
 def test_load_model_rebuilds_the_exact_model(tmp_path):
     torch.manual_seed(5)
     config = make_config(activation="sigmoid", dropout=0.3, labels=["zzz1", "aaa1", "mmm1", "bbb1"])
-    original = model.BirdCallModel(config)
+    original = model_lib.BirdCallModel(config)
     with torch.no_grad():
         original.train()
         original(waveforms(4, seed=3))       # move the BatchNorm running statistics
     original.eval()
     path = tmp_path / "best.pt"
-    torch.save({"format": model.CHECKPOINT_FORMAT, "model": original.state_dict(),
+    torch.save({"format": model_lib.CHECKPOINT_FORMAT, "model": original.state_dict(),
                 "model_config": original.config, "labels": original.labels, "epoch": 3}, path)
 
-    loaded = model.load_model(path)
+    loaded = model_lib.load_model(path)
     assert not loaded.training and not any(module.training for module in loaded.modules())
     assert loaded.labels == ["zzz1", "aaa1", "mmm1", "bbb1"]
     assert loaded.activation == "sigmoid"
@@ -372,5 +373,5 @@ def test_load_model_rebuilds_the_exact_model(tmp_path):
         assert torch.equal(loaded(x), expected)
         assert torch.equal(loaded(x), loaded(x))   # eval: dropout off
         torch.manual_seed(6)
-        other = model.BirdCallModel(config).eval()
+        other = model_lib.BirdCallModel(config).eval()
         assert not torch.allclose(other(x), expected), "sanity: another initialisation differs"

@@ -1,5 +1,5 @@
 """Tests for model.py's options: the PCEN frontend, img_size resizing, the linear/mlp/sed heads,
-and that configs written before these options existed still build and load the old model.
+and that configs written before these options existed still build and load the old model_lib.
 
 PCEN is checked against an independent numpy/scipy re-derivation that follows librosa.pcen
 (librosa 0.11, librosa/core/spectrum.py) line by line. Only timm's tiny `test_efficientnet` is
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 
-import model
+import model as model_lib
 
 SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX = 16000, 512, 256, 32, 50.0, 8000.0
 PCEN = dict(gain=0.98, bias=2.0, power=0.5, time_constant=0.4, eps=1e-6)
@@ -34,8 +34,8 @@ def make_config(**overrides) -> dict:
     return config
 
 
-def pcen_frontend(normalization="none", img_size=None, **overrides) -> model.PCENFrontend:
-    return model.PCENFrontend(SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX, normalization, img_size,
+def pcen_frontend(normalization="none", img_size=None, **overrides) -> model_lib.PCENFrontend:
+    return model_lib.PCENFrontend(SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX, normalization, img_size,
                               **overrides)
 
 
@@ -117,13 +117,14 @@ def random_spectrograms(seed=0) -> np.ndarray:
 
 def test_smoothing_coefficient_is_librosas():
     for time_constant, sr, hop in ((0.4, 32000, 512), (0.4, 16000, 256), (0.06, 22050, 512), (2.0, 32000, 320)):
-        b = model.pcen_smoothing_coefficient(time_constant, sr, hop)
+        b = model_lib.pcen_smoothing_coefficient(time_constant, sr, hop)
         assert b == pytest.approx(librosa_b(time_constant, sr, hop), rel=1e-12)
         frames = time_constant * sr / hop
         assert frames ** 2 * b ** 2 + b - 1 == pytest.approx(0.0, abs=1e-12)  # the root it is
         assert 0 < b < 1
     # 32 kHz, hop 512, 0.4 s: T = 25 frames
-    assert model.pcen_smoothing_coefficient(0.4, 32000, 512) == pytest.approx((math.sqrt(2501) - 1) / 1250)
+    b = model_lib.pcen_smoothing_coefficient(time_constant=0.4, sample_rate=32000, hop=512)
+    assert b == pytest.approx((math.sqrt(2501) - 1) / 1250)
 
 
 @pytest.mark.parametrize("params", [
@@ -137,7 +138,7 @@ def test_pcen_matches_librosa_rederivation_on_random_spectrograms(params, initia
     b = librosa_b(params["time_constant"], SAMPLE_RATE, HOP)
     zi = first_frame_zi(S, b) if initial_state == "first_frame" else None  # None: librosa's default
     expected = librosa_pcen(S, SAMPLE_RATE, HOP, zi=zi, **params)
-    actual = model.pcen(torch.tensor(S, dtype=torch.float32), model.pcen_smoothing_coefficient(
+    actual = model_lib.pcen(torch.tensor(S, dtype=torch.float32), model_lib.pcen_smoothing_coefficient(
         params["time_constant"], SAMPLE_RATE, HOP), params["gain"], params["bias"], params["power"],
         params["eps"], initial_state).double().numpy()
     assert np.isfinite(actual).all()
@@ -152,7 +153,7 @@ def test_pcen_stable_form_equals_the_definition():
     b = librosa_b(PCEN["time_constant"], SAMPLE_RATE, HOP)
     M = scipy.signal.lfilter([b], [1, b - 1], S, zi=first_frame_zi(S, b), axis=-1)[0]
     definition = (S / (PCEN["eps"] + M) ** PCEN["gain"] + PCEN["bias"]) ** PCEN["power"] - PCEN["bias"] ** PCEN["power"]
-    actual = model.pcen(torch.tensor(S, dtype=torch.float32), b, PCEN["gain"], PCEN["bias"],
+    actual = model_lib.pcen(torch.tensor(S, dtype=torch.float32), b, PCEN["gain"], PCEN["bias"],
                         PCEN["power"], PCEN["eps"]).double().numpy()
     assert_close_relative(actual, definition)
 
@@ -161,17 +162,17 @@ def test_pcen_first_frame_starts_in_steady_state():
     S = random_spectrograms(seed=2)
     b = librosa_b(PCEN["time_constant"], SAMPLE_RATE, HOP)
     gain, bias, power, eps = PCEN["gain"], PCEN["bias"], PCEN["power"], PCEN["eps"]
-    out = model.pcen(torch.tensor(S, dtype=torch.float32), b, gain, bias, power, eps).double().numpy()
+    out = model_lib.pcen(torch.tensor(S, dtype=torch.float32), b, gain, bias, power, eps).double().numpy()
     # M[-1] = S[0] gives M[0] = (1 - b) S[0] + b S[0] = S[0]
     S0 = S[..., 0]
     first = (S0 / (eps + S0) ** gain + bias) ** power - bias ** power
     np.testing.assert_allclose(out[..., 0], first, rtol=1e-4)
     # a constant spectrogram stays in steady state: the same output in every frame
     constant = torch.full((2, 4, 50), 3e8)
-    flat = model.pcen(constant, b, gain, bias, power, eps)
+    flat = model_lib.pcen(constant, b, gain, bias, power, eps)
     torch.testing.assert_close(flat, flat[..., :1].expand_as(flat), rtol=1e-5, atol=0)
     # librosa's unscaled zi (M[-1] = 1) does not: with int32-range levels M starts near 0
-    ramp = model.pcen(constant, b, gain, bias, power, eps, initial_state="librosa")
+    ramp = model_lib.pcen(constant, b, gain, bias, power, eps, initial_state="librosa")
     assert float(ramp[..., 0].min()) > 3 * float(flat[..., 0].max())
     np.testing.assert_allclose(ramp.double().numpy(),
                                librosa_pcen(constant.double().numpy(), SAMPLE_RATE, HOP, **PCEN), rtol=1e-4)
@@ -188,8 +189,8 @@ def test_pcen_frontend_matches_rederivation_on_a_real_signal():
     for example in range(3):  # each example on its own scale: they differ by 10x in loudness
         assert_close_relative(image[example, 0].double().numpy(), expected[example])
     # and the defaults are the log's experiment-12 parameters
-    layer = model.build_frontend(make_config(frontend="pcen", normalization="none"))
-    assert isinstance(layer, model.PCENFrontend)
+    layer = model_lib.build_frontend(make_config(frontend="pcen", normalization="none"))
+    assert isinstance(layer, model_lib.PCENFrontend)
     assert (layer.gain, layer.bias, layer.power, layer.eps) == (0.98, 2.0, 0.5, 1e-6)
     assert layer.b == pytest.approx(b) and layer.input_scale == 2.0 ** 31
     assert torch.equal(layer(x), image)
@@ -237,7 +238,7 @@ def test_pcen_parameters_change_the_output(change):
     assert (changed - default).abs().max() > 1e-2 * default.abs().max(), change
     # the config keys reach the frontend
     key, value = next(iter(change.items()))
-    built = model.build_frontend(make_config(frontend="pcen", normalization="none", **{f"pcen_{key}": value}))
+    built = model_lib.build_frontend(make_config(frontend="pcen", normalization="none", **{f"pcen_{key}": value}))
     torch.testing.assert_close(built(x), changed, atol=0, rtol=0)
 
 
@@ -249,36 +250,36 @@ def test_pcen_and_frontend_reject_bad_settings():
     with pytest.raises(ValueError, match="initial_state"):
         pcen_frontend(initial_state="zeros")
     with pytest.raises(ValueError, match="frontend"):
-        model.BirdCallModel(make_config(frontend="cqt"))
+        model_lib.BirdCallModel(make_config(frontend="cqt"))
     with pytest.raises(ValueError, match="Nyquist"):
-        model.build_frontend(make_config(frontend="pcen", fmax=9000.0))
+        model_lib.build_frontend(make_config(frontend="pcen", fmax=9000.0))
 
 
 # ----------------------------------------------------------------------------- img_size
 
-@pytest.mark.parametrize("frontend", model.FRONTENDS)
+@pytest.mark.parametrize("frontend", model_lib.FRONTENDS)
 @pytest.mark.parametrize("img_size", [[64, 40], [256, 157], [256, 256], (16, 300)])
 def test_img_size_gives_exactly_h_by_w(frontend, img_size):
     x = signal(2)
-    layer = model.build_frontend(make_config(frontend=frontend, img_size=img_size))
+    layer = model_lib.build_frontend(make_config(frontend=frontend, img_size=img_size))
     image = layer(x)
     assert image.shape == (2, 1, img_size[0], img_size[1]) and image.dtype == torch.float32
     # the resize is a bilinear interpolation of the un-resized (normalised) image
-    plain = model.build_frontend(make_config(frontend=frontend))(x)
+    plain = model_lib.build_frontend(make_config(frontend=frontend))(x)
     expected = F.interpolate(plain, size=tuple(img_size), mode="bilinear", align_corners=False)
     torch.testing.assert_close(image, expected, atol=1e-6, rtol=0)
 
 
 def test_img_size_is_part_of_the_frontend_and_validated():
     torch.manual_seed(0)
-    net = model.BirdCallModel(make_config(img_size=[64, 96])).eval()
+    net = model_lib.BirdCallModel(make_config(img_size=[64, 96])).eval()
     x = signal(2)
     with torch.no_grad():
         assert net.frontend(x).shape == (2, 1, 64, 96)
         torch.testing.assert_close(net(x), net.classify(net.frontend(x)), atol=0, rtol=0)
     for bad in ([64], [64, 0], [64.0, 96], "64x96", [64, 96, 1]):
         with pytest.raises(ValueError, match="img_size"):
-            model.build_frontend(make_config(img_size=bad))
+            model_lib.build_frontend(make_config(img_size=bad))
 
 
 # ----------------------------------------------------------------------------- heads
@@ -292,9 +293,9 @@ def heads() -> dict:
     the comparisons below vacuous. Its last BatchNorm's scale is raised to give O(0.3) features.
     """
     nets = {}
-    for head in model.HEADS:
+    for head in model_lib.HEADS:
         torch.manual_seed(0)
-        nets[head] = model.BirdCallModel(make_config(head=head)).eval()
+        nets[head] = model_lib.BirdCallModel(make_config(head=head)).eval()
         with torch.no_grad():
             nets[head].backbone.bn2.weight.mul_(300.0)
     with torch.no_grad():
@@ -321,7 +322,7 @@ def test_sed_with_uniform_attention_and_the_linear_weights_is_the_linear_head(he
     """mean over (F', T') then W equals W framewise then mean over T': attention is what sed adds."""
     linear = heads["linear"]
     torch.manual_seed(0)
-    sed = model.BirdCallModel(make_config(head="sed")).eval()
+    sed = model_lib.BirdCallModel(make_config(head="sed")).eval()
     sed.load_state_dict({k: v for k, v in linear.state_dict().items() if not k.startswith("head.")}, strict=False)
     x = signal(3)
     with torch.no_grad():
@@ -350,7 +351,7 @@ def test_mlp_head_has_the_extra_layer(heads):
         expected = linears[1](torch.relu(linears[0](pooled)))
         torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-5)
     # its dropout is the config's
-    assert model.BirdCallModel(make_config(head="mlp", dropout=0.3)).head[2].p == 0.3
+    assert model_lib.BirdCallModel(make_config(head="mlp", dropout=0.3)).head[2].p == 0.3
 
 
 def test_sed_head_attention_pooling_rederived(heads):
@@ -383,7 +384,7 @@ def test_sed_head_attention_pooling_rederived(heads):
 
 def test_sed_head_with_uniform_attention_is_the_mean_of_framewise_logits():
     torch.manual_seed(2)
-    net = model.BirdCallModel(make_config(head="sed", img_size=[32, 200])).eval()
+    net = model_lib.BirdCallModel(make_config(head="sed", img_size=[32, 200])).eval()
     with torch.no_grad():
         net.head.attention.weight.zero_()
         net.head.attention.bias.zero_()                   # tanh(0) = 0 for every frame: uniform
@@ -399,7 +400,7 @@ def test_framewise_logits_only_for_the_sed_head(heads):
         with pytest.raises(ValueError, match="sed"):
             heads[head].framewise_logits(signal(1))
     with pytest.raises(ValueError, match="head"):
-        model.BirdCallModel(make_config(head="gem"))
+        model_lib.BirdCallModel(make_config(head="gem"))
 
 
 # ----------------------------------------------------------------------------- old configs, checkpoints
@@ -412,16 +413,16 @@ def test_old_config_builds_the_old_model_and_loads_an_old_state_dict():
     old_config = make_config()
     assert not {"frontend", "head", "img_size"} & set(old_config)
     torch.manual_seed(4)
-    old = model.BirdCallModel(old_config).eval()
-    assert type(old.frontend) is model.MelFrontend and old.frontend.img_size is None
+    old = model_lib.BirdCallModel(old_config).eval()
+    assert type(old.frontend) is model_lib.MelFrontend and old.frontend.img_size is None
     assert isinstance(old.head, nn.Linear) and old.head_type == "linear"
     assert {k for k in old.state_dict() if not k.startswith("backbone.")} == OLD_HEAD_AND_FRONTEND_KEYS
     assert old.config == old_config, "the config must not be rewritten"
     # an old-style state dict (these keys only) loads strictly, into old and explicit-default configs
     state = {k: v.clone() for k, v in old.state_dict().items()}
-    explicit = model.BirdCallModel(make_config(frontend="mel", head="linear", img_size=None)).eval()
+    explicit = model_lib.BirdCallModel(make_config(frontend="mel", head="linear", img_size=None)).eval()
     explicit.load_state_dict(state)
-    fresh = model.BirdCallModel(old_config).eval()
+    fresh = model_lib.BirdCallModel(old_config).eval()
     fresh.load_state_dict(state)
     x = signal(2)
     with torch.no_grad():
@@ -435,12 +436,13 @@ def test_model_config_writes_the_new_keys_with_defaults_when_flags_are_absent():
     args = argparse.Namespace(backbone="test_efficientnet", loss="bce", sample_rate=SAMPLE_RATE,
                               window_seconds=2.0, n_fft=N_FFT, hop=HOP, n_mels=N_MELS, fmin=FMIN,
                               fmax=FMAX, normalization="standard", dropout=0.1)
-    config = model.model_config(args, ["aaa1"])
+    config = model_lib.model_config(args, ["aaa1"])
     assert config["frontend"] == "mel" and config["head"] == "linear" and config["img_size"] is None
-    assert {k: config[k] for k in model.PCEN_DEFAULTS} == model.PCEN_DEFAULTS
+    assert {k: config[k] for k in model_lib.PCEN_DEFAULTS} == model_lib.PCEN_DEFAULTS
     args.frontend, args.head, args.img_size, args.pcen_gain = "pcen", "sed", (256, 157), 0.9
-    config = model.model_config(args, ["aaa1"])
-    assert (config["frontend"], config["head"], config["img_size"], config["pcen_gain"]) == ("pcen", "sed", [256, 157], 0.9)
+    config = model_lib.model_config(args, ["aaa1"])
+    assert ((config["frontend"], config["head"], config["img_size"], config["pcen_gain"])
+            == ("pcen", "sed", [256, 157], 0.9))
     for value in config.values():   # plain data only: checkpoints are read with weights_only=True
         assert value is None or isinstance(value, (str, int, float, bool, list))
 
@@ -450,18 +452,18 @@ def test_checkpoint_round_trip_pcen_sed_img_size(tmp_path):
     config = make_config(frontend="pcen", head="sed", img_size=[48, 160], pcen_gain=0.9, pcen_bias=3.0,
                          pcen_power=0.4, pcen_time_constant=0.2, pcen_eps=1e-5,
                          pcen_input_scale=float(2 ** 31), pcen_initial_state="first_frame", dropout=0.2)
-    original = model.BirdCallModel(config).eval()
+    original = model_lib.BirdCallModel(config).eval()
     with torch.no_grad():                      # non-default BatchNorm statistics must travel too
         for module in original.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.normal_(0.0, 0.1)
                 module.running_var.uniform_(0.5, 2.0)
     path = tmp_path / "best.pt"
-    torch.save({"format": model.CHECKPOINT_FORMAT, "model": original.state_dict(),
+    torch.save({"format": model_lib.CHECKPOINT_FORMAT, "model": original.state_dict(),
                 "model_config": original.config, "labels": original.labels}, path)
-    loaded = model.load_model(path)
+    loaded = model_lib.load_model(path)
     assert loaded.config == config
-    assert isinstance(loaded.frontend, model.PCENFrontend) and isinstance(loaded.head, model.SEDHead)
+    assert isinstance(loaded.frontend, model_lib.PCENFrontend) and isinstance(loaded.head, model_lib.SEDHead)
     assert loaded.frontend.img_size == (48, 160) and loaded.frontend.gain == 0.9
     x = signal(3, seed=8)
     with torch.no_grad():
@@ -472,25 +474,10 @@ def test_checkpoint_round_trip_pcen_sed_img_size(tmp_path):
 
 def test_the_logs_efficientnetv2_backbone_builds_with_one_channel():
     """tf_efficientnetv2_s.in21k (log experiments 1-6) must work too; random weights, no download."""
-    import model as model_lib
     config = {"backbone": "tf_efficientnetv2_s.in21k", "labels": ["a", "b", "c"], "activation": "softmax",
               "sample_rate": 32000, "window_seconds": 1.0, "n_fft": 1024, "hop": 512, "n_mels": 64,
               "fmin": 20.0, "fmax": 16000.0, "normalization": "standard", "dropout": 0.0}
-    model = model_lib.BirdCallModel(config).eval()
-    assert model.backbone.conv_stem.in_channels == 1
+    net = model_lib.BirdCallModel(config).eval()
+    assert net.backbone.conv_stem.in_channels == 1
     with torch.inference_mode():
-        assert model(torch.randn(2, 32000)).shape == (2, 3)
-
-
-def test_compile_and_channels_last_leave_checkpoints_unchanged(tiny_data, tmp_path):
-    import train
-    from conftest import quick_args
-    import learner as learner_lib
-    plain = learner_lib.build_learner(quick_args(tiny_data, tmp_path / "a"), ["a", "b"], torch.device("cpu"), 10)
-    fast = learner_lib.build_learner(quick_args(tiny_data, tmp_path / "b", "--compile", "--channels-last", "--ema", "0.9"),
-                                     ["a", "b"], torch.device("cpu"), 10)
-    assert list(fast.model.state_dict()) == list(plain.model.state_dict())       # no "_orig_mod." names
-    assert list(fast.ema.module.state_dict()) == list(plain.model.state_dict())
-    weights = [p for p in fast.model.backbone.parameters() if p.dim() == 4]
-    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
-    assert fast.model.backbone._compiled_call_impl is not None and plain.model.backbone._compiled_call_impl is None
+        assert net(torch.randn(2, 32000)).shape == (2, 3)

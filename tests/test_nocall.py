@@ -1,11 +1,12 @@
-"""The no-call class: train.py --nocall from three sources, infer.py drops it and can gate by it."""
+"""The no-call class across modules: train.py --nocall from three sources (data.py's build_datasets),
+infer.py drops it from the submission and can gate the species by it."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
-from conftest import TINY_SPECIES, quick_args
+from conftest import TINY_SPECIES, quick_args, run_infer
 
 import data
 import infer
@@ -80,9 +81,8 @@ def test_train_with_nocall_then_infer_drops_and_gates_it(tiny_data, nocall_sourc
     assert logged["cmap5"].between(0, 1).all()
     scapes = nocall_sources / "scapes" / "test_soundscapes"
     common = ["--ckpts", out / "best.pt", "--soundscapes", scapes, "--precision", "fp32"]
-    plain = infer.main(infer.get_args_parser().parse_args([str(a) for a in common + ["--out", tmp_path / "a.csv"]]))
-    gated = infer.main(infer.get_args_parser().parse_args(
-        [str(a) for a in common + ["--out", tmp_path / "b.csv", "--nocall-gate"]]))
+    plain = run_infer(*common, "--out", tmp_path / "a.csv")
+    gated = run_infer(*common, "--out", tmp_path / "b.csv", "--nocall-gate")
     columns = sorted(TINY_SPECIES)
     assert list(plain["submission"].columns) == ["row_id", *columns]      # nocall never reaches the submission
     before = plain["submission"][columns].to_numpy()

@@ -1,4 +1,4 @@
-"""Tests for the sampling section of data.py: weights, epoch draws, the audit, draw counts.
+"""Tests for sampling.py: weights, epoch draws, batches and shards, the audit, draw counts.
 
 Metadata tables are plain arrays made here; no audio is read. Reference values are
 computed by hand (plain loops over species), not with the code under test.
@@ -63,22 +63,22 @@ def test_unknown_sampler_and_missing_cap_are_errors():
     with pytest.raises(ValueError, match="unknown sampler"):
         sampling.recording_weights(labels, "balanced")
     with pytest.raises(ValueError, match="cap_per_class"):
-        sampling.draw_epoch(len(labels), 0, 0, labels, "cap", cap_per_class=0)
+        sampling.draw_epoch(len(labels), seed=0, epoch=0, primary_labels=labels, sampler="cap", cap_per_class=0)
     with pytest.raises(ValueError, match="primary label"):
-        sampling.draw_epoch(len(labels), 0, 0, None, "inverse")
+        sampling.draw_epoch(len(labels), seed=0, epoch=0, primary_labels=None, sampler="inverse")
     with pytest.raises(ValueError, match="primary labels for"):
-        sampling.draw_epoch(len(labels) + 1, 0, 0, labels, "sqrt")
+        sampling.draw_epoch(len(labels) + 1, seed=0, epoch=0, primary_labels=labels, sampler="sqrt")
 
 
 def test_expected_draws_by_hand():
     labels = labels_from_counts(SMALL_COUNTS)
     n = len(labels)
-    np.testing.assert_array_equal(sampling.expected_draws(labels, "none", 0), np.ones(n))
-    np.testing.assert_allclose(sampling.expected_draws(labels, "inverse", 0),
+    np.testing.assert_array_equal(sampling.expected_draws(labels, "none", cap_per_class=0), np.ones(n))
+    np.testing.assert_allclose(sampling.expected_draws(labels, "inverse", cap_per_class=0),
                                [n / 6 / SMALL_COUNTS[label] for label in labels], rtol=1e-12)
-    np.testing.assert_allclose(sampling.expected_draws(labels, "cap", 4),
+    np.testing.assert_allclose(sampling.expected_draws(labels, "cap", cap_per_class=4),
                                [min(SMALL_COUNTS[label], 4) / SMALL_COUNTS[label] for label in labels], rtol=1e-12)
-    assert sampling.expected_draws(labels, "cap", 4).sum() == pytest.approx(4 + 4 + 4 + 4 + 2 + 1)
+    assert sampling.expected_draws(labels, "cap", cap_per_class=4).sum() == pytest.approx(4 + 4 + 4 + 4 + 2 + 1)
 
 
 # ----------------------------------------------------------------------------- epoch draws
@@ -86,9 +86,11 @@ def test_expected_draws_by_hand():
 def test_none_is_exactly_the_old_permutation():
     for n, seed, epoch in [(1, 0, 0), (50, 1, 0), (123, 7, 3), (2421, 42, 11)]:
         old = np.random.default_rng([seed, epoch, 7919]).permutation(n)
-        np.testing.assert_array_equal(sampling.draw_epoch(n, seed, epoch), old)
-        np.testing.assert_array_equal(sampling.draw_epoch(n, seed, epoch, sampler="none"), old)
-        np.testing.assert_array_equal(sampling.draw_epoch(n, seed, epoch, np.zeros(n), "none", 3), old)
+        np.testing.assert_array_equal(sampling.draw_epoch(n, seed=seed, epoch=epoch), old)
+        np.testing.assert_array_equal(sampling.draw_epoch(n, seed=seed, epoch=epoch, sampler="none"), old)
+        ignored = sampling.draw_epoch(n, seed=seed, epoch=epoch, primary_labels=np.zeros(n), sampler="none",
+                                      cap_per_class=3)                 # labels and cap play no part
+        np.testing.assert_array_equal(ignored, old)
 
 
 @pytest.mark.parametrize("sampler", ["inverse", "sqrt"])
@@ -96,7 +98,8 @@ def test_weighted_draw_frequencies_match_the_weights(sampler):
     """Species frequencies over many epochs within a 4-sigma binomial bound of the weights."""
     labels = labels_from_counts(SMALL_COUNTS)
     n, epochs = len(labels), 2000
-    draws = np.concatenate([sampling.draw_epoch(n, 3, epoch, labels, sampler) for epoch in range(epochs)])
+    draws = np.concatenate([sampling.draw_epoch(n, seed=3, epoch=epoch, primary_labels=labels, sampler=sampler)
+                            for epoch in range(epochs)])
     assert len(draws) == n * epochs and draws.min() >= 0 and draws.max() < n
     total = len(draws)
     norm = sum((1.0 if sampler == "inverse" else m ** 0.5) for m in SMALL_COUNTS.values())
@@ -114,45 +117,52 @@ def test_weighted_draw_frequencies_match_the_weights(sampler):
 def test_weighted_draw_is_deterministic_per_seed_and_epoch():
     labels = labels_from_counts(SMALL_COUNTS)
     n = len(labels)
-    a = sampling.draw_epoch(n, 5, 2, labels, "inverse")
-    np.testing.assert_array_equal(a, sampling.draw_epoch(n, 5, 2, labels, "inverse"))
-    assert not np.array_equal(a, sampling.draw_epoch(n, 5, 3, labels, "inverse"))
-    assert not np.array_equal(a, sampling.draw_epoch(n, 6, 2, labels, "inverse"))
+    def draw_inverse(seed, epoch):
+        return sampling.draw_epoch(n, seed=seed, epoch=epoch, primary_labels=labels, sampler="inverse")
+    a = draw_inverse(seed=5, epoch=2)
+    np.testing.assert_array_equal(a, draw_inverse(seed=5, epoch=2))
+    assert not np.array_equal(a, draw_inverse(seed=5, epoch=3))
+    assert not np.array_equal(a, draw_inverse(seed=6, epoch=2))
     assert a.dtype == np.int64 and len(a) == n
 
 
 def test_cap_takes_min_n_cap_distinct_records_per_species():
     labels = labels_from_counts(SMALL_COUNTS)
     n, cap = len(labels), 4
+
+    def draw_capped(epoch, cap_per_class):
+        return sampling.draw_epoch(n, seed=9, epoch=epoch, primary_labels=labels, sampler="cap",
+                                   cap_per_class=cap_per_class)
     subsets = []
     for epoch in range(5):
-        draw = sampling.draw_epoch(n, 9, epoch, labels, "cap", cap_per_class=cap)
+        draw = draw_capped(epoch, cap)
         assert draw.dtype == np.int64
         assert len(draw) == sum(min(m, cap) for m in SMALL_COUNTS.values())
         assert len(set(draw.tolist())) == len(draw)  # without replacement
         for species, count in SMALL_COUNTS.items():
             assert np.sum(labels[draw] == species) == min(count, cap)
-        np.testing.assert_array_equal(draw, sampling.draw_epoch(n, 9, epoch, labels, "cap", cap_per_class=cap))
+        np.testing.assert_array_equal(draw, draw_capped(epoch, cap))
         subsets.append(frozenset(draw[labels[draw] == "a"].tolist()))
     assert len(set(subsets)) > 1  # a fresh subset of the big species each epoch
     # small species always contribute all their records
     for epoch in range(3):
-        draw = sampling.draw_epoch(n, 9, epoch, labels, "cap", cap_per_class=cap)
+        draw = draw_capped(epoch, cap)
         assert set(np.flatnonzero(labels == "e")) <= set(draw.tolist())
     # the order is shuffled, not grouped by species
-    draw = sampling.draw_epoch(n, 9, 0, labels, "cap", cap_per_class=cap)
+    draw = draw_capped(0, cap)
     assert not np.array_equal(np.sort(draw), draw)
     # a cap above every species count is a permutation of all records
-    np.testing.assert_array_equal(np.sort(sampling.draw_epoch(n, 9, 0, labels, "cap", cap_per_class=1000)),
-                                  np.arange(n))
+    np.testing.assert_array_equal(np.sort(draw_capped(0, 1000)), np.arange(n))
 
 
 @pytest.mark.parametrize("world_size,batch_size", [(1, 4), (2, 3), (3, 4), (4, 1), (8, 2)])
 def test_shards_are_disjoint_and_together_the_trimmed_draw(world_size, batch_size):
     labels = labels_from_counts(SMALL_COUNTS)
-    draw = sampling.draw_epoch(len(labels), 1, 0, labels, "inverse")  # with repeats: compare positions
+    # with repeats: compare positions
+    draw = sampling.draw_epoch(len(labels), seed=1, epoch=0, primary_labels=labels, sampler="inverse")
     usable = len(draw) // (world_size * batch_size) * (world_size * batch_size)
-    shards = [sampling.shard_draw(draw, rank, world_size, batch_size) for rank in range(world_size)]
+    shards = [sampling.shard_draw(draw, rank=rank, world_size=world_size, batch_size=batch_size)
+              for rank in range(world_size)]
     assert all(len(shard) == usable // world_size for shard in shards)
     assert all(len(shard) % batch_size == 0 for shard in shards)
     positions = [np.arange(rank, usable, world_size) for rank in range(world_size)]
@@ -163,7 +173,54 @@ def test_shards_are_disjoint_and_together_the_trimmed_draw(world_size, batch_siz
         rebuilt[rank::world_size] = shard
     np.testing.assert_array_equal(rebuilt, draw[:usable])
     with pytest.raises(ValueError):
-        sampling.shard_draw(draw, world_size, world_size, batch_size)
+        sampling.shard_draw(draw, rank=world_size, world_size=world_size, batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------- batches of an epoch
+
+def test_epoch_draw_is_a_seeded_permutation_changing_with_epoch():
+    a = sampling.draw_epoch(50, seed=1, epoch=0)
+    np.testing.assert_array_equal(np.sort(a), np.arange(50))
+    np.testing.assert_array_equal(a, sampling.draw_epoch(50, seed=1, epoch=0))
+    b = sampling.draw_epoch(50, seed=1, epoch=1)
+    np.testing.assert_array_equal(np.sort(b), np.arange(50))
+    assert not np.array_equal(a, b)
+    assert not np.array_equal(a, sampling.draw_epoch(50, seed=2, epoch=0))
+
+
+def test_sampler_batches_length_and_drop_last():
+    draw = sampling.draw_epoch(10, seed=0, epoch=2)
+    sampler = sampling.EpochBatchSampler(draw, batch_size=3, epoch=2)
+    batches = list(sampler)
+    assert len(sampler) == 3 == len(batches)
+    expected = [[(int(draw[p]), 2, p) for p in range(3 * b, 3 * b + 3)] for b in range(3)]
+    assert batches == expected
+    # the incomplete last batch (position 9) is dropped
+    assert all(position != 9 for batch in batches for _, _, position in batch)
+    exact = sampling.EpochBatchSampler(draw[:9], batch_size=3, epoch=2)
+    assert len(exact) == 3 and sorted(r for b in exact for r, _, _ in b) == sorted(draw[:9].tolist())
+    too_small = sampling.EpochBatchSampler(draw[:2], batch_size=3, epoch=2)
+    assert len(too_small) == 0 and list(too_small) == []
+
+
+@pytest.mark.parametrize("start_batch", [0, 1, 2, 3, 4, 7])
+def test_sampler_start_batch_yields_the_tail_of_the_epoch(start_batch):
+    draw = sampling.draw_epoch(17, seed=4, epoch=1)
+    full = list(sampling.EpochBatchSampler(draw, batch_size=4, epoch=1))
+    assert len(full) == 4
+    resumed = sampling.EpochBatchSampler(draw, batch_size=4, epoch=1, start_batch=start_batch)
+    assert list(resumed) == full[start_batch:]
+    assert len(resumed) == len(full[start_batch:])
+
+
+def test_sharded_sampler_positions_do_not_depend_on_the_number_of_processes():
+    draw = sampling.draw_epoch(23, seed=3, epoch=1)
+    one = [item for batch in sampling.EpochBatchSampler(draw, batch_size=6, epoch=1) for item in batch]
+    three = [item for rank in range(3)
+             for batch in sampling.EpochBatchSampler(draw, batch_size=2, epoch=1, start_batch=0, rank=rank,
+                                                     world_size=3)
+             for item in batch]
+    assert sorted(three, key=lambda item: item[2]) == one
 
 
 # ----------------------------------------------------------------------------- audit
@@ -301,7 +358,7 @@ def test_draw_counter_and_append_drawn_counts(tmp_path):
 
 def test_draw_counter_matches_a_real_epoch(long_tail):
     _, labels = long_tail
-    draw = sampling.draw_epoch(len(labels), 0, 0, labels, "inverse")
+    draw = sampling.draw_epoch(len(labels), seed=0, epoch=0, primary_labels=labels, sampler="inverse")
     counter = sampling.DrawCounter()
     for start in range(0, len(draw), 32):  # batch by batch, as a training loop would
         counter.add(draw[start:start + 32])

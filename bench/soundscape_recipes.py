@@ -1,0 +1,122 @@
+"""Which validation tracks the test soundscapes, and which recipe carries over to them.
+
+    python bench/soundscape_recipes.py [--seeds 42 7] [--epochs 20] [--recipes readme soundscape ...]
+
+On the demo data, for each seed: pseudo-soundscapes are built from that seed's
+validation split (`python data.py soundscapes`, bed: demo_data/unlabeled_soundscapes),
+then every recipe trains from random weights with the README's budget, scoring
+at every evaluation the clip validation (cmap5), the pseudo-soundscapes
+(soundscape_cmap5) and, for the record only, the demo test soundscapes
+(test_cmap5, never used for selection). Printed and written to --work-dir:
+per run the best clip cmAP5 and the test cmAP5 of that checkpoint, the best
+pseudo cmAP5 and the test cmAP5 of that checkpoint; the mean and spread per
+recipe; and the Spearman rank correlation, over the runs, of each validation
+metric with the test score of the checkpoint it selects (and over every
+evaluation of every run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import report  # noqa: E402
+import train  # noqa: E402
+
+README_RECIPE = ["--no-pretrained", "--lr", "1e-3", "--batch-size", "16"]
+SOUNDSCAPE_STYLE = ["--mix-prob", "0.5", "--distance-prob", "0.5", "--reverb-prob", "0.3", "--bg-dir", "{bg}",
+                    "--bg-prob", "0.8", "--bg-snr", "-3", "12"]
+RECIPES = {
+    "readme": [],
+    "soundscape": SOUNDSCAPE_STYLE,
+    "soundscape-random-crops": SOUNDSCAPE_STYLE + ["--crop-policy", "random"],
+    "soundscape-sed": SOUNDSCAPE_STYLE + ["--head", "sed"],
+    "soundscape-noise-masks": SOUNDSCAPE_STYLE + ["--noise-prob", "0.3", "--freq-masks", "2", "--time-masks", "2"],
+    "random-crops": ["--crop-policy", "random"],
+}
+
+
+def pseudo_soundscapes(data_dir: Path, seed: int, work: Path) -> Path:
+    """This seed's pseudo-soundscapes (built once) -> their labels.csv."""
+    out = work / f"pseudo_seed{seed}"
+    if not (out / "labels.csv").is_file():
+        data.main(["soundscapes", "--data-dir", str(data_dir), "--out", str(out), "--seed", str(seed),
+                   "--bg-dir", str(data_dir / "unlabeled_soundscapes")])
+    return out / "labels.csv"
+
+
+def train_recipe(name: str, seed: int, args, work: Path) -> Path:
+    """One recipe at one seed -> its run folder (skipped if it already finished)."""
+    out = work / f"{name}_seed{seed}"
+    if (out / "metrics.csv").is_file() and len(pd.read_csv(out / "metrics.csv")) >= 2 * args.epochs:
+        return out
+    flags = [flag.format(bg=args.data_dir / "unlabeled_soundscapes") for flag in RECIPES[name]]
+    train.main(train.get_args_parser().parse_args([
+        "--data-dir", str(args.data_dir), *README_RECIPE, "--epochs", str(args.epochs), "--patience", "0",
+        "--seed", str(seed), "--out-dir", str(out), "--keep-last", "1",
+        "--val-soundscapes", str(pseudo_soundscapes(args.data_dir, seed, work)),
+        "--test-soundscapes", str(args.data_dir / "test_soundscapes_labels.csv"), *flags]))
+    return out
+
+
+def run_row(name: str, seed: int, folder: Path) -> dict:
+    metrics = pd.read_csv(folder / "metrics.csv")
+    by_clip, by_pseudo = report.best_row(metrics, "cmap5"), report.best_row(metrics, "soundscape_cmap5")
+    return {"recipe": name, "seed": seed, "best_clip_cmap5": by_clip["cmap5"], "test_at_best_clip": by_clip["test_cmap5"],
+            "best_pseudo_cmap5": by_pseudo["soundscape_cmap5"], "test_at_best_pseudo": by_pseudo["test_cmap5"],
+            "best_test_cmap5": metrics["test_cmap5"].max(), "final_test_cmap5": metrics["test_cmap5"].iloc[-1],
+            "chance_clip": metrics["chance_cmap5"].iloc[-1], "chance_pseudo": metrics["soundscape_chance_cmap5"].iloc[-1],
+            "chance_test": metrics["test_chance_cmap5"].iloc[-1]}
+
+
+def correlations(table: pd.DataFrame, evaluations: pd.DataFrame) -> dict:
+    """Spearman over the runs (each metric against the test score of the checkpoint it selects) and over
+    every evaluation of every run."""
+    return {"runs: clip validation vs test": report.spearman(table["best_clip_cmap5"], table["test_at_best_clip"]),
+            "runs: pseudo-soundscapes vs test": report.spearman(table["best_pseudo_cmap5"],
+                                                                table["test_at_best_pseudo"]),
+            "evaluations: clip validation vs test": report.spearman(evaluations["cmap5"], evaluations["test_cmap5"]),
+            "evaluations: pseudo-soundscapes vs test": report.spearman(evaluations["soundscape_cmap5"],
+                                                                       evaluations["test_cmap5"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=data.DEMO_DIR)
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "soundscape_recipes")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 7])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    args = parser.parse_args()
+    data.ensure_demo_data(args.data_dir)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    rows, evaluations = [], []
+    for seed in args.seeds:
+        for name in args.recipes:
+            started = time.time()
+            folder = train_recipe(name, seed, args, args.work_dir)
+            rows.append(run_row(name, seed, folder) | {"minutes": round((time.time() - started) / 60, 1)})
+            evaluations.append(pd.read_csv(folder / "metrics.csv").assign(recipe=name, seed=seed))
+            pd.DataFrame(rows).to_csv(args.work_dir / "runs.csv", index=False)
+    table, evaluations = pd.DataFrame(rows), pd.concat(evaluations, ignore_index=True)
+    summary = table.groupby("recipe", sort=False).agg(["mean", "min", "max"])[
+        ["best_clip_cmap5", "test_at_best_clip", "best_pseudo_cmap5", "test_at_best_pseudo"]]
+    rho = correlations(table, evaluations)
+    print(table.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
+    print(summary.to_string(float_format=lambda value: f"{value:.4f}"))
+    for key, value in rho.items():
+        print(f"Spearman, {key}: {value:.3f}")
+    summary.to_csv(args.work_dir / "summary.csv")
+    (args.work_dir / "spearman.json").write_text(json.dumps(rho, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Pseudo-soundscapes: labelled soundscapes built from your own validation recordings.
+
+    python data.py soundscapes --data-dir D --out DIR [--bg-dir BACKGROUND | --detections det.csv]
+    python train.py --data-dir D --val-soundscapes DIR/labels.csv --monitor soundscape_cmap5
+
+A competitor rarely has labelled soundscapes, and clean clip crops (the original
+experiments' validation) say little about them. This builds soundscapes from the
+recordings of the validation split only -- the split train.py makes for the same
+--seed, --val-fraction, --folds and --fold -- placed on the 5-s row grid over
+background audio at soundscape-like levels, distances and rooms. The labels are
+the placements, so they are exact.
+
+Per 5-s row: no call (a share --empty-share of the rows), or 1 to --max-calls calls
+of different species, each a --call-seconds piece of a validation recording at a
+random offset inside the row. Which piece: the recording's best windows in a
+--detections table (infer.py --detections), else its loudest pieces in the birds'
+band. Each call may be reverberated (a synthetic exponentially decaying impulse
+response) and heard from a distance (a low-pass cutoff and a gain), then scaled so
+that its SNR over the bed where it lies is the drawn --snr plus the distance gain.
+The bed: files of --bg-dir (e.g. 2024's unlabeled_soundscapes/), else the quietest
+windows of the --detections table, else coloured noise (the last resort; the log
+and README.txt say so). Everything is drawn from generators seeded by --placement-seed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+import torch
+
+import audio
+import extras as extras_lib
+import soundscapes
+
+log = logging.getLogger("birdclef")
+
+BIRD_BAND_HZ = (1000.0, 12000.0)    # where "the energy is" when no detections table says where calls are
+CANDIDATES_PER_RECORDING = 3         # pieces of each recording that may supply a call
+BED_NOISE_RMS = 0.01                 # level of the coloured-noise bed (the last resort)
+
+
+@dataclass
+class PlacementSettings:
+    """How pseudo-soundscapes are made (the flags of `python data.py soundscapes`)."""
+    count: int = 20                               # soundscapes
+    seconds: float = 60.0                         # length of each
+    sample_rate: int = 32000
+    empty_share: float = 0.3                      # rows without any call
+    max_calls: int = 3                            # calls (of different species) in a row, at most
+    call_seconds: float = 3.0                     # length of each placed call
+    snr_db: tuple[float, float] = (-3.0, 12.0)    # SNR of a call over the bed, before distance
+    distance_prob: float = 0.5
+    distance_db: tuple[float, float] = (-12.0, 0.0)
+    distance_lowpass_hz: tuple[float, float] = (3000.0, 16000.0)
+    reverb_prob: float = 0.3
+    reverb_rt60: tuple[float, float] = (0.2, 1.2)
+    seed: int = 0                                 # placement seed (the split has its own)
+
+
+# ----------------------------------------------------------------------------- where calls come from
+
+def call_pieces(recordings: pd.DataFrame, settings: PlacementSettings, detections: pd.DataFrame | None) -> dict:
+    """Each validation recording -> the start times (s) of its candidate call pieces.
+
+    With a detections table: the starts of its best-scoring 5-s windows for its primary label (the
+    piece is the middle of the window); else the loudest non-overlapping pieces in BIRD_BAND_HZ.
+    """
+    pieces = {}
+    for name, path, duration in zip(recordings["name"], recordings["path"], recordings["duration"]):
+        if detections is not None:
+            windows = detections[detections["filename"] == name]
+            best = windows.sort_values(["primary_score", "start_s"], ascending=[False, True], kind="stable")
+            centre = soundscapes.ROW_SECONDS / 2 - settings.call_seconds / 2
+            starts = [min(max(start + centre, 0.0), max(duration - settings.call_seconds, 0.0))
+                      for start in best["start_s"].head(CANDIDATES_PER_RECORDING)]
+        else:
+            starts = loudest_pieces(audio.read_audio(path, settings.sample_rate), settings.sample_rate,
+                                    settings.call_seconds)
+        if starts:
+            pieces[name] = starts
+    return pieces
+
+
+def loudest_pieces(waveform: np.ndarray, sample_rate: int, seconds: float) -> list[float]:
+    """Start times (s) of up to CANDIDATES_PER_RECORDING non-overlapping `seconds`-long pieces with
+    the most energy in BIRD_BAND_HZ, loudest first."""
+    piece = int(round(seconds * sample_rate))
+    if len(waveform) <= piece:
+        return [0.0]
+    spectrum = np.fft.rfft(waveform)
+    frequency = np.fft.rfftfreq(len(waveform), 1.0 / sample_rate)
+    spectrum[(frequency < BIRD_BAND_HZ[0]) | (frequency > BIRD_BAND_HZ[1])] = 0
+    band = np.fft.irfft(spectrum, len(waveform))
+    hop = max(piece // 4, 1)
+    cumulative = np.concatenate([[0.0], np.cumsum(band ** 2)])
+    energy = (cumulative[piece:] - cumulative[:-piece])[::hop]                        # energy of each piece, per hop
+    starts = []
+    for index in np.argsort(-energy, kind="stable"):
+        start = int(index) * hop
+        if all(abs(start - other) >= piece for other in starts):
+            starts.append(start)
+        if len(starts) == CANDIDATES_PER_RECORDING:
+            break
+    return [start / sample_rate for start in starts]
+
+
+# ----------------------------------------------------------------------------- beds
+
+def background_beds(settings: PlacementSettings, bg_dir=None, detections: pd.DataFrame | None = None,
+                    recordings_by_name: dict | None = None) -> tuple[list[np.ndarray], str]:
+    """The audio soundscapes are laid over -> (beds, where they came from)."""
+    rate = settings.sample_rate
+    if bg_dir:
+        files = audio.audio_files(bg_dir)
+        if not files:
+            raise ValueError(f"--bg-dir {bg_dir} holds no ogg/mp3/flac/wav file")
+        return [audio.read_audio(path, rate) for path in files], f"{len(files)} file(s) of {bg_dir}"
+    if detections is not None and "top1_score" in detections.columns and recordings_by_name:
+        quiet = extras_lib.select_nocall_detections(detections, max_score=1.0, per_recording=1)
+        quiet = quiet[quiet["filename"].isin(list(recordings_by_name))]
+        if len(quiet):
+            pieces = [audio.read_window(recordings_by_name[name], start, soundscapes.ROW_SECONDS, rate)
+                      for name, start in zip(quiet["filename"], quiet["start_s"])]
+            return [np.concatenate(pieces)], f"the quietest window of {len(pieces)} recording(s) in the detections"
+    log.warning("pseudo-soundscapes over coloured noise: give --bg-dir (e.g. unlabeled soundscapes) or "
+                "--detections for a bed that sounds like the field")
+    return [], "coloured noise (no --bg-dir or --detections given)"
+
+
+def bed_for(beds: list[np.ndarray], samples: int, rng: np.random.Generator) -> np.ndarray:
+    """A (samples,) float32 bed: a random file from a random start, repeated if short; or pink noise."""
+    if not beds:
+        white = rng.standard_normal(samples)
+        spectrum = np.fft.rfft(white)
+        spectrum[1:] /= np.sqrt(np.arange(1, len(spectrum)))                          # 1/f power: pink
+        spectrum[0] = 0
+        pink = np.fft.irfft(spectrum, samples)
+        return (BED_NOISE_RMS * pink / (pink.std() + 1e-12)).astype(np.float32)
+    source = beds[int(rng.integers(len(beds)))]
+    start = int(rng.integers(len(source)))
+    return np.resize(np.roll(source, -start), samples).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- placing calls
+
+def scale_to_snr(call: np.ndarray, bed_span: np.ndarray, snr_db: float) -> np.ndarray:
+    """`call` scaled so that mean(call**2) / mean(bed_span**2) is snr_db (dB); silence stays silence."""
+    call_power, bed_power = float(np.mean(call.astype(np.float64) ** 2)), float(np.mean(bed_span.astype(np.float64) ** 2))
+    if call_power <= 0:
+        return call
+    bed_power = max(bed_power, 1e-12)
+    return (call * math.sqrt(bed_power * 10 ** (snr_db / 10) / call_power)).astype(np.float32)
+
+
+def draw_row(species_pieces: dict, settings: PlacementSettings, rng: np.random.Generator) -> list[dict]:
+    """What one 5-s row holds: [] or 1..max_calls calls of different species, each with its source,
+    offset in the row, SNR and distance and room."""
+    if rng.random() < settings.empty_share:
+        return []
+    species = sorted(species_pieces)
+    n_calls = int(rng.integers(1, min(settings.max_calls, len(species)) + 1))
+    calls = []
+    for code in rng.choice(species, size=n_calls, replace=False):
+        name, starts = species_pieces[code][int(rng.integers(len(species_pieces[code])))]
+        far = rng.random() < settings.distance_prob
+        room = rng.random() < settings.reverb_prob
+        calls.append({
+            "species": str(code), "source": name, "source_start_s": float(starts[int(rng.integers(len(starts)))]),
+            "offset_s": float(rng.uniform(0.0, soundscapes.ROW_SECONDS - settings.call_seconds)),
+            "snr_db": float(rng.uniform(*settings.snr_db)),
+            "distance_db": float(rng.uniform(*settings.distance_db)) if far else 0.0,
+            "lowpass_hz": float(np.exp(rng.uniform(*np.log(settings.distance_lowpass_hz)))) if far else 0.0,
+            "rt60_s": float(rng.uniform(*settings.reverb_rt60)) if room else 0.0,
+            "room_seed": int(rng.integers(2**63))})
+    return calls
+
+
+def render_call(call: dict, path, bed_span: np.ndarray, settings: PlacementSettings) -> np.ndarray:
+    """One placed call's samples: decoded, reverberated, low-passed, then scaled so that its SNR over
+    `bed_span` (the bed where it lies) is snr_db + distance_db."""
+    samples = audio.read_window(path, call["source_start_s"], settings.call_seconds, settings.sample_rate)
+    waveform = torch.from_numpy(samples)[None]                                         # (1, samples)
+    if call["rt60_s"] > 0:
+        generator = torch.Generator().manual_seed(call["room_seed"])
+        waveform = audio.reverberate(waveform, [call["rt60_s"]], settings.sample_rate, generator)
+    if call["lowpass_hz"] > 0:
+        waveform = audio.lowpass(waveform, [call["lowpass_hz"]], settings.sample_rate)
+    return scale_to_snr(waveform[0].numpy(), bed_span, call["snr_db"] + call["distance_db"])
+
+
+def make_soundscape(index: int, species_pieces: dict, paths: dict, beds: list[np.ndarray],
+                    settings: PlacementSettings) -> tuple[np.ndarray, list[dict]]:
+    """Soundscape `index` -> ((samples,) float32 in [-1, 1], its placements: one dict per call, and one
+    per empty row with species "")."""
+    rng = np.random.default_rng([settings.seed, index])
+    rate, rows = settings.sample_rate, int(round(settings.seconds / soundscapes.ROW_SECONDS))
+    bed = bed_for(beds, int(rows * soundscapes.ROW_SECONDS * rate), rng)
+    mix, placements = bed.astype(np.float64), []
+    for row in range(rows):
+        calls = draw_row(species_pieces, settings, rng)
+        for call in calls:
+            start = int(round((row * soundscapes.ROW_SECONDS + call["offset_s"]) * rate))
+            piece = render_call(call, paths[call["source"]], bed[start:start + int(round(settings.call_seconds * rate))],
+                                settings)
+            mix[start:start + len(piece)] += piece
+            placements.append({"row": row, **call})
+        if not calls:
+            placements.append({"row": row, "species": ""})
+    peak = np.abs(mix).max()
+    if peak > 0.99:  # the whole soundscape scaled down together: every SNR stays as drawn
+        mix *= 0.99 / peak
+    return mix.astype(np.float32), placements
+
+
+# ----------------------------------------------------------------------------- the command
+
+def build(recordings: pd.DataFrame, out_dir, settings: PlacementSettings, bg_dir=None,
+          detections: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Write settings.count pseudo-soundscapes of `recordings` (the validation split: name, path,
+    duration, primary_label) to out_dir with labels.csv, placements.csv and README.txt -> labels."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pieces = call_pieces(recordings, settings, detections)
+    species_pieces = {}
+    for name, code in zip(recordings["name"], recordings["primary_label"]):
+        if name in pieces:
+            species_pieces.setdefault(code, []).append((name, pieces[name]))
+    if not species_pieces:
+        raise ValueError("no validation recording has a piece to place")
+    paths = dict(zip(recordings["name"], recordings["path"]))
+    beds, bed_source = background_beds(settings, bg_dir, detections, paths)
+    label_rows, placement_rows = [], []
+    for index in range(settings.count):
+        name = f"pseudo_{index:03d}.ogg"
+        mix, placements = make_soundscape(index, species_pieces, paths, beds, settings)
+        write_ogg(out_dir / name, mix, settings.sample_rate)
+        placement_rows += [{"file": name, **placement} for placement in placements]
+        for row in sorted({placement["row"] for placement in placements}):
+            codes = sorted({p["species"] for p in placements if p["row"] == row and p["species"]})
+            start = row * soundscapes.ROW_SECONDS
+            label_rows.append({"file": name, "start_s": start, "end_s": start + soundscapes.ROW_SECONDS,
+                               "labels": " ".join(codes)})
+    labels = pd.DataFrame(label_rows, columns=["file", "start_s", "end_s", "labels"])
+    labels.to_csv(out_dir / "labels.csv", index=False)
+    pd.DataFrame(placement_rows).drop(columns=["room_seed"], errors="ignore").to_csv(out_dir / "placements.csv",
+                                                                                    index=False)
+    write_readme(out_dir, settings, recordings, species_pieces, bed_source, detections is not None)
+    log.info("%d pseudo-soundscapes (%d rows, %d empty) from %d validation recordings of %d species over %s -> %s",
+             settings.count, len(labels), int((labels["labels"] == "").sum()), len(pieces), len(species_pieces),
+             bed_source, out_dir)
+    return labels
+
+
+def write_ogg(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
+    with sf.SoundFile(path, "w", sample_rate, 1, format="OGG", subtype="VORBIS") as handle:
+        for block in range(0, len(waveform), sample_rate):  # blocks: libsndfile's Vorbis encoder crashes on huge writes
+            handle.write(waveform[block:block + sample_rate])
+
+
+def write_readme(out_dir: Path, settings: PlacementSettings, recordings, species_pieces, bed_source: str,
+                 from_detections: bool) -> None:
+    lines = [
+        "Pseudo-soundscapes written by `python data.py soundscapes` (pseudo_soundscapes.py).",
+        "",
+        f"Calls: {settings.call_seconds:g}-s pieces of the {len(recordings)} validation-split recordings "
+        f"({len(species_pieces)} species), only the validation split: no training recording is used.",
+        "Which piece: " + ("the best-scoring windows of the --detections table." if from_detections else
+                           f"the loudest pieces in {BIRD_BAND_HZ[0]:g}-{BIRD_BAND_HZ[1]:g} Hz of each recording."),
+        f"Bed: {bed_source}.",
+        "labels.csv: file,start_s,end_s,labels (space-separated species; empty = no call), for train.py "
+        "--val-soundscapes. placements.csv: every call with its source recording, offset in the row, SNR, "
+        "distance gain and low-pass cutoff, and RT60 (0 = none).",
+        "",
+        "Settings:",
+        *[f"  {key}: {value}" for key, value in asdict(settings).items()],
+    ]
+    (out_dir / "README.txt").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,303 @@
+"""A report over training runs: which recipe won, at which checkpoint, and does validation track the leaderboard?
+
+    python report.py runs/a runs/b runs/c                          # table + overlaid curves -> report/
+    python report.py runs/* --leaderboard leaderboard.csv          # + rank correlation with your public scores
+    python report.py runs/a --per-species runs/a/best.pt           # + per-species AP against training recordings
+
+Everything comes from what train.py wrote in each run folder (config.json,
+metrics.csv, checkpoints); nothing is re-trained. The table gives, per run, the
+flags that differ between the runs, the best clip cmAP5, the soundscape cmAP5 of
+that same checkpoint and the best soundscape cmAP5 (from --val-soundscapes), the
+test cmAP5 where --test-soundscapes was scored, steps and minutes. Every plot
+shows the chance level: what random scores get on the same rows.
+
+leaderboard.csv has the columns run, checkpoint, score: the public score of a
+submission made with that run folder's checkpoint (best.pt or
+checkpoint_stepNNNNNNNN.pt). With three or more rows the report gives, for each
+validation metric, its Spearman rank correlation with the leaderboard over those
+submissions: "validation up, leaderboard flat" shows after three submissions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("birdclef")
+
+IGNORED_FLAGS = {"out_dir", "resume", "workers", "device", "audit_sampling", "lr_find"}   # say nothing of the recipe
+MONITORED_METRICS = ("cmap5", "cmap3", "macro_ap", "lrap", "val_loss", "soundscape_cmap5", "soundscape_cmap3",
+                     "soundscape_macro_ap", "soundscape_lrap", "ema_cmap5", "test_cmap5")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Compare training runs; check validation against the leaderboard.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run folders written by train.py")
+    parser.add_argument("--out", default="report", help="folder for runs.csv, curves.png and the rest")
+    parser.add_argument("--leaderboard", default=None,
+                        help="CSV with run, checkpoint, score (your public leaderboard scores)")
+    parser.add_argument("--per-species", default=None, metavar="CHECKPOINT",
+                        help="a checkpoint of one of the runs: per-species AP on its validation clips against the "
+                             "number of training recordings (re-reads the run's data)")
+    return parser
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+def read_run(folder) -> dict:
+    """A run folder -> name, folder, config (dict), metrics (DataFrame), minutes (config.json written to
+    the last metrics.csv row, wall clock)."""
+    folder = Path(folder)
+    metrics_path, config_path = folder / "metrics.csv", folder / "config.json"
+    if not metrics_path.is_file() or not config_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a run folder (no metrics.csv and config.json)")
+    minutes = (metrics_path.stat().st_mtime - config_path.stat().st_mtime) / 60
+    return {"name": folder.name, "folder": folder, "config": json.loads(config_path.read_text()),
+            "metrics": pd.read_csv(metrics_path), "minutes": max(minutes, 0.0)}
+
+
+def differing_flags(configs: list[dict]) -> list[str]:
+    """Per run, the flags whose values are not the same in every run, as "--flag value" text."""
+    keys = sorted({key for config in configs for key in config} - IGNORED_FLAGS)
+    differing = [key for key in keys if len({json.dumps(config.get(key)) for config in configs}) > 1]
+    return [" ".join(f"--{key.replace('_', '-')} {format_value(config.get(key))}" for key in differing)
+            for config in configs]
+
+
+def format_value(value) -> str:
+    if isinstance(value, list):
+        return " ".join(str(item) for item in value)
+    return str(value)
+
+
+def best_row(metrics: pd.DataFrame, column: str) -> pd.Series | None:
+    """The evaluation with the best value of `column` (lowest for losses; the first of equals)."""
+    if column not in metrics or metrics[column].isna().all():
+        return None
+    values = metrics[column]
+    return metrics.loc[values.idxmin() if column.endswith("val_loss") else values.idxmax()]
+
+
+def summary_table(runs: list[dict]) -> pd.DataFrame:
+    """One row per run: the differing flags, clip and soundscape scores, steps, minutes."""
+    rows = []
+    for run, flags in zip(runs, differing_flags([run["config"] for run in runs])):
+        metrics = run["metrics"]
+        by_clip, by_soundscape = best_row(metrics, "cmap5"), best_row(metrics, "soundscape_cmap5")
+        rows.append({
+            "run": run["name"], "flags": flags,
+            "best_clip_cmap5": by_clip["cmap5"], "at_step": int(by_clip["global_step"]),
+            "soundscape_cmap5_there": by_clip.get("soundscape_cmap5", np.nan),
+            "best_soundscape_cmap5": by_soundscape["soundscape_cmap5"] if by_soundscape is not None else np.nan,
+            "test_cmap5_at_best_clip": by_clip.get("test_cmap5", np.nan),
+            "test_cmap5_at_best_soundscape": (by_soundscape.get("test_cmap5", np.nan)
+                                              if by_soundscape is not None else np.nan),
+            "chance_clip_cmap5": metrics["chance_cmap5"].iloc[-1] if "chance_cmap5" in metrics else np.nan,
+            "chance_soundscape_cmap5": (metrics["soundscape_chance_cmap5"].iloc[-1]
+                                        if "soundscape_chance_cmap5" in metrics else np.nan),
+            "steps": int(metrics["global_step"].max()), "minutes": round(run["minutes"], 1)})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- rank correlation
+
+def ranks(values) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    result = np.empty(len(values))
+    position = 0
+    while position < len(values):
+        end = position
+        while end + 1 < len(values) and values[order[end + 1]] == values[order[position]]:
+            end += 1
+        result[order[position:end + 1]] = (position + end) / 2 + 1
+        position = end + 1
+    return result
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the ranks; nan if either is constant."""
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} values against {len(y)}")
+    rank_x, rank_y = ranks(x) - (len(x) + 1) / 2, ranks(y) - (len(y) + 1) / 2
+    denominator = np.sqrt((rank_x ** 2).sum() * (rank_y ** 2).sum())
+    return float((rank_x * rank_y).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def checkpoint_row(run: dict, checkpoint: str) -> pd.Series:
+    """The metrics.csv row of a run's checkpoint: checkpoint_stepN.pt is step N; best.pt is read for its step."""
+    match = re.fullmatch(r"checkpoint_step(\d+)\.pt", Path(checkpoint).name)
+    if match:
+        step = int(match.group(1))
+    else:
+        import model as model_lib
+        step = int(model_lib.read_checkpoint(run["folder"] / Path(checkpoint).name)["global_step"])
+    rows = run["metrics"][run["metrics"]["global_step"] == step]
+    if rows.empty:
+        raise ValueError(f"{run['folder']}: no evaluation at step {step} (checkpoint {checkpoint})")
+    return rows.iloc[-1]
+
+
+def leaderboard_correlations(runs: list[dict], leaderboard: pd.DataFrame) -> pd.DataFrame:
+    """Each validation metric's Spearman correlation with the public scores of the listed submissions."""
+    by_name = {run["name"]: run for run in runs} | {str(run["folder"]): run for run in runs}
+    rows = []
+    for run_name, checkpoint in zip(leaderboard["run"], leaderboard["checkpoint"]):
+        if str(run_name) not in by_name:
+            raise ValueError(f"leaderboard run {run_name!r} is not among the runs given")
+        rows.append(checkpoint_row(by_name[str(run_name)], checkpoint))
+    table = pd.DataFrame(rows).reset_index(drop=True)
+    results = []
+    for metric in MONITORED_METRICS:
+        if metric in table and table[metric].notna().all():
+            rho = spearman(table[metric], leaderboard["score"])
+            results.append({"metric": metric, "spearman": rho, "submissions": len(table),
+                            "note": "lower is better" if metric.endswith("val_loss") else ""})
+    return pd.DataFrame(results)
+
+
+# ----------------------------------------------------------------------------- plots
+
+def plot_curves(runs: list[dict], path: Path) -> None:
+    """Clip cmAP5 (solid) and soundscape cmAP5 (dashed) of every run against the epoch, chance levels dotted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(9, 5))
+    chance_levels = {}
+    for index, run in enumerate(runs):
+        metrics, colour = run["metrics"], f"C{index % 10}"
+        axis.plot(metrics["epoch"], metrics["cmap5"], color=colour, label=f"{run['name']} clips")
+        if "soundscape_cmap5" in metrics:
+            axis.plot(metrics["epoch"], metrics["soundscape_cmap5"], color=colour, linestyle="--",
+                      label=f"{run['name']} soundscapes")
+        for column, kind in (("chance_cmap5", "clips"), ("soundscape_chance_cmap5", "soundscapes")):
+            if column in metrics:
+                chance_levels[f"chance, {kind}"] = float(metrics[column].iloc[-1])
+    for index, (label, level) in enumerate(sorted(chance_levels.items())):
+        axis.axhline(level, color="grey", linestyle=":" if "clips" in label else "-.", linewidth=1, label=label)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("cmAP (pad 5)")
+    axis.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------- per species
+
+def average_precision_per_species(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(N, C) 0/1 targets and scores -> (C,) AP of each species; nan for a species without a positive."""
+    from sklearn.metrics import average_precision_score
+    targets = (np.asarray(targets) >= 0.5).astype(int)
+    return np.array([average_precision_score(targets[:, column], scores[:, column])
+                     if targets[:, column].any() else np.nan for column in range(targets.shape[1])])
+
+
+def species_table(labels: list[str], targets: np.ndarray, scores: np.ndarray, training_recordings: dict,
+                  seed: int = 0) -> pd.DataFrame:
+    """Per species: training recordings, validation clips (positives), AP of the scores and of random
+    scores (the chance level), sorted by training recordings."""
+    chance = average_precision_per_species(targets, np.random.default_rng(seed).random(targets.shape))
+    table = pd.DataFrame({"species": labels, "training_recordings": [training_recordings.get(code, 0)
+                                                                     for code in labels],
+                          "validation_clips": (np.asarray(targets) >= 0.5).sum(axis=0),
+                          "ap": average_precision_per_species(targets, scores), "chance_ap": chance})
+    return table.sort_values(["training_recordings", "species"], ascending=[False, True]).reset_index(drop=True)
+
+
+def per_species_report(checkpoint_path, out: Path) -> pd.DataFrame:
+    """A checkpoint on its run's validation clips (the data read again from its arguments) -> per-species
+    AP against training recordings: per_species.csv and per_species.png in `out`."""
+    import tempfile
+
+    import torch
+
+    import data
+    import evaluation
+    import loader
+    import model as model_lib
+    checkpoint = model_lib.read_checkpoint(checkpoint_path)
+    args = argparse.Namespace(**checkpoint["args"])
+    args.cache, args.workers = None, 0        # the same crops without the cache; no loader processes
+    with tempfile.TemporaryDirectory() as scratch:
+        labels, train_set, val_set = data.build_datasets(args, Path(scratch))
+    model = model_lib.load_model(checkpoint_path)
+    batches = [list(range(start, min(start + args.batch_size, len(val_set))))
+               for start in range(0, len(val_set), args.batch_size)]
+    device = torch.device("cpu")
+    logits, targets = evaluation.predict_clips(model, loader.make_loader(val_set, args, device, batches), device)
+    columns = evaluation.scored_columns(model.labels)
+    scores = model_lib.checked_scores(logits, model.activation, str(checkpoint_path))[:, columns]
+    recordings = [label for label, extra in zip(train_set.primary_labels, train_set.extras) if not extra]
+    table = species_table(list(np.array(model.labels)[columns]), targets.numpy()[:, columns], scores,
+                          pd.Series(recordings).value_counts().to_dict(), args.seed)
+    table.to_csv(out / "per_species.csv", index=False)
+    plot_per_species(table, out / "per_species.png", Path(checkpoint_path))
+    print(f"\nper-species AP of {checkpoint_path} on its validation clips:")
+    print(table.to_string(index=False, float_format=lambda value: f"{value:.3f}"))
+    return table
+
+
+def plot_per_species(table: pd.DataFrame, path: Path, checkpoint: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scored = table[table["ap"].notna()]
+    figure, axis = plt.subplots(figsize=(7, 5))
+    axis.scatter(scored["training_recordings"].clip(lower=0.8), scored["ap"], label="AP of the checkpoint")
+    axis.scatter(scored["training_recordings"].clip(lower=0.8), scored["chance_ap"], color="grey", marker="x",
+                 label="AP of random scores (chance)")
+    for _, row in scored.iterrows():
+        axis.annotate(row["species"], (max(row["training_recordings"], 0.8), row["ap"]), fontsize=7)
+    axis.set_xscale("log")
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel("training recordings of the species")
+    axis.set_ylabel("average precision on the validation clips")
+    axis.set_title(f"{checkpoint.parent.name}/{checkpoint.name}: macro AP {scored['ap'].mean():.3f} "
+                   f"(chance {scored['chance_ap'].mean():.3f})", fontsize=9)
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [read_run(folder) for folder in args.runs]
+    table = summary_table(runs)
+    table.to_csv(out / "runs.csv", index=False)
+    plot_curves(runs, out / "curves.png")
+    print(table.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
+    result = {"runs": table}
+    if args.leaderboard:
+        correlations = leaderboard_correlations(runs, pd.read_csv(args.leaderboard))
+        correlations.to_csv(out / "leaderboard_correlation.csv", index=False)
+        print("\nSpearman rank correlation with the leaderboard:")
+        print(correlations.to_string(index=False))
+        result["leaderboard"] = correlations
+    if args.per_species:
+        result["per_species"] = per_species_report(args.per_species, out)
+    print(f"\nwritten to {out}/")
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:
+        log.error("%s", error)
+        sys.exit(1)
