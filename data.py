@@ -325,7 +325,8 @@ def build_datasets(args, out_dir: Path) -> tuple[list[str], loader.RecordingData
     if not known.all():
         train_targets[~known, labels.index(soundscapes.NOCALL)] = 1.0
     train_set = loader.RecordingDataset(windows["path"], windows["duration"], train_targets, crop, args.seed,
-                                        windows["primary_label"], windows["start_s"], cache, windows["cache_row"])
+                                        windows["primary_label"], windows["start_s"], cache, windows["cache_row"],
+                                        chunks=np.where(windows["kind"] == "extra", args.extras_chunk, 0.0))
     train_set.extras = (windows["kind"] == "extra").to_numpy()
     val = table.iloc[val_index]
     val_set = loader.RecordingDataset(val["path"], val["duration"], targets[val_index], crop, args.seed,
@@ -488,6 +489,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     extras_parser.add_argument("--divisor", type=float, default=1.5, help="extras = floor(detections / divisor)")
     extras_parser.add_argument("--keep-all-below", type=int, default=12,
                                help="species with fewer recordings keep all their detections")
+    extras_parser.add_argument("--score", choices=list(extras_lib.SCORES), default="primary",
+                               help="a detection's score: its recording's primary label's, or the best of any species")
+    extras_parser.add_argument("--choose", choices=extras_lib.CHOICES, default="best",
+                               help="which detections of a recording become extras: the best-scoring, or random ones")
+    extras_parser.add_argument("--seed", type=int, default=0, help="seed of --choose random")
+    extras_parser.add_argument("--skip-start", type=float, default=0.0,
+                               help="no extra from the first this many seconds of a recording")
+    extras_parser.add_argument("--skip-end", type=float, default=0.0,
+                               help="no extra from the last this many seconds of a recording")
     extras_parser.add_argument("--out", default="extras.csv", help="where to write the selection")
     extras_parser.add_argument("--write-audio", default=None, help="also write each extra as an ogg chunk here")
     extras_parser.add_argument("--audio-dir", default=None, help="train_audio folder, with --write-audio")

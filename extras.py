@@ -12,39 +12,75 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import soundfile as sf
 
 import audio
 import soundscapes
 
+SCORES = {"primary": "primary_score", "any": "top1_score"}   # --score: which column makes a detection
+CHOICES = ("best", "random")                                   # --choose: which detections are kept
+
+
 def select_extras(detections: pd.DataFrame, threshold: float, minimum: int, maximum: int, divisor: float,
-                  keep_all_below: int) -> pd.DataFrame:
+                  keep_all_below: int, score: str = "primary", choose: str = "best", seed: int = 0,
+                  skip_start: float = 0.0, skip_end: float = 0.0) -> pd.DataFrame:
     """Extra training windows from `infer.py --detections`.
 
-    A window whose score for its recording's primary label is at least `threshold`
-    is a detection. Each recording keeps its best clip(floor(n / divisor), minimum,
-    maximum) detections, never more than the n it has; species with fewer than
-    `keep_all_below` recordings keep all of theirs. -> filename, start_s, primary_score, labels.
+    A window is a detection when its score -- of the recording's primary label (score "primary"),
+    or of whichever species scores highest (score "any": the log's "no primary bird score" sets)
+    -- is at least `threshold`, and it lies at least `skip_start` seconds after the recording's
+    start and `skip_end` seconds before its end. Each recording keeps clip(floor(n / divisor),
+    minimum, maximum) of its n detections, never more than n -- this project's reading of the log's
+    "min-max//divisor" notation -- its best-scoring ones ("best") or a random choice seeded by `seed`
+    ("random"); species with fewer than `keep_all_below` recordings keep all of theirs.
+    -> filename, start_s, score, labels.
     """
+    if score not in SCORES or choose not in CHOICES:
+        raise ValueError(f"score must be one of {tuple(SCORES)} and choose one of {CHOICES}")
+    column = SCORES[score]
+    if column not in detections.columns:
+        raise ValueError(f"the detections table has no {column} column (--score {score}); write it with "
+                         f"infer.py --detections")
     recordings_per_species = detections.groupby("primary_label")["filename"].nunique()
-    hits = detections[detections["primary_score"] >= threshold]
+    ends = detections.groupby("filename")["end_s"].transform("max")          # each window's recording length
+    eligible = (detections["start_s"] >= skip_start) & (detections["end_s"] <= ends - skip_end)
+    hits = detections[eligible & (detections[column] >= threshold)]
+    rng = np.random.default_rng(seed)
     chosen = []
     for _, windows in hits.groupby("filename", sort=True):  # one recording at a time
-        species = windows["primary_label"].iloc[0]
-        n = len(windows)
-        if recordings_per_species[species] < keep_all_below:
-            keep = n
+        keep = kept_per_recording(len(windows), recordings_per_species[windows["primary_label"].iloc[0]],
+                                  minimum, maximum, divisor, keep_all_below)
+        if choose == "random":
+            chosen.append(windows.iloc[np.sort(rng.permutation(len(windows))[:keep])])
         else:
-            keep = min(max(int(math.floor(n / divisor)), minimum), maximum, n)
-        best = windows.sort_values(["primary_score", "start_s"], ascending=[False, True], kind="stable")
-        chosen.append(best.head(keep))
+            best = windows.sort_values([column, "start_s"], ascending=[False, True], kind="stable")
+            chosen.append(best.head(keep))
     if not chosen:
-        return pd.DataFrame(columns=["filename", "start_s", "primary_score", "labels"])
+        return pd.DataFrame(columns=["filename", "start_s", "score", "labels"])
     extras = pd.concat(chosen)
     return pd.DataFrame({"filename": extras["filename"].to_numpy(), "start_s": extras["start_s"].to_numpy(),
-                         "primary_score": extras["primary_score"].to_numpy(),
-                         "labels": extras["primary_label"].to_numpy()})
+                         "score": extras[column].to_numpy(), "labels": extras["primary_label"].to_numpy()})
+
+
+def kept_per_recording(detections: int, species_recordings: int, minimum: int, maximum: int, divisor: float,
+                       keep_all_below: int) -> int:
+    """How many of a recording's detections become extras."""
+    if species_recordings < keep_all_below:
+        return detections
+    return min(max(int(math.floor(detections / divisor)), minimum), maximum, detections)
+
+
+def extras_totals(extras: pd.DataFrame, detections: pd.DataFrame, keep_all_below: int) -> pd.DataFrame:
+    """Per species: its recordings (in the detections table), extras, whether all its detections were
+    kept (fewer than keep_all_below recordings), and the two together: what an epoch draws of it."""
+    recordings = detections.groupby("primary_label")["filename"].nunique()
+    kept = extras.groupby("labels").size().reindex(recordings.index, fill_value=0)
+    table = pd.DataFrame({"species": recordings.index, "recordings": recordings.to_numpy(),
+                          "extras": kept.to_numpy(), "kept_whole": recordings.to_numpy() < keep_all_below})
+    table["per_epoch"] = table["recordings"] + table["extras"]
+    return table.sort_values(["per_epoch", "species"], ascending=[False, True]).reset_index(drop=True)
 
 
 def read_extras(path) -> pd.DataFrame:
@@ -88,16 +124,20 @@ def write_extra_audio(extras: pd.DataFrame, audio_dir, out_dir, chunk_seconds: f
 
 
 def extras_command(args) -> pd.DataFrame:
-    """`python data.py extras`: select, write extras.csv, print the totals per species, and with
-    --write-audio also write the chunks."""
+    """`python data.py extras`: select, write extras.csv, print the totals per species (with the
+    recordings themselves, so the epoch's size is visible), and with --write-audio write the chunks."""
     detections = pd.read_csv(args.detections)
-    extras = select_extras(detections, args.threshold, args.min, args.max, args.divisor, args.keep_all_below)
+    extras = select_extras(detections, args.threshold, args.min, args.max, args.divisor, args.keep_all_below,
+                           score=args.score, choose=args.choose, seed=args.seed, skip_start=args.skip_start,
+                           skip_end=args.skip_end)
     extras.to_csv(args.out, index=False)
-    per_species = extras.groupby("labels").size().sort_values(ascending=False)
-    print(per_species.to_string(header=False))
-    print(f"{len(extras)} extras from {extras['filename'].nunique()} recordings of {len(per_species)} species "
-          f"({args.min}-{args.max}//{args.divisor:g}, keep all below {args.keep_all_below}, threshold "
-          f"{args.threshold:g}) -> {args.out}")
+    totals = extras_totals(extras, detections, args.keep_all_below)
+    print(totals.to_string(index=False))
+    print(f"{len(extras)} extras from {extras['filename'].nunique()} recordings of {(totals['extras'] > 0).sum()} "
+          f"species ({args.min}-{args.max}//{args.divisor:g}, {args.choose} by {args.score} score >= "
+          f"{args.threshold:g}; {int(totals['kept_whole'].sum())} species kept whole below {args.keep_all_below} "
+          f"recordings) + {int(totals['recordings'].sum())} recordings = {int(totals['per_epoch'].sum())} "
+          f"per epoch (all recordings; training uses its split's) -> {args.out}")
     if args.write_audio:
         print(f"wrote {write_extra_audio(extras, args.audio_dir, args.write_audio, args.chunk)} chunks to "
               f"{args.write_audio}")

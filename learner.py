@@ -23,12 +23,84 @@ log = logging.getLogger("birdclef")
 
 # ----------------------------------------------------------------------------- schedule, precision, random streams
 
-def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
-    """Linear warm-up to `peak`, then cosine decay to zero, as a pure function of the step."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+LR_SCHEDULES = ("cosine", "constant", "step", "onecycle")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 25.0, 1e4     # torch's OneCycleLR defaults: start at peak/25, end 1e4 lower
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate as a pure function of the optimiser step (so a resumed run continues exactly).
+
+    Every kind but onecycle warms up linearly from `warmup_start` to `peak` over `warmup_steps`, then:
+      cosine    decays to 0 at `total_steps` (half a cosine), and stays there;
+      constant  stays at `peak`;
+      step      is multiplied by `gamma` every `step_size` steps;
+      onecycle  torch's OneCycleLR: a cosine from `warmup_start` (or peak / 25) up to `peak` over
+                `warmup_steps`, then a cosine down to 1e4 times below the start at `total_steps`.
+    `total_steps` is the schedule's length (--schedule-epochs), independent of when training stops.
+    """
+    kind: str = "cosine"
+    total_steps: int = 1
+    warmup_steps: int = 0
+    peak: float = 5e-4
+    warmup_start: float = 0.0
+    step_size: int = 1
+    gamma: float = 0.1
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "onecycle":
+            return self.one_cycle(step)
+        if step < self.warmup_steps:
+            return self.warmup_start + (self.peak - self.warmup_start) * (step + 1) / self.warmup_steps
+        after = step - self.warmup_steps
+        if self.kind == "constant":
+            return self.peak
+        if self.kind == "step":
+            return self.peak * self.gamma ** (after // max(self.step_size, 1))
+        progress = after / max(self.total_steps - self.warmup_steps, 1)
+        return self.peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    def one_cycle(self, step: int) -> float:
+        start = self.warmup_start or self.peak / ONECYCLE_DIV
+        end = start / ONECYCLE_FINAL_DIV
+        rise_end, last = max(self.warmup_steps, 1) - 1, max(self.total_steps, 2) - 1
+        if step <= rise_end:
+            low, high, progress = start, self.peak, step / max(rise_end, 1)
+        else:
+            low, high, progress = self.peak, end, min((step - rise_end) / max(last - rise_end, 1), 1.0)
+        return high + (low - high) / 2 * (math.cos(math.pi * progress) + 1)
+
+
+def schedule_of(args, steps_per_epoch: int) -> Schedule:
+    """--lr-schedule and its flags, in optimiser steps."""
+    epochs = args.schedule_epochs if args.schedule_epochs else args.epochs
+    return Schedule(kind=args.lr_schedule, total_steps=int(epochs * steps_per_epoch),
+                    warmup_steps=int(args.warmup_epochs * steps_per_epoch), peak=args.lr,
+                    warmup_start=args.warmup_lr, step_size=max(int(args.step_epochs * steps_per_epoch), 1),
+                    gamma=args.step_gamma)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay for the weights of convolutions and linear layers only (parameters of 2 or more
+    dimensions); biases and normalisation layers' scales and shifts (1-D) are not decayed: shrinking
+    them only pulls activations towards zero, which normalisation then has to undo."""
+    decayed = [parameter for parameter in model.parameters() if parameter.ndim >= 2]
+    undecayed = [parameter for parameter in model.parameters() if parameter.ndim < 2]
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": undecayed, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
+    """--optimizer adamw (decoupled weight decay), adam (decay as an L2 term in the gradient) or sgd;
+    --momentum is SGD's momentum and the Adams' beta1."""
+    groups = parameter_groups(model, args.weight_decay)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(args.momentum, 0.999))
+    if args.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=args.lr, betas=(args.momentum, 0.999))
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+    raise ValueError(f"unknown optimizer {args.optimizer!r}; expected one of {OPTIMIZERS}")
 
 
 def precision_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtype, bool]:
@@ -63,7 +135,7 @@ class Learner:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     device: torch.device
-    schedule: tuple                     # (total steps, warm-up steps, peak learning rate)
+    schedule: Schedule                  # step -> learning rate
     augment: augment.AugmentSettings
     background: augment.BackgroundBank | None = None
     ema: torch.optim.swa_utils.AveragedModel | None = None   # with --ema
@@ -73,13 +145,18 @@ def build_learner(args, labels: list[str], device: torch.device, steps_per_epoch
                   checkpoint: dict | None = None) -> Learner:
     """A fresh model (or --init-from's weights), its optimiser, scaler, EMA and augmentation; with
     `checkpoint` (--resume), all of their states restored from it."""
+    source = model_lib.read_checkpoint(args.init_from) if args.init_from and checkpoint is None else None
+    if checkpoint is not None:  # resumed: the model the run made, extended head included
+        extended_from = checkpoint["model_config"].get("head_extended_from", 0)
+    else:
+        extended_from = len(source["labels"]) if source is not None and args.head_init == "extend" else 0
     torch.manual_seed(args.seed)  # the initial weights (later randomness is seeded per step)
-    model = model_lib.build_model(args, labels)
-    if args.init_from and checkpoint is None:
-        counts = model_lib.transfer_weights(model, model_lib.read_checkpoint(args.init_from))
-        log.info("--init-from %s: frontend and backbone copied; head rows of %d shared species copied by "
-                 "name, %d new species start fresh, %d of the checkpoint's species unused", args.init_from,
-                 counts["shared_species"], counts["new_species"], counts["dropped_species"])
+    model = model_lib.build_model(args, labels, extended_from)
+    if source is not None:
+        counts = model_lib.transfer_weights(model, source, args.head_init)
+        log.info("--init-from %s (--head-init %s): frontend and backbone copied; %d species shared, %d new, "
+                 "%d of the checkpoint's unused", args.init_from, args.head_init, counts["shared_species"],
+                 counts["new_species"], counts["dropped_species"])
     if args.sync_bn:
         if not dist.is_initialized() or device.type != "cuda":
             raise ValueError("--sync-bn needs torchrun on CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
@@ -87,7 +164,7 @@ def build_learner(args, labels: list[str], device: torch.device, steps_per_epoch
     model = model.to(device)
     if args.channels_last:  # the spectrogram images follow the weights' layout inside the convolutions
         model.backbone.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=precision_settings(args.amp, device)[2])
     ema = None
     if args.ema:
@@ -99,9 +176,8 @@ def build_learner(args, labels: list[str], device: torch.device, steps_per_epoch
     if args.bg_dir and args.aug_strength > 0:
         background = augment.BackgroundBank(args.bg_dir, args.sample_rate, model.window_samples)
         log.info("background noise: %d file(s) from %s", len(background), args.bg_dir)
-    learner = Learner(model, model, optimizer, scaler, device, augment=augment_settings(args), background=background,
-                      schedule=(args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch), args.lr),
-                      ema=ema)
+    learner = Learner(model, model, optimizer, scaler, device, schedule=schedule_of(args, steps_per_epoch),
+                      augment=augment_settings(args), background=background, ema=ema)
     if checkpoint is not None:
         restore_learner(learner, checkpoint)
     learner.trainer = wrap_for_training(model, args, device)  # after restoring: DDP copies rank 0's weights
@@ -128,8 +204,8 @@ def wrap_for_training(model: torch.nn.Module, args, device) -> torch.nn.Module:
         return model
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
-        # a frozen backbone produces no gradients, which DDP must be told to expect
-        find_unused_parameters=args.freeze_backbone_epochs > 0)
+        # a frozen backbone or head produces no gradients, which DDP must be told to expect
+        find_unused_parameters=args.freeze_backbone_epochs > 0 or args.freeze_head_epochs > 0)
 
 
 def set_activation(learner: Learner, loss_name: str) -> None:
@@ -140,12 +216,20 @@ def set_activation(learner: Learner, loss_name: str) -> None:
             model.config["activation"] = activation
 
 
-def set_train_mode(model, frozen_backbone: bool) -> None:
-    """Train mode; with a frozen backbone its weights get no gradients and its BatchNorm statistics stay."""
+def set_train_mode(model, frozen_backbone: bool = False, frozen_head: bool = False) -> None:
+    """Train mode; a frozen backbone gets no gradients and keeps its BatchNorm statistics; a frozen head
+    (--freeze-head-epochs: the pre-trained head, under the new layer of --head-init extend) gets no
+    gradients. The extension layer always trains."""
     model.train()
     model.backbone.requires_grad_(not frozen_backbone)
+    model.head.requires_grad_(not frozen_head)
     if frozen_backbone:
         model.backbone.eval()
+
+
+def frozen_parts(args, epoch: int) -> tuple[bool, bool]:
+    """(backbone frozen, head frozen) in `epoch`: --freeze-backbone-epochs, --freeze-head-epochs."""
+    return epoch < args.freeze_backbone_epochs, epoch < args.freeze_head_epochs
 
 
 

@@ -34,7 +34,7 @@ class RecordingDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths, durations, targets: np.ndarray, crop: audio.CropSettings, seed: int = 0,
-                 primary_labels=None, starts=None, cache=None, cache_rows=None):
+                 primary_labels=None, starts=None, cache=None, cache_rows=None, chunks=None):
         self.paths = list(paths)
         self.durations = list(durations)
         self.targets = targets
@@ -45,6 +45,8 @@ class RecordingDataset(torch.utils.data.Dataset):
         self.starts = np.full(len(self.paths), np.nan) if starts is None else np.asarray(starts, dtype=np.float64)
         if len(self.starts) != len(self.paths):
             raise ValueError(f"{len(self.starts)} starts for {len(self.paths)} recordings")
+        # seconds of a chunk centred on a fixed window that training crops randomly inside (--extras-chunk); 0: none
+        self.chunks = np.zeros(len(self.paths)) if chunks is None else np.asarray(chunks, dtype=np.float64)
         self.cache = cache  # decoded crops (python data.py cache); row -1: not in the cache
         self.cache_rows = np.full(len(self.paths), -1) if cache_rows is None else np.asarray(cache_rows)
         self.ring = None  # set for loader workers by `RingDataLoader`
@@ -63,10 +65,13 @@ class RecordingDataset(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.seed, epoch, position])
         else:
             index, rng = item, None
+        duration, window, chunk = self.durations[index], self.crop.window_seconds, self.chunks[index]
         if np.isnan(self.starts[index]):
-            return index, audio.choose_crop_start(self.durations[index], self.crop.window_seconds,
-                                            self.crop.policy, self.crop.ends_seconds, rng)
-        return index, soundscapes.fixed_window_start(self.starts[index], self.durations[index], self.crop.window_seconds)
+            return index, audio.choose_crop_start(duration, window, self.crop.policy, self.crop.ends_seconds, rng)
+        if rng is None or chunk <= window:
+            return index, soundscapes.fixed_window_start(self.starts[index], duration, window)
+        chunk_start = soundscapes.fixed_window_start(self.starts[index], duration, chunk)   # inside the recording
+        return index, chunk_start + float(rng.uniform(0.0, max(min(chunk, duration) - window, 0.0)))
 
     def __getitem__(self, item):
         index, start = self.crop_start(item)

@@ -28,6 +28,7 @@ CHECKPOINT_FORMAT = 1
 ACTIVATIONS = ("softmax", "sigmoid")
 FRONTENDS = ("mel", "pcen")
 HEADS = ("linear", "mlp", "sed")
+HEAD_INITS = ("copy", "fresh", "extend")      # --init-from: what becomes of the pre-trained head
 NORMALIZATIONS = ("standard", "minmax", "none")
 PCEN_INITIAL_STATES = ("first_frame", "librosa")
 
@@ -364,17 +365,22 @@ class BirdCallModel(nn.Module):
         self.backbone = create_backbone(config["backbone"], pretrained, pretrained_file)
         channels, n_classes = self.backbone.num_features, len(config["labels"])
         self.head_type = config.get("head", "linear")       # checkpoints before `head` existed: linear
+        # --head-init extend: the head keeps the pre-trained vocabulary's outputs, and a new layer on top
+        # maps them to this vocabulary
+        extended_from = int(config.get("head_extended_from", 0))
+        n_outputs = extended_from or n_classes
         self.dropout = nn.Dropout(config["dropout"])
         if self.head_type == "linear":
-            self.head = nn.Linear(channels, n_classes)
+            self.head = nn.Linear(channels, n_outputs)
         elif self.head_type == "mlp":
             # the log's "complex head"; its own dropout sits between the two layers
             self.head = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(),
-                                      nn.Dropout(config["dropout"]), nn.Linear(channels, n_classes))
+                                      nn.Dropout(config["dropout"]), nn.Linear(channels, n_outputs))
         elif self.head_type == "sed":
-            self.head = SEDHead(channels, n_classes, config["dropout"])
+            self.head = SEDHead(channels, n_outputs, config["dropout"])
         else:
             raise ValueError(f"unknown head {self.head_type!r}; expected one of {HEADS}")
+        self.extension = nn.Linear(extended_from, n_classes) if extended_from else None
 
     @property
     def labels(self) -> list[str]:
@@ -398,11 +404,12 @@ class BirdCallModel(nn.Module):
         """Spectrogram image (B, 1, H, W) -> logits (B, n_classes); the part exported to ONNX."""
         features = self.backbone(image)                # (B, C, H/32, W/32)
         if self.head_type == "sed":
-            return self.head(features)                 # (B, n_classes), attention-pooled over time
-        pooled = features.mean(dim=(2, 3))             # (B, C)
-        if self.head_type == "mlp":
-            return self.head(pooled)                   # (B, n_classes)
-        return self.head(self.dropout(pooled))         # (B, n_classes)
+            logits = self.head(features)               # (B, n_outputs), attention-pooled over time
+        elif self.head_type == "mlp":
+            logits = self.head(features.mean(dim=(2, 3)))                  # (B, n_outputs)
+        else:
+            logits = self.head(self.dropout(features.mean(dim=(2, 3))))    # (B, n_outputs)
+        return self.extension(logits) if self.extension is not None else logits   # (B, n_classes)
 
     def sed_outputs(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """sed head only: (clip logits (B, n_classes), framewise logits (B, T', n_classes),
@@ -453,9 +460,13 @@ def model_config(args, labels: list[str]) -> dict:
     return config
 
 
-def build_model(args, labels: list[str]) -> BirdCallModel:
-    return BirdCallModel(model_config(args, labels),
-                         pretrained=args.pretrained and not args.pretrained_file,
+def build_model(args, labels: list[str], extended_from: int = 0) -> BirdCallModel:
+    """A fresh model for train.py's arguments; extended_from > 0 (--head-init extend): the head keeps that
+    many pre-trained outputs with a new layer on top."""
+    config = model_config(args, labels)
+    if extended_from:
+        config["head_extended_from"] = int(extended_from)
+    return BirdCallModel(config, pretrained=args.pretrained and not args.pretrained_file,
                          pretrained_file=args.pretrained_file)
 
 
@@ -484,14 +495,20 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     return checkpoint
 
 
-def transfer_weights(model: BirdCallModel, checkpoint: dict) -> dict:
+def transfer_weights(model: BirdCallModel, checkpoint: dict, head_init: str = "copy") -> dict:
     """Initialise `model` from a checkpoint trained on another vocabulary (pre-train -> fine-tune).
 
-    Frontend and backbone weights are copied; in the head, every tensor indexed by
-    species (its first dimension is the label count) gets the rows of the species
-    both vocabularies share, matched by name; other species keep their fresh
-    initialisation. Returns counts for the log.
+    Frontend and backbone weights are copied. The head, by `head_init`:
+      copy    every head tensor indexed by species (its first dimension is the label count) gets the
+              rows of the species both vocabularies share, matched by name; others keep their fresh
+              initialisation;
+      fresh   nothing is copied: the whole head is replaced by a fresh one;
+      extend  the pre-trained head is copied whole, and the new layer on top of it (model.extension,
+              pre-trained vocabulary -> this one) starts with every weight 1 and bias 0, as in the log.
+    Returns counts for the log.
     """
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"unknown head_init {head_init!r}; expected one of {HEAD_INITS}")
     source_config, target = checkpoint["model_config"], model.state_dict()
     for key in ("backbone", "head", "frontend", "n_mels", "sample_rate"):
         if source_config.get(key) != model.config.get(key):
@@ -502,13 +519,17 @@ def transfer_weights(model: BirdCallModel, checkpoint: dict) -> dict:
     shared = [(i, source_row[label]) for i, label in enumerate(target_labels) if label in source_row]
     rows_to, rows_from = [i for i, _ in shared], [j for _, j in shared]
     for key, value in checkpoint["model"].items():
-        if key not in target:
+        if key not in target or (key.startswith("head.") and head_init == "fresh"):
             continue
-        if (key.startswith("head.") and value.dim() >= 1 and value.shape[0] == len(source_labels)
-                and target[key].shape[0] == len(target_labels) and value.shape[1:] == target[key].shape[1:]):
+        if (key.startswith("head.") and head_init == "copy" and value.dim() >= 1
+                and value.shape[0] == len(source_labels) and target[key].shape[0] == len(target_labels)
+                and value.shape[1:] == target[key].shape[1:]):
             target[key][rows_to] = value[rows_from].to(target[key].dtype)     # species rows, by name
         elif value.shape == target[key].shape:
             target[key] = value
+    if head_init == "extend":
+        target["extension.weight"] = torch.ones_like(target["extension.weight"])
+        target["extension.bias"] = torch.zeros_like(target["extension.bias"])
     model.load_state_dict(target)
     return {"shared_species": len(shared), "new_species": len(target_labels) - len(shared),
             "dropped_species": len(source_labels) - len(shared)}

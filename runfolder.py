@@ -83,6 +83,26 @@ def save_checkpoint(out_dir: Path, checkpoint: dict, keep_last: int, best: bool 
     return path
 
 
+BEST_PATTERN = re.compile(r"^best-step(\d+)\.pt$")
+
+
+def keep_best(out_dir: Path, checkpoint: dict, monitor: str, keep: int) -> None:
+    """--keep-best K: best-stepNNNNNNNN.pt for the K best evaluations by `monitor` (lowest for losses;
+    the earlier of equals), ranked from metrics.csv and the files on disk, so restarts and crashes
+    keep the right ones. Write this evaluation's file if it ranks, then delete the ones that no longer do."""
+    table = pd.read_csv(out_dir / "metrics.csv").drop_duplicates("global_step", keep="last").set_index("global_step")
+    existing = {int(match.group(1)): path for path in out_dir.iterdir() if (match := BEST_PATTERN.match(path.name))}
+    steps = [step for step in {*existing, int(checkpoint["global_step"])} if step in table.index]
+    sign = 1.0 if monitor.endswith("val_loss") else -1.0
+    kept = set(sorted(steps, key=lambda step: (sign * float(table.loc[step, monitor]), step))[:keep])
+    step = int(checkpoint["global_step"])
+    if step in kept and step not in existing:
+        save_atomic(checkpoint, out_dir / f"best-step{step:08d}.pt")
+    for old_step, path in existing.items():
+        if old_step not in kept:   # outranked, or from past the point a resumed run restarted at
+            path.unlink()
+
+
 def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` periodic checkpoints; works from disk, so restarts prune too."""
     existing = periodic_checkpoints(out_dir)

@@ -46,6 +46,9 @@ def _check_sampler(sampler: str, cap_per_class: int) -> None:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     if sampler == "cap" and (int(cap_per_class) != cap_per_class or cap_per_class < 1):
         raise ValueError(f"sampler 'cap' needs cap_per_class >= 1, got {cap_per_class!r}")
+    if cap_per_class and (int(cap_per_class) != cap_per_class or cap_per_class < 0 or sampler == "none"):
+        raise ValueError(f"cap_per_class {cap_per_class!r} goes with samplers cap, inverse and sqrt (with none, "
+                         f"use --sampler cap)")
 
 
 def _species_index(primary_labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -57,41 +60,47 @@ def _species_index(primary_labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return species, inverse.ravel(), counts
 
 
+def _kept_per_species(counts: np.ndarray, cap_per_class: int) -> np.ndarray:
+    """Records of each species in an epoch's subset: min(N, cap), or all of them without a cap."""
+    return np.minimum(counts, cap_per_class) if cap_per_class else counts
+
+
 def recording_weights(primary_labels, sampler: str, cap_per_class: int = 0) -> np.ndarray:
     """(n_records,) float64 summing to 1: the probability of each record at one draw.
 
     none: uniform; inverse: 1/N_species per record (every species the same total);
     sqrt: 1/sqrt(N_species) per record (species total proportional to sqrt(N));
     cap (needs cap_per_class): min(N, cap)/N per record, i.e. each record's share of
-    a capped epoch.
+    a capped epoch. inverse and sqrt with a cap weigh by the capped count m = min(N, cap):
+    a record is in the epoch's subset with probability m/N, then drawn with weight 1/m
+    (or 1/sqrt(m)).
     """
     _check_sampler(sampler, cap_per_class)
     _, inverse, counts = _species_index(primary_labels)
     n = counts[inverse].astype(np.float64)
+    m = _kept_per_species(counts, cap_per_class)[inverse].astype(np.float64)
     if sampler == "none":
         weights = np.ones_like(n)
     elif sampler == "inverse":
-        weights = 1.0 / n
+        weights = (m / n) / m
     elif sampler == "sqrt":
-        weights = 1.0 / np.sqrt(n)
+        weights = (m / n) / np.sqrt(m)
     else:  # cap
-        weights = np.minimum(n, cap_per_class) / n
+        weights = m / n
     return weights / weights.sum()
 
 
 def epoch_length(primary_labels, sampler: str, cap_per_class: int = 0) -> int:
-    """Draws in one epoch: the number of records, or sum(min(N, cap)) for 'cap'."""
+    """Draws in one epoch: the number of records, or sum(min(N, cap)) with a cap."""
     _check_sampler(sampler, cap_per_class)
     _, _, counts = _species_index(primary_labels)
-    if sampler == "cap":
-        return int(np.minimum(counts, cap_per_class).sum())
-    return int(counts.sum())
+    return int(_kept_per_species(counts, cap_per_class).sum())
 
 
 def expected_draws(primary_labels, sampler: str, cap_per_class: int = 0) -> np.ndarray:
     """(n_records,) float64: expected times each record is drawn in one epoch (analytic).
 
-    none: 1; inverse/sqrt: n_records * weight; cap: min(N, cap)/N (a record is in
+    none: 1; inverse/sqrt: epoch length * weight; cap: min(N, cap)/N (a record is in
     the epoch's subset with that probability, and then exactly once).
     """
     weights = recording_weights(primary_labels, sampler, cap_per_class)
@@ -101,7 +110,7 @@ def expected_draws(primary_labels, sampler: str, cap_per_class: int = 0) -> np.n
         _, inverse, counts = _species_index(primary_labels)
         n = counts[inverse].astype(np.float64)
         return np.minimum(n, cap_per_class) / n
-    return len(weights) * weights
+    return epoch_length(primary_labels, sampler, cap_per_class) * weights
 
 
 def draw_epoch(n_records: int, seed: int, epoch: int, primary_labels=None, sampler: str = "none",
@@ -109,11 +118,13 @@ def draw_epoch(n_records: int, seed: int, epoch: int, primary_labels=None, sampl
     """The records an epoch visits, in order (int64 indices), deterministic from (seed, epoch).
 
     sampler "none" (the default): a permutation seeded by (seed, epoch).
-    "inverse"/"sqrt": n_records draws with replacement
-    by `recording_weights`. "cap": at most `cap_per_class` records of each species,
-    chosen without replacement afresh each epoch, then shuffled. primary_labels (one
-    per record) is needed by every sampler but "none". The full draw is made here
-    once per epoch; `shard_draw` slices it for a distributed rank.
+    "inverse"/"sqrt": n_records draws with replacement by `recording_weights`; with a
+    cap, first each species' capped subset (as "cap" chooses it), then as many draws with
+    replacement from that subset, weighted 1/m or 1/sqrt(m) by the capped counts.
+    "cap": at most `cap_per_class` records of each species, chosen without replacement
+    afresh each epoch, then shuffled. primary_labels (one per record) is needed by every
+    sampler but "none". The full draw is made here once per epoch; `shard_draw` slices
+    it for a distributed rank.
     """
     _check_sampler(sampler, cap_per_class)
     rng = np.random.default_rng([seed, epoch, 7919])
@@ -125,13 +136,18 @@ def draw_epoch(n_records: int, seed: int, epoch: int, primary_labels=None, sampl
         raise ValueError(f"sampler {sampler!r} needs the primary label of every record")
     if len(primary_labels) != n_records:
         raise ValueError(f"{len(primary_labels)} primary labels for {n_records} records")
-    if sampler in ("inverse", "sqrt"):
+    if sampler in ("inverse", "sqrt") and not cap_per_class:
         weights = recording_weights(primary_labels, sampler)
         return rng.choice(n_records, size=n_records, replace=True, p=weights).astype(np.int64)
     _, inverse, counts = _species_index(primary_labels)
     members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
     chosen = [rng.choice(group, size=min(len(group), cap_per_class), replace=False) for group in members]
-    return rng.permutation(np.concatenate(chosen)).astype(np.int64)
+    if sampler == "cap":
+        return rng.permutation(np.concatenate(chosen)).astype(np.int64)
+    subset = np.concatenate(chosen)                                         # the capped subset of this epoch
+    kept = np.concatenate([np.full(len(group), len(group), dtype=np.float64) for group in chosen])   # m per record
+    weights = 1.0 / kept if sampler == "inverse" else 1.0 / np.sqrt(kept)
+    return rng.choice(subset, size=len(subset), replace=True, p=weights / weights.sum()).astype(np.int64)
 
 
 def shard_draw(draw: np.ndarray, rank: int, world_size: int, batch_size: int) -> np.ndarray:
@@ -183,11 +199,14 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             yield [(int(self.shard[i]), self.epoch, int(self.positions[i])) for i in chosen]
 
 
-def _unseen_fraction(expected: np.ndarray, sampler: str, n_draws: int, weights: np.ndarray) -> np.ndarray:
-    """Per record: probability it is not drawn at all in an epoch."""
-    if sampler in ("inverse", "sqrt"):  # n_draws independent draws with replacement
+def _unseen_fraction(expected: np.ndarray, sampler: str, n_draws: int, weights: np.ndarray,
+                     in_subset: np.ndarray) -> np.ndarray:
+    """Per record: probability it is not drawn at all in an epoch (in_subset: the probability that it
+    is in the epoch's capped subset; 1 without a cap)."""
+    if sampler in ("inverse", "sqrt"):  # n_draws independent draws with replacement from the subset
         with np.errstate(divide="ignore"):  # a weight of 1 (a single record) -> log(0) -> never unseen
-            return np.exp(n_draws * np.log1p(-weights))
+            stays_unseen = np.exp(n_draws * np.log1p(-weights / in_subset))
+        return (1.0 - in_subset) + in_subset * stays_unseen
     return 1.0 - np.minimum(expected, 1.0)  # none and cap: each record at most once
 
 
@@ -224,7 +243,8 @@ def sampling_audit(primary_labels, sampler: str, cap_per_class: int = 0, extras=
     frame = frame.sort_values(["recordings", "species"], ascending=[False, True], kind="stable")
     frame = frame.reset_index(drop=True)
 
-    unseen = _unseen_fraction(expected, sampler, length, weights)
+    in_subset = (_kept_per_species(counts, cap_per_class) / counts)[inverse]
+    unseen = _unseen_fraction(expected, sampler, length, weights, in_subset)
     # with replacement: sum of 1 - (1 - p)^n; none and cap draw each record at most once
     distinct = float(np.sum(1.0 - unseen)) if sampler in ("inverse", "sqrt") else float(length)
     top = int(np.argmax(expected))
@@ -244,7 +264,7 @@ def sampling_audit(primary_labels, sampler: str, cap_per_class: int = 0, extras=
         "top10_species_share": float(np.sort(per_species_draws)[::-1][:10].sum() / length),
         "top10_species_share_before": float(np.sort(counts)[::-1][:10].sum() / n_records),
     }
-    if sampler == "cap":
+    if cap_per_class:
         summary["cap_per_class"] = int(cap_per_class)
     if extra_share is not None:
         summary["extra_share"] = extra_share

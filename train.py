@@ -20,7 +20,6 @@ patience) is taken on values all ranks share.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import signal
@@ -45,241 +44,11 @@ import learner as learner_lib
 import loader
 import losses
 import model as model_lib
+import options
 import runfolder
 import sampling
 
 log = logging.getLogger("birdclef")
-
-MONITORED = ("cmap5", "cmap3", "macro_ap", "lrap", "val_loss",
-             "ema_cmap5", "ema_cmap3", "ema_macro_ap", "ema_lrap", "ema_val_loss",
-             "soundscape_cmap5", "soundscape_cmap3", "soundscape_macro_ap", "soundscape_lrap")
-
-
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train a BirdCLEF bird-call classifier.",
-                                     add_help=add_help,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    group = parser.add_argument_group("data")
-    group.add_argument("--data-dir", nargs="+", default=[str(data.DEMO_DIR)],
-                       help="one or more BirdCLEF folders (the 2021-2025 layouts are recognised); several "
-                            "are merged: the vocabulary is their union and a xeno-canto recording in more "
-                            "than one is used once. The default demo folder is generated on first use")
-    group.add_argument("--val-fraction", type=float, default=0.2,
-                       help="share of each species' recordings held out (ignored with --folds)")
-    group.add_argument("--folds", type=int, default=0, help="K-fold split when > 1")
-    group.add_argument("--fold", type=int, default=0, help="which fold is validation, with --folds")
-    group.add_argument("--crop-policy", choices=audio.CROP_POLICIES, default="ends",
-                       help="ends: random window inside the first or last --ends-seconds (the "
-                            "original recipe); random: anywhere in the recording")
-    group.add_argument("--ends-seconds", type=float, default=8.0, help="length of the 'ends' segments")
-    group.add_argument("--secondary-weight", type=float, default=0.0,
-                       help="target value for secondary labels (0 = ignore them)")
-    group.add_argument("--workers", type=int, default=2, help="data loader processes")
-    group.add_argument("--pad", choices=audio.PAD_MODES, default="zero",
-                       help="recordings shorter than the window: pad with zeros or repeat the clip")
-    group.add_argument("--strict", action="store_true",
-                       help="stop if any recording cannot be read (default: skip it, listed in bad_files.csv)")
-    group.add_argument("--sampler", choices=sampling.SAMPLERS, default="none",
-                       help="none: every recording once per epoch; inverse / sqrt: draws weighted 1/N or "
-                            "1/sqrt(N) per species (with replacement); cap: at most --cap-per-class "
-                            "recordings per species per epoch. Check with --audit-sampling")
-    group.add_argument("--cap-per-class", type=int, default=0, help="recordings per species per epoch, --sampler cap")
-    group.add_argument("--cache", default=None,
-                       help="folder written by `python data.py cache` with the same data, sample rate and "
-                            "crop policy: crops are read from it instead of decoded (a mismatch is refused)")
-    group.add_argument("--extras", default=None,
-                       help="extras.csv from `python data.py extras`: fixed 5-s windows of training "
-                            "recordings added to each epoch (windows of validation recordings are dropped)")
-    group.add_argument("--nocall", action="store_true",
-                       help="add a 'nocall' class trained on background windows: --bg-dir audio, "
-                            "--nocall-soundscapes rows and --nocall-detections windows")
-    group.add_argument("--nocall-soundscapes", default=None,
-                       help="labelled-soundscape table (file,start_s,end_s,labels or BirdCLEF 2021's "
-                            "train_soundscape_labels.csv) whose no-call rows train the nocall class")
-    group.add_argument("--nocall-detections", default=None,
-                       help="infer.py --detections table: windows whose best score is below "
-                            "--nocall-max-score train the nocall class")
-    group.add_argument("--nocall-max-score", type=float, default=0.05,
-                       help="a detections window is no-call below this best score")
-    group.add_argument("--nocall-per-recording", type=int, default=1,
-                       help="no-call windows taken from each recording's detections, quietest first")
-    group.add_argument("--audit-sampling", action="store_true",
-                       help="build the sampler exactly as training would, write sampling_audit.csv, print "
-                            "the summary and exit without training")
-
-    group = parser.add_argument_group("model")
-    group.add_argument("--backbone", default="tf_efficientnet_b0.ns_jft_in1k", help="timm model name")
-    pretrained = group.add_mutually_exclusive_group()
-    pretrained.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
-                            help="start from the timm hub's pretrained weights")
-    pretrained.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=argparse.SUPPRESS,
-                            help="start from random weights (offline machines)")
-    group.add_argument("--pretrained-file", default=None,
-                       help="local pretrained weights for --backbone (implies pretrained)")
-    group.add_argument("--sample-rate", type=int, default=32000, help="audio is resampled to this rate")
-    group.add_argument("--window-seconds", type=float, default=5.0, help="length of one input window")
-    group.add_argument("--n-fft", type=int, default=1024, help="STFT size")
-    group.add_argument("--hop", type=int, default=512, help="STFT hop in samples")
-    group.add_argument("--n-mels", type=int, default=128, help="mel bands")
-    group.add_argument("--fmin", type=float, default=20.0, help="lowest mel frequency (Hz)")
-    group.add_argument("--fmax", type=float, default=16000.0, help="highest mel frequency (Hz)")
-    group.add_argument("--normalization", choices=("standard", "minmax", "none"), default="standard",
-                       help="per-example normalisation of the dB spectrogram")
-    group.add_argument("--dropout", type=float, default=0.0, help="dropout in the head")
-    group.add_argument("--head", choices=model_lib.HEADS, default="linear",
-                       help="linear; mlp: Linear-ReLU-Dropout-Linear (the log's complex head); sed: "
-                            "attention pooling over time with framewise outputs")
-    group.add_argument("--frontend", choices=model_lib.FRONTENDS, default="mel",
-                       help="mel: log-mel in dB; pcen: per-channel energy normalisation")
-    group.add_argument("--pcen-gain", dest="pcen_gain", type=float, default=model_lib.PCEN_DEFAULTS["pcen_gain"],
-                       help="PCEN gain")
-    group.add_argument("--pcen-bias", dest="pcen_bias", type=float, default=model_lib.PCEN_DEFAULTS["pcen_bias"],
-                       help="PCEN bias")
-    group.add_argument("--pcen-power", dest="pcen_power", type=float, default=model_lib.PCEN_DEFAULTS["pcen_power"],
-                       help="PCEN compression exponent")
-    group.add_argument("--pcen-time-constant", dest="pcen_time_constant", type=float,
-                       default=model_lib.PCEN_DEFAULTS["pcen_time_constant"], help="PCEN smoother time constant (s)")
-    group.add_argument("--pcen-eps", dest="pcen_eps", type=float, default=model_lib.PCEN_DEFAULTS["pcen_eps"],
-                       help="PCEN epsilon")
-    group.add_argument("--pcen-input-scale", dest="pcen_input_scale", type=float,
-                       default=model_lib.PCEN_DEFAULTS["pcen_input_scale"],
-                       help="multiplier on the magnitude mel spectrogram before PCEN (librosa's defaults "
-                            "assume int32-range audio; ours is in [-1, 1])")
-    group.add_argument("--pcen-initial-state", dest="pcen_initial_state", choices=model_lib.PCEN_INITIAL_STATES,
-                       default=model_lib.PCEN_DEFAULTS["pcen_initial_state"],
-                       help="first_frame: smoother starts at the first frame's level; librosa: "
-                            "librosa.pcen's default state")
-    group.add_argument("--img-size", type=image_size, default=None,
-                       help="resize the spectrogram image to HxW, e.g. 256x256 (the log's 256x157, 256x256)")
-
-    group = parser.add_argument_group("optimisation")
-    group.add_argument("--loss", choices=losses.LOSSES, default="ce",
-                       help="ce: softmax cross-entropy on soft targets; bce: sigmoid BCE; focal: sigmoid "
-                            "focal loss. Sets the activation (softmax for ce, else sigmoid) used by "
-                            "evaluation and inference")
-    group.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss focusing parameter")
-    group.add_argument("--focal-alpha", type=float, default=None, help="focal loss positive weight (None = off)")
-    group.add_argument("--label-smoothing", type=float, default=0.0,
-                       help="ce: mix targets with uniform; bce/focal: move targets towards 0.5")
-    group.add_argument("--loss-switch-epoch", type=int, default=None,
-                       help="epoch from which --loss-after replaces --loss")
-    group.add_argument("--loss-after", choices=losses.LOSSES, default=None, help="loss used from --loss-switch-epoch on")
-    group.add_argument("--init-from", default=None,
-                       help="start from a (pre-training) checkpoint with another vocabulary: frontend and "
-                            "backbone copied, head rows of shared species copied by name")
-    group.add_argument("--freeze-backbone-epochs", type=int, default=0,
-                       help="train only the head for this many epochs (backbone frozen, BatchNorm statistics too)")
-    group.add_argument("--ema", type=float, default=0.0,
-                       help="decay of an exponential moving average of the weights, evaluated and saved "
-                            "alongside (0 = off; e.g. 0.999)")
-    group.add_argument("--sync-bn", action="store_true",
-                       help="under torchrun on CUDA: BatchNorm statistics over the whole batch of all "
-                            "processes (SyncBatchNorm) instead of each process's share")
-    group.add_argument("--channels-last", action="store_true",
-                       help="channels-last memory format for the backbone (faster convolutions on recent GPUs)")
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile the backbone (minutes of compilation first; checkpoints are unchanged)")
-    group.add_argument("--flush-denormal", action="store_true",
-                       help="flush denormal floats to zero on the CPU")
-    group.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
-    group.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
-    group.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine")
-    group.add_argument("--epochs", type=int, default=30, help="maximum number of epochs")
-    group.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    group.add_argument("--mixup-alpha", type=float, default=0.2, help="Beta(alpha, alpha); 0 turns mixup off")
-    group.add_argument("--mixup-prob", type=float, default=0.5, help="share of examples mixed")
-    group.add_argument("--clip-grad-norm", type=float, default=0.0, help="gradient norm clip (0 = off)")
-    group.add_argument("--skip-nonfinite", type=int, default=0,
-                       help="skip up to this many batches with a non-finite loss or gradient (each logged); "
-                            "0 = stop at the first, naming its files")
-    group.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"), default="auto",
-                       help="mixed precision; auto = bf16 or fp16+GradScaler on CUDA, off on CPU")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-
-    group = parser.add_argument_group("augmentation (training only; all off by default except mixup)")
-    group.add_argument("--aug-strength", type=float, default=1.0,
-                       help="scales every augmentation's probability and magnitude at once (the log's AUG "
-                            "factor); 0 turns all of them off, mixup included")
-    group.add_argument("--noise-prob", type=float, default=0.0, help="probability of coloured noise")
-    group.add_argument("--noise-snr", type=float, nargs=2, default=[3.0, 30.0], metavar=("LOW", "HIGH"),
-                       help="SNR range of coloured (white, pink, brown) noise in dB")
-    group.add_argument("--bg-dir", default=None,
-                       help="folder of background audio (e.g. no-call soundscape segments) mixed into training crops")
-    group.add_argument("--bg-prob", type=float, default=0.5, help="probability of background noise, with --bg-dir")
-    group.add_argument("--bg-snr", type=float, nargs=2, default=[0.0, 2.0], metavar=("LOW", "HIGH"),
-                       help="SNR range of background noise in dB")
-    group.add_argument("--cutmix-prob", type=float, default=0.0, help="probability of cutmix along time")
-    group.add_argument("--cutmix-alpha", type=float, default=1.0, help="cutmix Beta(alpha, alpha)")
-    group.add_argument("--gain-prob", type=float, default=0.0, help="probability of a random gain")
-    group.add_argument("--gain-db", type=float, default=6.0, help="random gain range, +-dB")
-    group.add_argument("--shift-prob", type=float, default=0.0, help="probability of a circular time shift")
-    group.add_argument("--shift-max", type=float, default=0.5, help="largest time shift, fraction of the window")
-    group.add_argument("--freq-masks", type=int, default=0, help="SpecAugment frequency masks per example")
-    group.add_argument("--time-masks", type=int, default=0, help="SpecAugment time masks per example")
-    group.add_argument("--mask-max-pct", type=float, default=0.1,
-                       help="SpecAugment: widest mask as a fraction of the bands or frames")
-    group.add_argument("--mix-prob", type=float, default=0.0,
-                       help="probability that a window gets 1 to --mix-clips - 1 other windows of its batch added "
-                            "at full weight (targets: the union), as soundscape rows hold several calls")
-    group.add_argument("--mix-clips", type=int, default=3, help="most calls in one window, with --mix-prob")
-    group.add_argument("--mix-gain-db", type=float, nargs=2, default=[-12.0, 0.0], metavar=("LOW", "HIGH"),
-                       help="power of each added window relative to the window it joins, in dB")
-    group.add_argument("--distance-prob", type=float, default=0.0,
-                       help="probability of a distant call: a gain from --distance-db and a low-pass cutoff "
-                            "from --distance-lowpass")
-    group.add_argument("--distance-db", type=float, nargs=2, default=[-20.0, 0.0], metavar=("LOW", "HIGH"),
-                       help="gain range of a distant call in dB (relative to what is mixed in later)")
-    group.add_argument("--distance-lowpass", type=float, nargs=2, default=[2000.0, 16000.0],
-                       metavar=("LOW_HZ", "HIGH_HZ"), help="low-pass cutoff range of a distant call (log-uniform)")
-    group.add_argument("--reverb-prob", type=float, default=0.0,
-                       help="probability of reverberation by a synthetic exponentially decaying impulse response")
-    group.add_argument("--reverb-rt60", type=float, nargs=2, default=[0.2, 1.5], metavar=("LOW", "HIGH"),
-                       help="reverberation time range in seconds (the time to decay by 60 dB)")
-
-    group = parser.add_argument_group("evaluation and checkpoints")
-    group.add_argument("--evals-per-epoch", type=int, default=2,
-                       help="evaluations (each with a checkpoint) per epoch")
-    group.add_argument("--monitor", choices=MONITORED, default="cmap5",
-                       help="metric for best.pt and patience (val_loss: lower is better; ema_*: of the "
-                            "--ema weights; soundscape_*: on --val-soundscapes)")
-    group.add_argument("--val-soundscapes", default=None,
-                       help="file,start_s,end_s,labels table of labelled soundscape segments (e.g. "
-                            "demo_data/test_soundscapes_labels.csv): scored at every evaluation next to "
-                            "the clip-level numbers")
-    group.add_argument("--val-soundscape-audio", default=None,
-                       help="folder of those soundscapes' audio (default: test_soundscapes/ beside the table)")
-    group.add_argument("--test-soundscapes", default=None,
-                       help="labelled-soundscape table scored at every evaluation for the record only (test_* "
-                            "columns), never for best.pt or patience: to see whether validation tracks it")
-    group.add_argument("--test-soundscape-audio", default=None,
-                       help="folder of the --test-soundscapes audio (default: test_soundscapes/ beside the table)")
-    group.add_argument("--patience", type=int, default=8,
-                       help="stop after this many evaluations without improvement (0 = never)")
-    group.add_argument("--min-delta", type=float, default=0.0,
-                       help="smallest change of the monitored metric that counts as improvement")
-    group.add_argument("--keep-last", type=int, default=3, help="periodic checkpoints kept on disk")
-    group.add_argument("--out-dir", default=None, help="run folder (default runs/<date-time>)")
-    group.add_argument("--resume", default=None,
-                       help="checkpoint to continue from, or 'auto': the newest complete one in --out-dir")
-    group.add_argument("--seed", type=int, default=42, help="seed of every random stream")
-    group.add_argument("--max-steps", type=int, default=0,
-                       help="stop after this many optimiser steps in total (0 = no limit; for smoke tests)")
-    group.add_argument("--lr-find", action="store_true",
-                       help="run a learning-rate range test instead of training: writes lr_find.png "
-                            "and lr_find.csv and suggests --lr")
-    group.add_argument("--lr-find-steps", type=int, default=200, help="steps of the range test")
-    return parser
-
-
-def image_size(text: str) -> list[int]:
-    """'256x157' -> [256, 157]."""
-    try:
-        height, width = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 256x157, got {text!r}") from None
-    return [height, width]
-
-
 
 # ----------------------------------------------------------------------------- where training is
 
@@ -356,7 +125,7 @@ def train_step(learner: learner_lib.Learner, batch, state: TrainingState, args, 
     waveforms, targets = augment.mixup(waveforms, targets, args.mixup_alpha,
                                        min(args.mixup_prob * args.aug_strength, 1.0), rng)
     for group in learner.optimizer.param_groups:
-        group["lr"] = learner_lib.learning_rate(state.global_step, *learner.schedule)
+        group["lr"] = learner.schedule(state.global_step)
     autocast_on, autocast_dtype, _ = learner_lib.precision_settings(args.amp, device)
     spec_augment = functools.partial(augment.augment_images, settings=learner.augment, rng=rng)
     with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_on):
@@ -419,8 +188,10 @@ def evaluate_and_save(learner: learner_lib.Learner, validation: evaluation.Valid
     state.train_loss_sum, state.train_loss_count = 0.0, 0
     improved = state.update_best(results[args.monitor], args.monitor, args.min_delta)
     if distributed.is_main_process():
-        runfolder.write_evaluation(state.out_dir, row, state.step_log, make_checkpoint(learner, args, state),
-                                   improved, args.keep_last)
+        checkpoint = make_checkpoint(learner, args, state)
+        runfolder.write_evaluation(state.out_dir, row, state.step_log, checkpoint, improved, args.keep_last)
+        if args.keep_best:
+            runfolder.keep_best(state.out_dir, checkpoint, args.monitor, args.keep_best)
     state.step_log.clear()
     log.info("epoch %.2f  train_loss %.4f  val_loss %.4f  cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f  LRAP %.4f%s%s",
              row["epoch"], row["train_loss"], row["val_loss"], row["cmap5"], row["cmap3"],
@@ -495,9 +266,9 @@ def train(learner: learner_lib.Learner, train_set, validation: evaluation.Valida
     step -> (at an evaluation point) evaluate -> log -> checkpoint -> patience/stop."""
     while state.epoch < args.epochs and state.stop_reason is None:
         epoch, loss_name = state.epoch, losses.loss_at_epoch(args, state.epoch)
-        frozen = epoch < args.freeze_backbone_epochs
+        frozen = learner_lib.frozen_parts(args, epoch)                  # (backbone, head)
         learner_lib.set_activation(learner, loss_name)
-        learner_lib.set_train_mode(learner.model, frozen)
+        learner_lib.set_train_mode(learner.model, *frozen)
         batches = epoch_batches(train_set, args, epoch, state.step_in_epoch)
         evaluation_points = {max(1, round(batches.steps * k / args.evals_per_epoch))
                              for k in range(1, args.evals_per_epoch + 1)}
@@ -515,7 +286,7 @@ def train(learner: learner_lib.Learner, train_set, validation: evaluation.Valida
                 finish_epoch(state, train_set, batches.draw, args)
             if evaluation_point:
                 evaluate_and_save(learner, validation, state, args, loss_name, batches.steps)
-                learner_lib.set_train_mode(learner.model, frozen)
+                learner_lib.set_train_mode(learner.model, *frozen)
             state.stop_reason = stop_reason(state, args, evaluation_point, ctrl_c)
             if state.stop_reason is not None:
                 if not evaluation_point:                   # an evaluation point has saved this step already
@@ -552,29 +323,19 @@ def stop_reason(state: TrainingState, args, evaluated: bool, ctrl_c: CtrlC) -> s
 def main(args):
     """Train -> the final TrainingState (with --audit-sampling or --lr-find: a dict of what they found).
     Under torchrun, every rank runs this."""
-    check_arguments(args)
+    options.check_arguments(args)
     device = distributed.local_device(args.device)
-    return distributed.call_in_group(device, functools.partial(set_up_and_train, args, device))
-
-
-def check_arguments(args) -> None:
-    """Reject impossible combinations before any work is done."""
-    if args.folds > 1 and not 0 <= args.fold < args.folds:
-        raise ValueError(f"--fold {args.fold} must be in [0, {args.folds})")
-    if args.monitor.startswith("ema_") and not args.ema:
-        raise ValueError(f"--monitor {args.monitor} needs --ema")
-    if args.monitor.startswith("soundscape_") and not args.val_soundscapes:
-        raise ValueError(f"--monitor {args.monitor} needs --val-soundscapes")
-    if (args.loss_after is None) != (args.loss_switch_epoch is None):
-        raise ValueError("--loss-switch-epoch and --loss-after go together")
-    learner_lib.precision_settings(args.amp, distributed.local_device(args.device))
-    model_lib.check_backbone_name(args.backbone)  # fail before any data is read, with timm's error
+    if args.flush_denormal:  # process-wide, so for this run only
+        torch.set_flush_denormal(True)
+    try:
+        return distributed.call_in_group(device, functools.partial(set_up_and_train, args, device))
+    finally:
+        if args.flush_denormal:
+            torch.set_flush_denormal(False)
 
 
 def set_up_and_train(args, device: torch.device):
     """Run folder -> data -> sampling audit -> learner -> state -> validation -> the loop."""
-    if args.flush_denormal:
-        torch.set_flush_denormal(True)
     checkpoint = checkpoint_to_resume(args)
     out_dir = make_run_folder(args, checkpoint)
     labels, train_set, val_set = data.build_datasets(args, out_dir)
@@ -664,7 +425,7 @@ def audit_sampling(train_set, args, out_dir: Path):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        main(get_args_parser().parse_args())
+        main(options.get_args_parser().parse_args())
     except (model_lib.PretrainedWeightsError, model_lib.CheckpointError, losses.NonFiniteLossError, FloatingPointError,
             runfolder.CheckpointSaveError, FileNotFoundError, ValueError) as error:
         log.error("%s", error)

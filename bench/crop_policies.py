@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import extras as extras_lib  # noqa: E402
 import infer  # noqa: E402
+import options  # noqa: E402
 import train  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def train_and_score(name: str, flags: list[str], args, work: Path) -> dict:
     out = work / name
     labels = Path(args.data_dir) / "test_soundscapes_labels.csv"
     started = time.time()
-    train.main(train.get_args_parser().parse_args([
+    train.main(options.get_args_parser().parse_args([
         "--data-dir", str(args.data_dir), "--no-pretrained", "--out-dir", str(out), "--epochs", str(args.epochs),
         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--patience", "0", "--keep-last", "1",
         "--seed", str(args.seed), "--val-soundscapes", str(labels), *flags]))

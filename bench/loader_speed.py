@@ -27,12 +27,13 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import demo  # noqa: E402
 import loader  # noqa: E402
+import options  # noqa: E402
 import train  # noqa: E402
 
 
 def measure(train_set, args, workers: int, seconds: float) -> tuple[float, int]:
     """-> (samples per second, samples timed) of train.py's loader with `workers` processes."""
-    run_args = train.get_args_parser().parse_args(["--workers", str(workers), "--batch-size", str(args.batch_size)])
+    run_args = options.get_args_parser().parse_args(["--workers", str(workers), "--batch-size", str(args.batch_size)])
     batches = itertools.chain.from_iterable(
         train.epoch_batches(train_set, run_args, epoch)
         for epoch in itertools.count())
@@ -66,7 +67,7 @@ def main() -> None:
     data.main(["cache", "--data-dir", str(data_dir), "--out", str(cache_dir), "--workers", "2"])
     cache_seconds = time.perf_counter() - started
 
-    run_args = train.get_args_parser().parse_args(["--data-dir", str(data_dir), "--val-fraction", "0.01"])
+    run_args = options.get_args_parser().parse_args(["--data-dir", str(data_dir), "--val-fraction", "0.01"])
     _, uncached, _ = data.build_datasets(run_args, work)
     run_args.cache = str(cache_dir)
     _, cached, _ = data.build_datasets(run_args, work)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import infer  # noqa: E402
+import options  # noqa: E402
 import train  # noqa: E402
 
 RECIPES = {
@@ -37,7 +38,7 @@ RECIPES = {
 
 def train_recipe(name: str, flags: list[str], args, work: Path) -> dict:
     out = work / name
-    train_args = train.get_args_parser().parse_args([
+    train_args = options.get_args_parser().parse_args([
         "--data-dir", str(args.data_dir), "--no-pretrained", "--out-dir", str(out), "--epochs", str(args.epochs),
         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--patience", "0", "--keep-last", "1",
         "--seed", str(args.seed), *flags])

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import report  # noqa: E402
+import options  # noqa: E402
 import train  # noqa: E402
 
 README_RECIPE = ["--no-pretrained", "--lr", "1e-3", "--batch-size", "16"]
@@ -59,7 +60,7 @@ def train_recipe(name: str, seed: int, args, work: Path) -> Path:
     if (out / "metrics.csv").is_file() and len(pd.read_csv(out / "metrics.csv")) >= 2 * args.epochs:
         return out
     flags = [flag.format(bg=args.data_dir / "unlabeled_soundscapes") for flag in RECIPES[name]]
-    train.main(train.get_args_parser().parse_args([
+    train.main(options.get_args_parser().parse_args([
         "--data-dir", str(args.data_dir), *README_RECIPE, "--epochs", str(args.epochs), "--patience", "0",
         "--seed", str(seed), "--out-dir", str(out), "--keep-last", "1",
         "--val-soundscapes", str(pseudo_soundscapes(args.data_dir, seed, work)),

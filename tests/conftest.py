@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the project's modules, also when pytest is not started from ROOT
 
 import infer  # noqa: E402
+import options  # noqa: E402
 import train  # noqa: E402
 
 TINY_SPECIES = {"aaabbb1": 900.0, "cccddd1": 2500.0, "eeefff1": 5000.0, "ggghhh1": 9000.0}
@@ -93,7 +94,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def quick_args(data_dir, out_dir, *extra):
     """train.py arguments for a seconds-long CPU run on the tiny data set."""
-    return train.get_args_parser().parse_args([
+    return options.get_args_parser().parse_args([
         "--data-dir", str(data_dir), "--out-dir", str(out_dir), "--backbone", "test_efficientnet",
         "--no-pretrained", "--batch-size", "4", "--workers", "0", "--epochs", "2",
         "--n-mels", "32", "--n-fft", "512", "--hop", "256", "--sample-rate", "16000",

@@ -183,3 +183,38 @@ def test_check_audio_files_on_tiny_data(tiny_data):
         info = sf.info(path)
         assert (frames, rate) == (info.frames, info.samplerate)
         assert rate in (22050, 32000, 44100) and 3.0 * rate - 1 <= frames <= 12.0 * rate
+
+
+# ----------------------------------------------------------------------------- distance and rooms
+
+def test_lowpass_is_3_db_down_at_the_cutoff_and_24_db_per_octave_above():
+    rate, samples = 16000, 16000
+    t = np.arange(samples) / rate
+    tones = torch.from_numpy(np.stack([np.sin(2 * np.pi * f * t) for f in (250, 1000, 2000, 4000)]).astype(np.float32))
+    out = audio.lowpass(tones, [1000.0] * 4, rate)
+    gain_db = (10 * torch.log10((out.double() ** 2).mean(dim=1) / (tones.double() ** 2).mean(dim=1))).numpy()
+    # 1 / sqrt(1 + (f / fc) ** 8): 0 dB well below, -3 dB at the cutoff, ~-24 dB an octave up, ~-48 two
+    np.testing.assert_allclose(gain_db, [0.0, -3.01, -24.1, -48.2], atol=0.1)
+
+
+def test_room_impulse_response_decays_60_db_in_rt60_with_as_much_energy_as_the_direct_path():
+    generator = torch.Generator().manual_seed(0)
+    response = audio.room_impulse_response(0.5, 16000, generator).double().numpy()
+    assert response[0] == 1.0 and len(response) == 8000
+    tail = response[1:]
+    assert (tail ** 2).sum() == pytest.approx(1.0, rel=1e-5)                 # float32 rounding
+    # energy in the first and the last 50 ms of the tail: 60 dB per 0.5 s -> ~(0.5 - 0.05) / 0.5 * 60 dB apart
+    early, late = (tail[:800] ** 2).mean(), (tail[-800:] ** 2).mean()
+    assert 10 * np.log10(early / late) == pytest.approx(54.0, abs=4.0)
+
+
+def test_reverberate_is_a_convolution_kept_at_the_input_power():
+    rate = 16000
+    signal = torch.zeros(1, 4000)
+    signal[0, 100] = 1.0                                     # an impulse: the output is the response itself
+    out = audio.reverberate(signal, [0.1], rate, torch.Generator().manual_seed(7))
+    response = audio.room_impulse_response(0.1, rate, torch.Generator().manual_seed(7))
+    expected = np.zeros(4000)
+    expected[100:100 + len(response)] = response.numpy()
+    expected *= np.sqrt((signal.numpy() ** 2).mean() / (expected ** 2).mean())
+    np.testing.assert_allclose(out[0].numpy(), expected, atol=1e-6)

@@ -513,3 +513,111 @@ def test_augment_images_applies_spec_augment():
     expected = augment.spec_augment(images, freq_masks=2, time_masks=3, max_pct=0.2, rng=np.random.default_rng(5))
     assert torch.equal(out, expected)
     assert not torch.equal(out, images)
+
+
+# ----------------------------------------------------------------------------- soundscape-style: distance, rooms, several calls
+
+def reference_lowpass(row: np.ndarray, cutoff: float, sample_rate: int) -> np.ndarray:
+    """A plain re-derivation: rFFT, times 1 / sqrt(1 + (f / cutoff) ** 8), inverse rFFT (float64)."""
+    frequency = np.fft.rfftfreq(len(row), 1 / sample_rate)
+    return np.fft.irfft(np.fft.rfft(row.astype(np.float64)) / np.sqrt(1 + (frequency / cutoff) ** 8), len(row))
+
+
+def test_distance_is_a_low_pass_then_the_drawn_gain_within_half_a_db():
+    before = signals(batch=32)
+    rng = np.random.default_rng(3)
+    after = augment.distance(before, (-20.0, -2.0), (1000.0, 6000.0), 0.5, rng, sample_rate=16000)
+    # the draws, repeated in the order distance makes them
+    replay = np.random.default_rng(3)
+    gain_db = replay.uniform(-20.0, -2.0, size=32)
+    cutoff = np.exp(replay.uniform(math.log(1000.0), math.log(6000.0), size=32))
+    chosen = replay.random(32) < 0.5
+    assert 5 < chosen.sum() < 27
+    np.testing.assert_array_equal(after[~chosen].numpy(), before[~chosen].numpy())
+    for row in np.flatnonzero(chosen):
+        filtered = reference_lowpass(before[row].numpy(), cutoff[row], 16000)
+        level = 10 * np.log10((after[row].double().numpy() ** 2).mean() / (filtered ** 2).mean())
+        assert level == pytest.approx(gain_db[row], abs=0.5)
+        np.testing.assert_allclose(after[row].numpy(), filtered * 10 ** (gain_db[row] / 20), atol=1e-5)
+
+
+def test_reverb_keeps_each_examples_level_and_changes_its_sound():
+    before = signals(batch=16)
+    after = augment.reverb(before, (0.2, 0.8), 1.0, np.random.default_rng(0), sample_rate=16000)
+    level = 10 * torch.log10((after.double() ** 2).mean(dim=1) / (before.double() ** 2).mean(dim=1))
+    np.testing.assert_allclose(level.numpy(), 0.0, atol=0.5)
+    assert changed_rows(before, after).all()
+    silent = torch.zeros(2, SAMPLES)
+    assert torch.equal(augment.reverb(silent, (0.2, 0.8), 1.0, np.random.default_rng(0), 16000), silent)
+
+
+def test_mix_clips_adds_partners_at_the_drawn_level_and_takes_the_union_of_targets():
+    waveforms = signals(batch=8)
+    targets = torch.eye(8, 5)                                  # one species each (rows 5-7: none)
+    rng = np.random.default_rng(1)
+    mixed, mixed_targets = augment.mix_clips(waveforms, targets, 1.0, 2, (-6.0, 0.0), rng)
+    replay = np.random.default_rng(1)                          # mix_clips' draws, in its order
+    replay.integers(1, 2, size=8)
+    replay.random(8)
+    partners = (np.arange(8)[:, None] + replay.integers(1, 8, size=(8, 1))) % 8
+    gain_db = replay.uniform(-6.0, 0.0, size=(8, 1))
+    for row in range(8):
+        partner = int(partners[row, 0])
+        added = (mixed[row] - waveforms[row]).double()
+        # what was added is the partner itself, scaled, at the drawn power relative to the example
+        scale = float(added @ waveforms[partner].double() / (waveforms[partner].double() @ waveforms[partner].double()))
+        np.testing.assert_allclose(added.numpy(), scale * waveforms[partner].double().numpy(), atol=1e-5)
+        level = 10 * torch.log10((added ** 2).mean() / (waveforms[row].double() ** 2).mean()).item()
+        assert float(level) == pytest.approx(gain_db[row, 0], abs=0.5)
+        assert torch.equal(mixed_targets[row], torch.maximum(targets[row], targets[partner]))
+
+
+def test_mix_clips_off_changes_nothing_and_draws_nothing():
+    waveforms, targets = signals(batch=4), torch.eye(4)
+    rng = np.random.default_rng(5)
+    state = rng.bit_generator.state
+    out, out_targets = augment.mix_clips(waveforms, targets, 0.0, 3, (-6.0, 0.0), rng)
+    assert out is waveforms and out_targets is targets and rng.bit_generator.state == state
+
+
+def test_soundscape_style_settings_run_in_order_and_scale_with_strength():
+    settings = AugmentSettings(mix_prob=0.5, distance_prob=0.5, reverb_prob=0.5, sample_rate=16000)
+    waveforms, targets = signals(batch=8), torch.eye(8, 3)
+    out, out_targets = augment.augment_waveforms(waveforms, targets, settings, np.random.default_rng(0))
+    assert out.shape == waveforms.shape and (out_targets >= targets).all()
+    assert settings.scaled(0.0).mix_prob == settings.scaled(0.0).distance_prob == settings.scaled(0.0).reverb_prob == 0
+    assert settings.scaled(2.0).reverb_prob == 1.0 and settings.scaled(2.0).reverb_rt60 == settings.reverb_rt60
+
+
+# ----------------------------------------------------------------------------- mixup
+
+def test_mixup_mixes_targets_with_the_waveforms_own_lambda():
+    """lambda recovered from each mixed waveform (least squares on the two sources) mixes its targets too."""
+    waveforms, targets = signals(batch=64), torch.rand(64, 6)
+    mixed, mixed_targets = augment.mixup(waveforms, targets, alpha=0.4, probability=1.0, rng=np.random.default_rng(2))
+    partner = np.random.default_rng(2).permutation(64)           # mixup's first draw
+    for row in range(64):
+        own, other = waveforms[row].double().numpy(), waveforms[partner[row]].double().numpy()
+        if partner[row] == row:
+            continue
+        lam = np.linalg.lstsq(np.stack([own, other], axis=1), mixed[row].double().numpy(), rcond=None)[0]
+        assert lam.sum() == pytest.approx(1.0, abs=1e-4)         # a convex combination
+        expected = lam[0] * targets[row].double().numpy() + lam[1] * targets[partner[row]].double().numpy()
+        np.testing.assert_allclose(mixed_targets[row].numpy(), expected, atol=1e-4)
+
+
+def test_mixup_respects_alpha_and_probability():
+    """Over many examples: the share left unmixed is 1 - probability, and lambda ~ Beta(alpha, alpha) has
+    the variance 1 / (4 (2 alpha + 1))."""
+    batch = 4000
+    waveforms, targets = torch.eye(batch)[:, :64].contiguous(), torch.eye(batch)     # one-hot: lambda is readable
+    for alpha, probability in ((0.2, 0.5), (2.0, 0.8)):
+        _, mixed_targets = augment.mixup(waveforms, targets, alpha, probability, np.random.default_rng(0))
+        lam = mixed_targets[torch.arange(batch), torch.arange(batch)].double().numpy()   # own share
+        partner = np.random.default_rng(0).permutation(batch)
+        moved = lam[partner != np.arange(batch)]
+        unmixed = np.mean(moved == 1.0)
+        assert unmixed == pytest.approx(1 - probability, abs=0.03)
+        mixed_lam = moved[moved < 1.0]
+        assert mixed_lam.var() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.1)
+    assert augment.mixup(waveforms, targets, 0.0, 1.0, np.random.default_rng(0))[1] is targets   # alpha 0: off

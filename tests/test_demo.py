@@ -1,5 +1,5 @@
-"""Tests for demo.py, the built-in demo data set: exact BirdCLEF 2023 layout, weak labels,
-determinism, and a run of train.py then infer.py on it end to end."""
+"""Tests for demo.py and demo_sounds.py, the built-in demo data set: the BirdCLEF 2024 layout, weak
+labels, a test site unlike the training recordings, determinism, and train.py then infer.py on it."""
 from __future__ import annotations
 
 import ast
@@ -13,6 +13,7 @@ from conftest import quick_args, run_infer
 import audio
 import data
 import demo
+import demo_sounds
 import train
 
 
@@ -21,7 +22,7 @@ def demo_dir(tmp_path_factory):
     return demo.write_demo_dataset(tmp_path_factory.mktemp("demo"), seed=0)
 
 
-def test_layout_and_columns_are_birdclef_2023(demo_dir):
+def test_layout_and_columns_are_birdclef_2024(demo_dir):
     metadata = pd.read_csv(demo_dir / "train_metadata.csv")
     assert list(metadata.columns) == ["primary_label", "secondary_labels", "type", "latitude", "longitude",
                                       "scientific_name", "common_name", "author", "license", "rating", "url",
@@ -33,7 +34,9 @@ def test_layout_and_columns_are_birdclef_2023(demo_dir):
     assert len(species) >= 8
     submission = pd.read_csv(demo_dir / "sample_submission.csv")
     assert list(submission.columns) == ["row_id", *species]
-    # The project's own reader accepts it.
+    # The project's own reader accepts it, as 2024 (2023's layout plus unlabeled_soundscapes/).
+    assert data.detect_layout(demo_dir).year == "2024"
+    assert len(list((demo_dir / "unlabeled_soundscapes").glob("*.ogg"))) == demo.UNLABELED_SOUNDSCAPES
     table = data.read_metadata(demo_dir)
     assert data.read_vocabulary(demo_dir, table) == species
     assert not audio.check_audio_files(table["path"])[1]
@@ -55,9 +58,10 @@ def test_soundscapes_have_5_second_labels(demo_dir):
     labels = pd.read_csv(demo_dir / "test_soundscapes_labels.csv", keep_default_na=False)
     assert list(labels.columns) == ["file", "start_s", "end_s", "labels"]
     species = set(pd.read_csv(demo_dir / "train_metadata.csv")["primary_label"])
+    assert labels["file"].nunique() == demo.TEST_SOUNDSCAPES == 20
     for name, rows in labels.groupby("file"):
         info = sf.info(demo_dir / "test_soundscapes" / name)
-        assert 60 <= info.duration <= 120
+        assert info.duration == pytest.approx(60, abs=0.1)
         assert list(rows["start_s"]) == list(range(0, int(info.duration), 5))
         assert ((rows["end_s"] - rows["start_s"]) == 5).all()
     codes = {code for value in labels["labels"] for code in value.split()}
@@ -75,8 +79,8 @@ def test_small_and_deterministic(demo_dir, tmp_path):
     np.testing.assert_array_equal(demo.synth_recording(recording)[0], demo.synth_recording(recording)[0])
     # OGG pages carry a random stream serial in libsndfile; the writer fixes it, so files are byte-identical.
     samples = demo.synth_recording(recording)[0]
-    demo.write_ogg(tmp_path / "a.ogg", samples, recording["sr"], serial=1234)
-    demo.write_ogg(tmp_path / "b.ogg", samples, recording["sr"], serial=1234)
+    demo_sounds.write_ogg(tmp_path / "a.ogg", samples, recording["sr"], serial=1234)
+    demo_sounds.write_ogg(tmp_path / "b.ogg", samples, recording["sr"], serial=1234)
     assert (tmp_path / "a.ogg").read_bytes() == (tmp_path / "b.ogg").read_bytes()
 
 
@@ -95,3 +99,28 @@ def test_train_then_infer_on_the_demo_soundscapes(demo_dir, tmp_path):
     scores = result["scores"]
     assert scores["rows"] == len(labels)
     assert 0.0 < scores["macro_ap"] <= 1.0 and scores["cmap5"] >= scores["cmap3"]
+
+
+def test_the_test_site_sounds_unlike_the_training_recordings():
+    """The test soundscapes' bed is another kind of sound: most of its energy sits where the training
+    recordings' pink/brown noise has little (above 2 kHz: rain, insects), and it is not a 1/f slope."""
+    rng_site, rng_train = np.random.default_rng(0), np.random.default_rng(0)
+    sr, n = 32000, 32000 * 10
+    site = demo_sounds.make_site_background(rng_site, n, sr)
+    training = demo_sounds.make_background(rng_train, n, sr)
+
+    def high_share(x):  # share of the power above 2 kHz
+        power = np.abs(np.fft.rfft(x)) ** 2
+        return power[np.fft.rfftfreq(n, 1 / sr) > 2000].sum() / power.sum()
+    assert high_share(site) > 3 * high_share(training)
+
+
+def test_distance_and_room_change_a_call_as_described():
+    rng, sr = np.random.default_rng(0), 32000
+    call, _ = demo_sounds.make_call("buzz", rng, sr)           # a 6-9 kHz noise band
+    far = demo_sounds.far_away(call, sr, cutoff_hz=2000, gain_db=-6)
+    assert np.sqrt(np.mean(far ** 2)) < 0.5 * 10 ** (-6 / 20) * np.sqrt(np.mean(call ** 2))  # gain and low-pass
+    wet = demo_sounds.reverberate(call, rng, sr, rt60=0.5)
+    assert len(wet) == len(call) + int(0.5 * sr) - 1          # the tail is kept
+    tail = wet[len(call):]
+    assert np.abs(tail).max() > 0 and np.abs(tail[-sr // 20:]).max() < np.abs(tail[:sr // 20]).max()  # it decays

@@ -17,6 +17,7 @@ from conftest import ROOT, read_rows, run_infer, tone_recording
 
 import data
 import distributed
+import options
 import train
 
 # Two processes, per-process batch 2 == one process, batch 4. The backbone is frozen
@@ -39,7 +40,7 @@ def torchrun(script, *argv, processes=2):
 
 
 def single(*argv):
-    return train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
+    return train.main(options.get_args_parser().parse_args([str(a) for a in argv]))
 
 
 def test_rank_shards_are_disjoint_and_together_the_single_process_draw(tiny_data, tmp_path):
@@ -47,7 +48,7 @@ def test_rank_shards_are_disjoint_and_together_the_single_process_draw(tiny_data
         torchrun(ROOT / "tests" / "ddp_probe.py", tmp_path / "probe.json", "--data-dir", tiny_data, "--out-dir",
                  tmp_path / "run", "--batch-size", "2", *COMMON, *sampler)
         shares = [json.loads((tmp_path / f"probe.rank{rank}.json").read_text()) for rank in (0, 1)]
-        args = train.get_args_parser().parse_args(["--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "one"),
+        args = options.get_args_parser().parse_args(["--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "one"),
                                                    "--batch-size", "4", *COMMON, *sampler])
         _, train_set, _ = data.build_datasets(args, tmp_path)
         for epoch in ("0", "1"):
@@ -116,7 +117,7 @@ def test_resume_with_another_number_of_processes_is_refused(tiny_data, trained_r
 
 
 def test_ranks_that_read_different_data_are_stopped(tiny_data, tmp_path, monkeypatch):
-    args = train.get_args_parser().parse_args(["--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "r"),
+    args = options.get_args_parser().parse_args(["--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "r"),
                                                "--batch-size", "4", *COMMON])
     labels, train_set, val_set = data.build_datasets(args, tmp_path)
     data.check_same_data_on_every_rank(labels, train_set, val_set)            # one process: agrees with itself

@@ -59,13 +59,13 @@ def test_counts_per_recording(minimum, maximum, divisor, expected_xc1, expected_
     assert all(got.get(f"aaa/XC{n}.ogg", 0) == expected_small for n in range(3, 13))
     assert got.get("bbb/XC20.ogg") == 7  # bbb has 2 < 3 recordings: keeps all its detections
     assert "bbb/XC21.ogg" not in got    # no detection at all
-    assert (extras["primary_score"] >= 0.55).all()
+    assert (extras["score"] >= 0.55).all()
 
 
 def test_best_windows_first_and_columns():
     extras = extras_lib.select_extras(detections_table(), threshold=0.55, minimum=4, maximum=12, divisor=1.5,
                                       keep_all_below=3)
-    assert list(extras.columns) == ["filename", "start_s", "primary_score", "labels"]
+    assert list(extras.columns) == ["filename", "start_s", "score", "labels"]
     xc1 = extras[extras["filename"] == "aaa/XC1.ogg"]
     assert list(xc1["start_s"]) == [0.0, 5.0, 10.0, 15.0, 20.0, 25.0]  # the six best scores
     assert set(extras["labels"]) == {"aaa", "bbb"}
@@ -76,6 +76,50 @@ def test_keep_all_rule_applies_by_recordings_per_species():
     extras = extras_lib.select_extras(detections_table(), threshold=0.55, minimum=4, maximum=12, divisor=1.5,
                                       keep_all_below=13)
     assert counts(extras)["aaa/XC1.ogg"] == 9
+
+
+def test_score_any_counts_windows_where_another_species_scores_high():
+    table = detections_table()
+    table["top1_score"] = table["primary_score"]
+    table.loc[(table["filename"] == "bbb/XC21.ogg"), "top1_score"] = 0.9   # another species heard there
+    primary = extras_lib.select_extras(table, 0.55, 0, 20, 1.0, keep_all_below=0)
+    any_species = extras_lib.select_extras(table, 0.55, 0, 20, 1.0, keep_all_below=0, score="any")
+    assert "bbb/XC21.ogg" not in counts(primary) and counts(any_species)["bbb/XC21.ogg"] == 2
+    assert (any_species["score"] >= 0.55).all()
+    with pytest.raises(ValueError, match="top1_score"):
+        extras_lib.select_extras(detections_table(), 0.55, 0, 20, 1.0, keep_all_below=0, score="any")
+
+
+def test_random_choice_keeps_the_same_counts_and_is_seeded():
+    best = extras_lib.select_extras(detections_table(), 0.55, 2, 8, 2.0, keep_all_below=3)
+    random_a = extras_lib.select_extras(detections_table(), 0.55, 2, 8, 2.0, keep_all_below=3, choose="random", seed=1)
+    random_b = extras_lib.select_extras(detections_table(), 0.55, 2, 8, 2.0, keep_all_below=3, choose="random", seed=1)
+    random_c = extras_lib.select_extras(detections_table(), 0.55, 2, 8, 2.0, keep_all_below=3, choose="random", seed=2)
+    assert counts(random_a) == counts(best)                    # XC1: floor(9/2)=4 of its 9 detections, etc.
+    pd.testing.assert_frame_equal(random_a, random_b)
+    def xc1(extras):
+        return list(extras[extras["filename"] == "aaa/XC1.ogg"]["start_s"])
+    assert xc1(best) == [0.0, 5.0, 10.0, 15.0]                 # the four best of XC1's nine detections
+    assert xc1(random_a) != xc1(best) or xc1(random_c) != xc1(best)
+    assert set(xc1(random_a)) <= {5.0 * i for i in range(9)}  # only detections (scores >= 0.55)
+
+
+def test_skip_start_and_end_leave_those_seconds_out():
+    # XC1 has 10 windows, 0-50 s; skipping 15 s at the start and 10 s at the end leaves 15-40 s:
+    # 5 windows, of which those >= 0.55 (starts 15..35 s: scores 0.80..0.60) are detections
+    extras = extras_lib.select_extras(detections_table(), 0.55, 0, 20, 1.0, keep_all_below=0, skip_start=15,
+                                      skip_end=10)
+    assert sorted(extras[extras["filename"] == "aaa/XC1.ogg"]["start_s"]) == [15.0, 20.0, 25.0, 30.0, 35.0]
+
+
+def test_totals_count_recordings_extras_and_species_kept_whole():
+    table = detections_table()
+    extras = extras_lib.select_extras(table, 0.55, 4, 12, 1.5, keep_all_below=3)
+    totals = extras_lib.extras_totals(extras, table, keep_all_below=3).set_index("species")
+    # by hand: aaa 12 recordings, extras 6 (XC1) + 3 (XC2) + 10 x 1 = 19; bbb 2 recordings (kept whole), 7 extras
+    assert totals.loc["aaa", ["recordings", "extras", "per_epoch"]].tolist() == [12, 19, 31]
+    assert totals.loc["bbb", ["recordings", "extras", "per_epoch"]].tolist() == [2, 7, 9]
+    assert totals["kept_whole"].to_dict() == {"aaa": False, "bbb": True}
 
 
 def test_cli_writes_csv_and_audio_chunks(tmp_path, capsys):
@@ -129,6 +173,26 @@ def test_train_extras_are_fixed_windows_of_training_recordings_only(tiny_data, t
     expected = audio.read_window(plain_train.paths[0], start_seconds=start, seconds=window,
                                  sample_rate=train_set.crop.sample_rate)
     np.testing.assert_array_equal(item["waveform"].numpy(), expected)
+
+
+def test_extras_chunk_crops_randomly_inside_a_chunk_centred_on_the_window(tiny_data, tmp_path):
+    """--extras-chunk 6 (window 2 s): training crops start anywhere in the 6-s chunk centred on the 5-s row
+    that still holds the window; other rows and evaluation keep their fixed start."""
+    _, plain_train, _ = data.build_datasets(quick_args(tiny_data, tmp_path / "plain"), tmp_path)
+    table = data.read_metadata(tiny_data)
+    name = dict(zip(table["path"], table["filename"]))[plain_train.paths[0]]
+    pd.DataFrame({"filename": [name], "start_s": [0.0]}).to_csv(tmp_path / "extras.csv", index=False)
+    args = quick_args(tiny_data, tmp_path / "run", "--extras", str(tmp_path / "extras.csv"), "--extras-chunk", "6")
+    _, train_set, _ = data.build_datasets(args, tmp_path)
+    row, duration = len(train_set) - 1, train_set.durations[-1]
+    assert train_set.chunks.tolist() == [0.0] * row + [6.0]
+    chunk_start = min(max(0.0 + 2.5 - 3.0, 0.0), max(duration - 6.0, 0.0))      # centred on 0-5 s, inside
+    starts = [train_set.crop_start((row, epoch, position))[1] for epoch in range(5) for position in range(20)]
+    assert min(starts) >= chunk_start and max(starts) <= chunk_start + min(6.0, duration) - 2.0
+    assert len(set(starts)) > 50                                                # anywhere in it, not fixed
+    assert train_set.crop_start(row)[1] == soundscapes.fixed_window_start(0.0, duration, 2.0)   # evaluation
+    # a recording row crops by policy as before
+    assert train_set.crop_start((0, 1, 2)) == plain_train.crop_start((0, 1, 2))
 
 
 def test_sampling_audit_counts_extras_separately(tiny_data, tmp_path):

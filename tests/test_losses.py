@@ -6,6 +6,7 @@ is tested in test_train.py and test_faults.py.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 import losses
@@ -40,3 +41,16 @@ def test_ce_renormalises_secondary_targets():
     with_secondary = torch.tensor([[1.0, 0.5, 0.0]])
     expected = -(torch.tensor([[2 / 3, 1 / 3, 0.0]]) * logits.log_softmax(dim=1)).sum()
     assert torch.allclose(losses.compute_loss(logits, with_secondary, "ce"), expected)
+
+
+def test_every_loss_is_a_mean_that_does_not_grow_with_the_batch():
+    """The log's reduction='sum' bug: a summed loss grows with the batch (and sent predictions to inf).
+    The same examples repeated 1, 4 and 16 times give the same loss, for every loss."""
+    torch.manual_seed(1)
+    logits, targets = torch.randn(3, 7) * 2, torch.zeros(3, 7)
+    targets[torch.arange(3), torch.tensor([0, 4, 6])] = 1.0
+    for name in losses.LOSSES:
+        values = [losses.compute_loss(logits.repeat(k, 1), targets.repeat(k, 1), name).item() for k in (1, 4, 16)]
+        assert values == [values[0]] * 3 or max(values) - min(values) < 1e-6 * abs(values[0]), (name, values)
+        per_example = [losses.compute_loss(logits[i:i + 1], targets[i:i + 1], name).item() for i in range(3)]
+        assert values[0] == pytest.approx(sum(per_example) / 3, rel=1e-6)       # the mean of the examples

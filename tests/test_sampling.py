@@ -88,9 +88,11 @@ def test_none_is_exactly_the_old_permutation():
         old = np.random.default_rng([seed, epoch, 7919]).permutation(n)
         np.testing.assert_array_equal(sampling.draw_epoch(n, seed=seed, epoch=epoch), old)
         np.testing.assert_array_equal(sampling.draw_epoch(n, seed=seed, epoch=epoch, sampler="none"), old)
-        ignored = sampling.draw_epoch(n, seed=seed, epoch=epoch, primary_labels=np.zeros(n), sampler="none",
-                                      cap_per_class=3)                 # labels and cap play no part
-        np.testing.assert_array_equal(ignored, old)
+        ignored = sampling.draw_epoch(n, seed=seed, epoch=epoch, primary_labels=np.zeros(n), sampler="none")
+        np.testing.assert_array_equal(ignored, old)                     # labels play no part
+        with pytest.raises(ValueError, match="use --sampler cap"):      # a cap is never silently ignored
+            sampling.draw_epoch(n, seed=seed, epoch=epoch, primary_labels=np.zeros(n), sampler="none",
+                                cap_per_class=3)
 
 
 @pytest.mark.parametrize("sampler", ["inverse", "sqrt"])
@@ -124,6 +126,41 @@ def test_weighted_draw_is_deterministic_per_seed_and_epoch():
     assert not np.array_equal(a, draw_inverse(seed=5, epoch=3))
     assert not np.array_equal(a, draw_inverse(seed=6, epoch=2))
     assert a.dtype == np.int64 and len(a) == n
+
+
+@pytest.mark.parametrize("sampler", ["inverse", "sqrt"])
+def test_weighting_within_a_capped_subset(sampler):
+    """--sampler inverse/sqrt --cap-per-class 4: each epoch at most 4 records of a species (a fresh subset),
+    drawn with replacement weighted by the capped counts m = min(N, 4); checked by hand and by frequency."""
+    labels = labels_from_counts(SMALL_COUNTS)                  # 50, 20, 10, 5, 2, 1
+    n, cap = len(labels), 4
+    kept = {species: min(count, cap) for species, count in SMALL_COUNTS.items()}     # 4, 4, 4, 4, 2, 1
+    length = sum(kept.values())
+    assert sampling.epoch_length(labels, sampler, cap) == length == 19
+    weight = {species: 1.0 / (m if sampler == "inverse" else m ** 0.5) for species, m in kept.items()}
+    species_total = {species: kept[species] * weight[species] for species in kept}   # weight of the species in a draw
+    norm = sum(species_total.values())
+    expected = sampling.expected_draws(labels, sampler, cap)
+    for species, count in SMALL_COUNTS.items():                # per record: in the subset m/N, then weighted
+        by_hand = length * (kept[species] / count) * weight[species] / norm
+        np.testing.assert_allclose(expected[labels == species], by_hand)
+    epochs = 3000
+    draws = [sampling.draw_epoch(n, seed=1, epoch=epoch, primary_labels=labels, sampler=sampler, cap_per_class=cap)
+             for epoch in range(epochs)]
+    for draw in draws[:50]:                                    # a subset of at most `cap` records per species
+        assert len(draw) == length
+        for species in SMALL_COUNTS:
+            assert len(set(draw[labels[draw] == species])) <= kept[species]
+    drawn_labels = labels[np.concatenate(draws)]
+    total = length * epochs
+    for species in SMALL_COUNTS:
+        p = species_total[species] / norm
+        sigma = (total * p * (1 - p)) ** 0.5
+        assert abs(np.sum(drawn_labels == species) - total * p) < 4 * sigma
+    _, summary = sampling.sampling_audit(labels, sampler, cap)
+    assert summary["cap_per_class"] == cap and summary["epoch_length"] == length
+    with pytest.raises(ValueError, match="goes with samplers"):
+        sampling.draw_epoch(n, seed=1, epoch=0, primary_labels=labels, sampler="none", cap_per_class=cap)
 
 
 def test_cap_takes_min_n_cap_distinct_records_per_species():

@@ -20,6 +20,7 @@ import learner as learner_lib
 import losses
 import model as model_lib
 import runfolder
+import options
 import train
 
 
@@ -111,14 +112,28 @@ def test_patience_stops_and_says_why(tiny_data, tmp_path):
     assert "val_loss did not improve by more than 10.0 for 2 evaluations" in state.stop_reason
 
 
-def test_loss_switch_changes_loss_and_activation(tiny_data, tmp_path):
+def test_loss_switch_changes_loss_and_activation_and_keep_best_keeps_the_best(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    flushing = []
+
+    def set_train_mode(model, *frozen):      # during the run, --flush-denormal flushes denormals to zero
+        flushing.append(bool((torch.tensor([1e-40]) * 1.0).item() == 0.0))
+        return real_set_train_mode(model, *frozen)
+    real_set_train_mode = learner_lib.set_train_mode
+    monkeypatch.setattr(learner_lib, "set_train_mode", set_train_mode)
     train.main(quick_args(tiny_data, out, "--loss", "ce", "--loss-switch-epoch", "1", "--loss-after", "bce",
-                          "--keep-last", "10"))
+                          "--keep-last", "10", "--keep-best", "2", "--flush-denormal"))
+    assert flushing and all(flushing) and (torch.tensor([1e-40]) * 1.0).item() != 0.0   # and only during the run
     first_epoch = torch.load(out / "checkpoint_step00000003.pt", weights_only=True)
     second_epoch = torch.load(out / "checkpoint_step00000006.pt", weights_only=True)
     assert first_epoch["model_config"]["activation"] == "softmax"
     assert second_epoch["model_config"]["activation"] == "sigmoid"
+    # --keep-best 2: exactly the two best evaluations of metrics.csv by cmap5 (the earlier of equals)
+    metrics = pd.read_csv(out / "metrics.csv").sort_values(["cmap5", "global_step"], ascending=[False, True])
+    assert sorted(path.name for path in out.glob("best-*.pt")) == sorted(
+        f"best-step{step:08d}.pt" for step in metrics["global_step"].head(2))
+    for path in out.glob("best-*.pt"):
+        assert torch.load(path, weights_only=True)["global_step"] == int(path.name[9:17])
     with pytest.raises(ValueError, match="go together"):
         train.main(quick_args(tiny_data, out, "--loss-after", "bce"))
 
@@ -168,7 +183,8 @@ def test_augmentations_touch_training_batches_only(tiny_data, trained_run, tmp_p
         return real_images(*args, **kwargs)
     monkeypatch.setattr(augment, "augment_waveforms", count_waveforms)
     monkeypatch.setattr(augment, "augment_images", count_images)
-    strong = ["--noise-prob", "1", "--gain-prob", "1", "--freq-masks", "2", "--time-masks", "2", "--epochs", "1"]
+    strong = ["--noise-prob", "1", "--gain-prob", "1", "--freq-masks", "2", "--time-masks", "2", "--epochs", "1",
+              "--mix-prob", "1", "--distance-prob", "1", "--reverb-prob", "1"]
     train.main(quick_args(tiny_data, tmp_path / "augmented", *strong))
     # 3 training steps and 2 evaluations of 4 validation windows: augmentation ran once per step only.
     assert calls == {"waveforms": 3, "images": 3}
@@ -223,7 +239,7 @@ def test_checkpoint_holds_the_run_and_its_model_flags_as_plain_data_and_load_mod
         assert torch.equal(loaded(waveform), reference(waveform))
         assert loaded.frontend(torch.randn(2, loaded.window_samples)).shape == (2, 1, 40, 24)
     with pytest.raises(SystemExit):
-        train.get_args_parser().parse_args(["--img-size", "256"])
+        options.get_args_parser().parse_args(["--img-size", "256"])
 
 
 def test_audit_sampling_builds_the_training_sampler_and_trains_nothing(tiny_data, tmp_path, caplog):
@@ -246,13 +262,13 @@ def test_unknown_backbone_fails_before_reading_data(tmp_path):
 
 def test_resume_auto_needs_out_dir():
     with pytest.raises(ValueError, match="needs --out-dir"):
-        train.main(train.get_args_parser().parse_args(["--resume", "auto"]))
+        train.main(options.get_args_parser().parse_args(["--resume", "auto"]))
 
 
 def test_parser_defaults_are_the_original_recipe():
-    args = train.get_args_parser().parse_args([])
+    args = options.get_args_parser().parse_args([])
     assert (args.loss, args.lr, args.backbone) == ("ce", 5e-4, "tf_efficientnet_b0.ns_jft_in1k")
     assert (args.n_fft, args.hop, args.n_mels, args.fmin, args.fmax) == (1024, 512, 128, 20.0, 16000.0)
     assert (args.mixup_alpha, args.evals_per_epoch, args.monitor, args.crop_policy) == (0.2, 2, "cmap5", "ends")
     assert args.pretrained and args.secondary_weight == 0.0
-    assert not train.get_args_parser().parse_args(["--no-pretrained"]).pretrained
+    assert not options.get_args_parser().parse_args(["--no-pretrained"]).pretrained

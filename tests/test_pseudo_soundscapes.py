@@ -1,0 +1,130 @@
+"""Tests for pseudo_soundscapes.py and `python data.py soundscapes`: only validation recordings, labels
+equal to the placements, deterministic, each call at the drawn SNR plus distance gain (measured from
+the mixture minus the bed), and a table train.py --val-soundscapes reads as it is."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+from conftest import quick_args, tone_recording
+
+import data
+import pseudo_soundscapes
+import soundscapes
+import train
+
+
+def build(tiny_data, out, *extra):
+    data.main(["soundscapes", "--data-dir", str(tiny_data), "--out", str(out), "--count", "3", "--seconds", "30",
+               "--sample-rate", "16000", "--call-seconds", "2", *extra])
+    placements = pd.read_csv(out / "placements.csv")
+    placements["species"] = placements["species"].fillna("")        # a row without a call
+    return pd.read_csv(out / "labels.csv", keep_default_na=False), placements
+
+
+@pytest.fixture(scope="module")
+def built(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pseudo")
+    labels, placements = build(tiny_data, out)
+    return out, labels, placements
+
+
+def test_only_the_validation_split_supplies_calls(tiny_data, built, tmp_path):
+    _, _, placements = built
+    sources = set(placements.loc[placements["species"] != "", "source"])
+    # the split train.py makes for the same --seed, read through train.py's own data path
+    _, train_set, val_set = data.build_datasets(quick_args(tiny_data, tmp_path / "run"), tmp_path)
+    root = (tiny_data / "train_audio").resolve()
+    validation = {Path(path).relative_to(root).as_posix() for path in val_set.paths}
+    training = {Path(path).relative_to(root).as_posix() for path in train_set.paths}
+    assert sources and sources <= validation and not sources & training
+    # another split seed, another set of sources: the split follows --seed
+    _, other = build(tiny_data, tmp_path / "seed7", "--seed", "7")
+    _, _, val_7 = data.build_datasets(quick_args(tiny_data, tmp_path / "run7", "--seed", "7"), tmp_path)
+    names_7 = {Path(path).relative_to(root).as_posix() for path in val_7.paths}
+    assert set(other.loc[other["species"] != "", "source"]) <= names_7
+
+
+def test_labels_are_the_placements_row_by_row(built):
+    out, labels, placements = built
+    assert len(labels) == 3 * 6 and list(labels.columns) == ["file", "start_s", "end_s", "labels"]
+    for (name, row), group in placements.groupby(["file", "row"]):
+        placed = sorted(set(group["species"]) - {""})
+        line = labels[(labels["file"] == name) & (labels["start_s"] == row * 5.0)]
+        assert len(line) == 1 and line["labels"].iloc[0] == " ".join(placed)
+        assert line["end_s"].iloc[0] == row * 5.0 + 5.0
+    calls = placements[placements["species"] != ""]
+    assert ((calls["offset_s"] >= 0) & (calls["offset_s"] + 2 <= 5)).all()       # each call inside its row
+    assert 0 < (labels["labels"] == "").sum() < len(labels)                        # some rows without a call
+    # what --val-soundscapes reads: every row, and exactly these species
+    species = sorted(set(calls["species"]))
+    targets = soundscapes.read_labels(out / "labels.csv", species)
+    for row_id, labels_of_row in zip(targets.index, targets.to_numpy()):
+        stem, end = row_id.rsplit("_", 1)
+        line = labels[(labels["file"] == f"{stem}.ogg") & (labels["end_s"] == float(end))]
+        assert sorted(np.array(species)[labels_of_row == 1]) == sorted(line["labels"].iloc[0].split())
+
+
+def test_the_same_seed_makes_the_same_soundscapes(tiny_data, built, tmp_path):
+    out, labels, placements = built
+    again_labels, again_placements = build(tiny_data, tmp_path / "again")
+    pd.testing.assert_frame_equal(labels, again_labels)
+    pd.testing.assert_frame_equal(placements, again_placements)
+    for name in labels["file"].unique():
+        np.testing.assert_array_equal(sf.read(out / name)[0], sf.read(tmp_path / "again" / name)[0])
+    _, other = build(tiny_data, tmp_path / "other", "--placement-seed", "1")
+    assert not placements.equals(other)
+    assert "Settings:" in (out / "README.txt").read_text() and "validation" in (out / "README.txt").read_text()
+
+
+def test_each_call_is_at_its_snr_plus_distance_gain_within_half_a_db(tmp_path):
+    """Measured from the mixture minus the bed, over each row holding a single call."""
+    rate = 16000
+    paths = {}
+    for index, frequency in enumerate((900.0, 2500.0, 5000.0)):
+        paths[f"sp{index}/XC{index}.wav"] = tmp_path / f"{index}.wav"
+        sf.write(paths[f"sp{index}/XC{index}.wav"], tone_recording(frequency, 6.0, rate, np.random.default_rng(index)),
+                 rate)
+    species_pieces = {f"sp{index}": [(f"sp{index}/XC{index}.wav", [0.5, 2.0])] for index in range(3)}
+    settings = pseudo_soundscapes.PlacementSettings(
+        count=1, seconds=60, sample_rate=rate, empty_share=0.0, max_calls=1, call_seconds=2.0, snr_db=(-6.0, 10.0),
+        distance_prob=0.5, distance_db=(-10.0, 0.0), distance_lowpass_hz=(1500.0, 6000.0), reverb_prob=0.5)
+    beds = [0.02 * np.random.default_rng(9).standard_normal(rate * 20).astype(np.float32)]
+    mix, placements = pseudo_soundscapes.make_soundscape(0, species_pieces, paths, beds, settings)
+    # the bed make_soundscape laid: its generator's first draws
+    bed = pseudo_soundscapes.bed_for(beds, len(mix), np.random.default_rng([settings.seed, 0]))
+    residual = mix.astype(np.float64) - bed
+    for placement in placements:
+        start = int(round((placement["row"] * 5 + placement["offset_s"]) * rate))
+        span = slice(start, start + 2 * rate)
+        level = 10 * np.log10((residual[span] ** 2).mean() / (bed[span].astype(np.float64) ** 2).mean())
+        assert level == pytest.approx(placement["snr_db"] + placement["distance_db"], abs=0.5)
+    assert {p["lowpass_hz"] > 0 for p in placements} == {True, False}                 # some calls far, some near
+    assert {p["rt60_s"] > 0 for p in placements} == {True, False}
+
+
+def test_without_a_bed_it_uses_coloured_noise_and_says_so(built):
+    out, _, _ = built
+    assert "coloured noise" in (out / "README.txt").read_text()
+
+
+def test_soundscape_style_training_with_extras_validates_on_the_pseudo_soundscapes(tiny_data, built, tmp_path):
+    """Every soundscape-style lever at once, with detector-built extras, monitored on the pseudo-soundscapes."""
+    out, labels, _ = built
+    table = data.read_metadata(tiny_data)
+    pd.DataFrame({"filename": table["filename"].head(6), "start_s": 0.0}).to_csv(tmp_path / "extras.csv", index=False)
+    background = tmp_path / "beds"
+    background.mkdir()
+    sf.write(background / "bed.wav", 0.05 * np.random.default_rng(0).standard_normal(16000 * 4).astype("float32"),
+             16000)
+    state = train.main(quick_args(
+        tiny_data, tmp_path / "run", "--epochs", "1", "--extras", str(tmp_path / "extras.csv"), "--extras-chunk", "4",
+        "--mix-prob", "1", "--distance-prob", "0.5", "--reverb-prob", "0.5", "--bg-dir", str(background),
+        "--bg-prob", "1", "--bg-snr", "-3", "12", "--val-soundscapes", str(out / "labels.csv"),
+        "--monitor", "soundscape_cmap5"))
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert len(metrics) == 2 and metrics["soundscape_cmap5"].between(0, 1).all()
+    assert state.best_metric == metrics["soundscape_cmap5"].max()
