@@ -9,6 +9,8 @@ the end serve both training augmentation (augment.py) and pseudo-soundscapes.
 from __future__ import annotations
 
 import math
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +19,23 @@ import soundfile as sf
 import torch
 import torchaudio
 
+log = logging.getLogger("birdclef")
+
 AUDIO_EXTENSIONS = (".ogg", ".mp3", ".flac", ".wav")
 CROP_POLICIES = ("ends", "random")
 PAD_MODES = ("zero", "repeat")
 INT16_SCALE = 32767.0       # the cache stores samples as int16: float = int16 / INT16_SCALE
+
+
+def path_inside(folder, relative, where: str) -> Path:
+    """`folder`/`relative` for a file named by a table, refused when the name is absolute or climbs
+    out with '..' (a hostile table must not read or write elsewhere). The check is on the names, not
+    on resolved links, so a species folder that is a symlink to another disk still works."""
+    relative = Path(str(relative))
+    joined = Path(os.path.normpath(Path(folder) / relative))
+    if relative.is_absolute() or relative.drive or not joined.is_relative_to(os.path.normpath(folder)):
+        raise ValueError(f"{where}: {str(relative)!r} points outside {folder}; names there are relative to it")
+    return joined
 
 
 def audio_files(folder, recursive: bool = True) -> list[Path]:
@@ -40,6 +55,8 @@ def check_audio_files(paths) -> tuple[list[tuple[int, float]], list[tuple[str, s
             info = sf.info(path)
             if info.frames <= 0 or info.samplerate <= 0:
                 raise ValueError("no audio frames")
+            if info.samplerate < MIN_SAMPLE_RATE:
+                raise ValueError(f"sample rate {info.samplerate} Hz is below {MIN_SAMPLE_RATE} Hz")
             headers.append((info.frames, info.samplerate))
         except Exception as error:  # missing, unreadable, not audio: all reported, none fatal
             reason = f"{type(error).__name__}: {error}".replace("\n", " ")
@@ -101,6 +118,50 @@ class Resampler:
 
 _resamplers: dict[tuple[int, int], Resampler] = {}
 
+# Bounds on what one file may ask of memory. A header is only a claim: a WAV declaring 1 Hz, or
+# 44,101 Hz (no common divisor with 32 kHz: a 32000 x 44101 kernel), would ask for gigabytes.
+STANDARD_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000, 176400, 192000)
+MIN_SAMPLE_RATE = 4000              # below this no bird call is left in the audio
+MAX_KERNEL_TAPS = 20_000_000        # 80 MB of float32: every standard rate pair needs far less
+MAX_DECODED_SECONDS = 2 * 3600      # a whole file decoded at once (soundscapes, inference): ~0.9 GB at 32 kHz
+_snapped_rates: set[int] = set()
+
+
+def kernel_taps(source_rate: int, target_rate: int) -> int:
+    """Size of torchaudio's resampling kernel between two rates: phases x (orig + 2 x its reach)."""
+    divisor = math.gcd(source_rate, target_rate)
+    orig, new = source_rate // divisor, target_rate // divisor
+    width = math.ceil(6 * orig / (0.99 * min(orig, new)))    # Resample's defaults: 6 zero crossings, rolloff 0.99
+    return new * (orig + 2 * width)
+
+
+def usable_rate(source_rate: int, target_rate: int) -> int:
+    """The rate to resample from: the file's own; the nearest standard rate when it is within 0.1 %
+    of one (a header written as 44101 Hz; the pitch moves by less than that); an error when it is
+    implausibly low or its kernel would not fit in MAX_KERNEL_TAPS."""
+    source_rate = int(source_rate)
+    if source_rate in STANDARD_RATES or source_rate == target_rate:
+        return source_rate
+    if source_rate < MIN_SAMPLE_RATE:
+        raise ValueError(f"sample rate {source_rate} Hz is below {MIN_SAMPLE_RATE} Hz: not usable audio")
+    nearest = min(STANDARD_RATES, key=lambda rate: abs(rate - source_rate))
+    if abs(nearest - source_rate) <= 0.001 * nearest:
+        if source_rate not in _snapped_rates:
+            _snapped_rates.add(source_rate)
+            log.warning("sample rate %d Hz read as %d Hz (within 0.1 %%)", source_rate, nearest)
+        return nearest
+    if kernel_taps(source_rate, target_rate) > MAX_KERNEL_TAPS:
+        raise ValueError(f"sample rate {source_rate} Hz: resampling it to {target_rate} Hz needs a "
+                         f"{kernel_taps(source_rate, target_rate):,}-tap kernel; convert the file to a standard rate")
+    return source_rate
+
+
+def check_length(frames: int, source_rate: int, where) -> None:
+    """A whole file decoded at once must stay under MAX_DECODED_SECONDS."""
+    if source_rate > 0 and frames / source_rate > MAX_DECODED_SECONDS:
+        raise ValueError(f"{where}: {frames / source_rate / 3600:.1f} h of audio; files are decoded whole up to "
+                         f"{MAX_DECODED_SECONDS / 3600:g} h: split it into shorter files")
+
 
 def to_mono_resampled(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
     """(frames, channels) float -> (samples,) float32 mono at target_rate, NaN/inf zeroed."""
@@ -112,6 +173,9 @@ def to_mono_resampled(audio: np.ndarray, source_rate: int, target_rate: int) -> 
         mono = np.nan_to_num(mono, nan=0.0, posinf=0.0, neginf=0.0)
     if source_rate == target_rate or len(mono) == 0:
         return mono
+    source_rate = usable_rate(source_rate, target_rate)
+    if source_rate == target_rate:
+        return mono
     key = (source_rate, target_rate)
     if key not in _resamplers:  # the kernel is computed once per rate pair and process
         _resamplers[key] = Resampler(source_rate, target_rate)
@@ -122,8 +186,14 @@ def to_mono_resampled(audio: np.ndarray, source_rate: int, target_rate: int) -> 
 
 def read_audio(path, sample_rate: int) -> np.ndarray:
     """A whole file -> (samples,) float32 mono at sample_rate (soundscapes; crops use read_window)."""
-    audio, source_rate = sf.read(path, dtype="float32", always_2d=True)
-    return to_mono_resampled(audio, source_rate, sample_rate)
+    return to_mono_resampled(*read_whole(path), sample_rate)
+
+
+def read_whole(path) -> tuple[np.ndarray, int]:
+    """A whole file -> ((frames, channels) float32, its rate), refused past MAX_DECODED_SECONDS."""
+    with sf.SoundFile(path) as audio_file:
+        check_length(audio_file.frames, audio_file.samplerate, path)
+        return audio_file.read(dtype="float32", always_2d=True), audio_file.samplerate
 
 
 def read_window(path, start_seconds: float, seconds: float, sample_rate: int, pad: str = "zero") -> np.ndarray:

@@ -23,11 +23,15 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
 import audio
+import progress
 
 log = logging.getLogger("birdclef")
 
@@ -55,13 +59,27 @@ def cached_segments(duration: float, settings: dict) -> list[tuple[float, float]
     return [(0.0, min(duration, limit))]
 
 
+FINGERPRINT_BLOCK = 4096    # bytes hashed at each end of a file
+
+
 def data_fingerprint(names: list[str], paths: list[str]) -> str:
-    """Which recordings (their names, data.audio_names), in which order, of which sizes: a cache is
-    only used for the data it was made from."""
+    """Which recordings (their names, data.audio_names), in which order, with which content: size,
+    modification time and a hash of the first and last FINGERPRINT_BLOCK bytes of each file. A cache
+    is only used for the data it was made from; a file replaced by other audio of the same size is
+    caught by its ends and its time (copying the data without keeping times asks for a new cache)."""
     digest = hashlib.sha1()
     for name, path in zip(names, paths):
-        size = Path(path).stat().st_size if Path(path).is_file() else -1
-        digest.update(f"{name}\t{size}\n".encode())
+        digest.update(f"{name}\t".encode())
+        try:
+            with open(path, "rb") as handle:
+                status = os.fstat(handle.fileno())
+                digest.update(f"{status.st_size}\t{status.st_mtime_ns}\t".encode())
+                digest.update(handle.read(FINGERPRINT_BLOCK))
+                handle.seek(max(status.st_size - FINGERPRINT_BLOCK, 0))
+                digest.update(handle.read(FINGERPRINT_BLOCK))
+        except OSError:
+            digest.update(b"unreadable")
+        digest.update(b"\n")
     return digest.hexdigest()
 
 
@@ -107,7 +125,6 @@ def _cache_recording(job) -> tuple[int, str | None]:
 def build_cache(names: list[str], paths: list[str], out_dir, settings: dict, workers: int = 2) -> Path:
     """Write (or finish) the cache of these recordings (names: data.audio_names) in `out_dir`;
     refuses a folder made with other settings or from other recordings."""
-    from tqdm import tqdm
     out_dir = Path(out_dir)
     fingerprint = data_fingerprint(names, paths)
     manifest_path = out_dir / "manifest.json"
@@ -127,13 +144,21 @@ def build_cache(names: list[str], paths: list[str], out_dir, settings: dict, wor
         by_row.setdefault(int(owner), []).append((int(start), int(length), int(offset)))
     todo = [(str(out_dir), paths[row], row, by_row.get(row, []), settings["sample_rate"])
             for row in range(len(paths)) if not done[row]]
-    with tqdm(total=len(todo), desc="cache", unit="rec", disable=not todo) as progress:
-        if workers > 0:
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                finished = pool.imap_unordered(_cache_recording, todo, chunksize=4)
-                _mark_done(finished, done, progress)
-        else:
-            _mark_done(map(_cache_recording, todo), done, progress)
+    if workers > 0:
+        # concurrent.futures, not multiprocessing.Pool: a worker that dies (killed, out of memory)
+        # raises BrokenProcessPool here instead of leaving the command waiting for ever
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(_cache_recording, job) for job in todo]
+                _mark_done(progress.bar((future.result() for future in as_completed(futures)), total=len(todo),
+                                        desc="cache", unit="recording"), done)
+        except BrokenProcessPool:
+            done.flush()
+            raise CacheError(f"a cache worker died (killed, or out of memory) while writing {out_dir}: the "
+                             f"recordings cached so far are kept; run the same command again to finish "
+                             f"(--workers 0 decodes in this process)") from None
+    else:
+        _mark_done(progress.bar(map(_cache_recording, todo), total=len(todo), desc="cache", unit="recording"), done)
     manifest["complete"] = True
     _write_json_atomic(manifest_path, manifest)
     print(f"cache complete: {manifest['recordings']} recordings, {manifest['bytes'] / 1e9:.2f} GB -> {out_dir}")
@@ -151,8 +176,7 @@ def _start_cache(out_dir: Path, paths: list[str], settings: dict, fingerprint: s
                 "segments": len(plan["length"]), "samples": total, "bytes": 2 * total, "complete": False}
     print(f"caching {len(paths)} recordings, {total / settings['sample_rate'] / 3600:.1f} h of audio at "
           f"{settings['sample_rate']} Hz: {2 * total / 1e9:.2f} GB in {out_dir} (--max-seconds lowers it)")
-    with open(out_dir / "audio.int16", "wb") as handle:
-        handle.truncate(2 * total)                    # sparse until written
+    reserve_space(out_dir / "audio.int16", 2 * total)
     np.save(out_dir / "done.npy", np.zeros(len(paths), dtype=np.uint8))
     np.savez(out_dir / ".segments.tmp.npz", **plan)
     os.replace(out_dir / ".segments.tmp.npz", out_dir / "segments.npz")
@@ -160,13 +184,33 @@ def _start_cache(out_dir: Path, paths: list[str], settings: dict, fingerprint: s
     return plan, manifest
 
 
-def _mark_done(results, done: np.memmap, progress) -> None:
+def reserve_space(path: Path, size: int) -> None:
+    """Create `path` with `size` bytes reserved on disk. A sparse file would let the disk fill up
+    while the workers write into it -- through a memory map, that is a Bus error, or a hang --
+    so the space is checked and taken now, with a clear error if it is not there."""
+    free = shutil.disk_usage(path.parent).free
+    if size > free:
+        raise CacheError(f"the cache needs {size / 1e9:.2f} GB in {path.parent} and {free / 1e9:.2f} GB are free: "
+                         f"free some space, choose another --out, or lower --max-seconds")
+    with open(path, "wb") as handle:
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(handle.fileno(), 0, size)     # Linux: the blocks are allocated now
+            else:
+                handle.truncate(size)                            # macOS and Windows: checked above only
+        except OSError as error:
+            handle.close()
+            path.unlink()
+            raise CacheError(f"could not reserve {size / 1e9:.2f} GB for {path} ({error.strerror or error}): free "
+                             f"some space, choose another --out, or lower --max-seconds") from None
+
+
+def _mark_done(results, done: np.memmap) -> None:
     """1: cached; 2: failed to decode (not cached, not retried)."""
     for count, (row, error) in enumerate(results, start=1):
         done[row] = 1 if error is None else 2
         if error is not None:
             log.warning("not cached (cannot be decoded): recording %d: %s", row, error)
-        progress.update()
         if count % 64 == 0:
             done.flush()
     done.flush()
@@ -179,8 +223,9 @@ def _check_manifest(manifest: dict, settings: dict, fingerprint: str, folder: Pa
                              f"a cache for these settings in another folder (python data.py cache --out ...), "
                              f"or train without --cache")
     if manifest.get("data_fingerprint") != fingerprint:
-        raise CacheError(f"cache {folder} was made from another data set (other recordings or file sizes than "
-                         f"--data-dir): make a new one in another folder, or train without --cache")
+        raise CacheError(f"cache {folder} was made from other data (other recordings, or files of --data-dir "
+                         f"changed since: size, time or content): make a new one in another folder, or train "
+                         f"without --cache")
     if require_complete and not manifest.get("complete"):
         raise CacheError(f"cache {folder} is unfinished (interrupted while caching): run the same "
                          f"`python data.py cache` command again to finish it")
@@ -196,6 +241,10 @@ class AudioCache:
             raise CacheError(f"{self.folder} is not a cache (no manifest.json); make one with python data.py cache")
         manifest = json.loads(manifest_path.read_text())
         _check_manifest(manifest, settings, data_fingerprint(names, paths), self.folder, require_complete=True)
+        size = (self.folder / "audio.int16").stat().st_size if (self.folder / "audio.int16").is_file() else 0
+        if size != manifest["bytes"]:
+            raise CacheError(f"{self.folder / 'audio.int16'} holds {size} bytes, its manifest says {manifest['bytes']} "
+                             f"(truncated or replaced): make the cache again in a new folder")
         plan = np.load(self.folder / "segments.npz")
         self.rate = settings["sample_rate"]
         self.duration = plan["duration"]

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import pandas as pd
 
 import audio
 import cache as cache_lib
+import demo
 import distributed
 import extras as extras_lib
 import loader
@@ -110,22 +112,24 @@ def read_metadata(data_dir) -> pd.DataFrame:
     if table.empty:
         raise ValueError(f"{csv_path} has no rows")
 
-    audio_root = (data_dir / layout.audio).resolve()
+    audio_root = (data_dir / layout.audio).absolute()
     urls = table["url"] if "url" in table.columns else [""] * len(table)
     secondary, paths, recording_ids = [], [], []
     for row_number, (primary, text, filename, url) in enumerate(
             zip(table["primary_label"], table["secondary_labels"], table["filename"], urls), start=2):
         secondary.append(parse_label_list(text, f"{csv_path} row {row_number}"))
         relative = filename if layout.folder_in_filename else Path(primary) / filename
-        path = (audio_root / relative).resolve()
-        if not path.is_relative_to(audio_root):
-            raise ValueError(f"{csv_path} row {row_number}: filename {filename!r} points outside {audio_root}")
-        paths.append(str(path))
+        paths.append(str(audio.path_inside(audio_root, relative, f"{csv_path} row {row_number}")))
         recording_ids.append(xeno_canto_id(filename, url))
     table["secondary"] = secondary
     table["path"] = paths
     table["source"] = str(data_dir)
     table["recording_id"] = recording_ids
+    # one row per file: a repeated row would put the same audio in training and validation
+    table, repeated = drop_duplicate_recordings(table, key="path")
+    if repeated:
+        log.warning("%s: %d row(s) name a file listed before; each file is used once, from its first row "
+                    "(secondary labels of its rows united)", csv_path, repeated)
     return table
 
 
@@ -162,10 +166,21 @@ def read_vocabulary(data_dir, table: pd.DataFrame) -> list[str]:
     """
     sample_submission = Path(data_dir) / "sample_submission.csv"
     if sample_submission.is_file():
-        columns = [column for column in pd.read_csv(sample_submission, nrows=0).columns if column != "row_id"]
+        columns = submission_columns(sample_submission)
         if columns and not set(columns) <= {"birds", "target"}:
             return columns
     return sorted(table["primary_label"].unique())
+
+
+def submission_columns(path) -> list[str]:
+    """A sample submission's columns but row_id, as written: a repeated column is refused (pandas
+    would silently rename it "x.1", and one species' scores would sit under another's name)."""
+    with open(path, newline="") as handle:
+        header = next(csv.reader(handle), [])
+    repeated = sorted({column for column in header if header.count(column) > 1})
+    if repeated:
+        raise ValueError(f"{path} has the column(s) {repeated} more than once")
+    return [column for column in header if column != "row_id"]
 
 
 def scored_species(data_dir) -> list[str] | None:
@@ -208,24 +223,24 @@ def read_training_data(data_dirs) -> tuple[pd.DataFrame, list[str]]:
     return table, labels
 
 
-def drop_duplicate_recordings(table: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Keep the first row of each xeno-canto id (rows without one are all kept) -> (table, rows dropped).
+def drop_duplicate_recordings(table: pd.DataFrame, key: str = "recording_id") -> tuple[pd.DataFrame, int]:
+    """Keep the first row of each xeno-canto id (`key`; rows without one are all kept) -> (table, rows dropped).
 
     The kept row's secondary labels become the union over its copies (a later
     year may list more background species), without its own primary label.
     """
-    has_id = table["recording_id"] != ""
-    duplicate = has_id & table["recording_id"].duplicated(keep="first")
+    has_id = table[key] != ""
+    duplicate = has_id & table[key].duplicated(keep="first")
     if not duplicate.any():
         return table.reset_index(drop=True), 0
     united = {}
-    for recording_id, secondary in zip(table["recording_id"][has_id], table["secondary"][has_id]):
+    for recording_id, secondary in zip(table[key][has_id], table["secondary"][has_id]):
         codes = united.setdefault(recording_id, [])
         codes += [code for code in secondary if code not in codes]
     kept = table[~duplicate].copy()
     kept["secondary"] = [
         [code for code in united[recording_id] if code != primary] if recording_id else secondary
-        for recording_id, secondary, primary in zip(kept["recording_id"], kept["secondary"], kept["primary_label"])]
+        for recording_id, secondary, primary in zip(kept[key], kept["secondary"], kept["primary_label"])]
     return kept.reset_index(drop=True), int(duplicate.sum())
 
 
@@ -298,7 +313,6 @@ def ensure_demo_data(data_dir) -> Path:
     """The default --data-dir is the demo folder, generated on first use."""
     data_dir = Path(data_dir)
     if data_dir.resolve() == DEMO_DIR and not (data_dir / "train_metadata.csv").is_file():
-        import demo
         log.warning("writing the built-in demo data set to %s (first use)", data_dir)
         demo.write_demo_dataset(data_dir)
     return data_dir
@@ -458,11 +472,24 @@ def nocall_windows(args, table: pd.DataFrame, train_index, out_dir: Path) -> pd.
     return windows
 
 
+def data_fingerprint(labels, train_set, val_set) -> str:
+    """A hash of what a run trains and validates on: the labels, each training window (its file by
+    species folder and name, so a moved --data-dir matches; start; targets) and each validation
+    file. A checkpoint stores it, so a resume on other data (a metadata row removed, another
+    split) is refused instead of silently recomputing the split."""
+    def names(paths):
+        return ["/".join(Path(path).parts[-2:]) for path in paths]
+    digest = hashlib.sha1("\n".join(map(str, [labels, names(train_set.paths), train_set.starts.tolist(),
+                                                names(val_set.paths)])).encode())
+    digest.update(np.ascontiguousarray(train_set.targets, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(val_set.targets, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
 def check_same_data_on_every_rank(labels, train_set, val_set) -> None:
     """Under torchrun each rank reads the metadata and file headers itself; a file that only some
     ranks can read (flaky shared storage) would give them different draws and hang the job."""
-    summary = hashlib.sha1("\n".join(map(str, [labels, train_set.paths, train_set.starts.tolist(),
-                                                 val_set.paths])).encode()).hexdigest()
+    summary = data_fingerprint(labels, train_set, val_set)
     if len(set(distributed.gather_objects(summary))) > 1:
         raise ValueError("the processes read different data (labels, usable recordings or windows differ "
                          "between ranks): check that every machine sees the same --data-dir files")
@@ -583,7 +610,6 @@ def main(argv=None) -> None:
         table, _ = read_training_data([ensure_demo_data(folder) for folder in args.data_dir])
         cache_lib.build_cache(audio_names(table), list(table["path"]), args.out, settings, args.workers)
     elif args.command == "demo":
-        import demo
         demo.write_demo_dataset(args.out, seed=args.seed, median_seconds=args.median_seconds)
     elif args.command == "extras":
         if args.write_audio and not args.audio_dir:
@@ -595,4 +621,8 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as error:   # CacheError is a ValueError
+        log.error("%s", error)
+        sys.exit(1)

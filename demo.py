@@ -23,7 +23,6 @@ seed gives byte-identical CSVs and identical audio samples; the OGG files are
 also byte-identical because the (otherwise random) Ogg stream serial number
 that libsndfile writes is replaced by a seed-derived one.
 
-Only numpy, pandas, soundfile and the standard library are used.
 """
 from __future__ import annotations
 
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 import demo_sounds as sounds
+import progress
 from demo_sounds import HOP_S
 
 # ----------------------------------------------------------------------------
@@ -70,6 +70,12 @@ _TYPES = [["call"], ["song"], ["call"], ["song"], ["call", "song"], ["flight cal
 TRAIN_SR_CHOICES = (32000, 44100, 48000)
 SOUNDSCAPE_SR = 32000
 TEST_SOUNDSCAPES = 20          # 1 minute each, at the test site
+TEST_SNR_DB = (-6.0, 12.0)     # in-band SNR of a call at the test site (training recordings: 0 to 20 dB)
+TEST_DISTANCE_PROB = 0.5       # share of test-site calls from a distance: low-pass at 2-8 kHz and quieter by
+TEST_DISTANCE_DB = (-10.0, 0.0)
+TEST_REVERB_PROB = 0.5         # share of test-site calls in a room (RT60 0.3-1.5 s)
+TEST_CALL_SECONDS = (0.5, 2.0) # seconds of calling per species in an active window
+UNKNOWN_BIRDS = 0.35           # share of test-site windows with a bird outside the vocabulary
 UNLABELED_SOUNDSCAPES = 4      # 1 minute each, the test site's sound without the vocabulary's species
 
 
@@ -277,7 +283,7 @@ def synth_soundscape(sc, species):
     bg = sounds.make_site_background(rng, n, sr)
     band = sounds.band_rms(bg, sr)
     mix = bg.copy()
-    _unknown_birds(rng, mix, band, sr, n, 0.35)
+    _unknown_birds(rng, mix, band, sr, n, UNKNOWN_BIRDS)
     sound = {c: np.zeros(n // hop, bool) for c in species}
     cycle = list(rng.permutation(species))  # cycle so rare species appear too
     for wi in np.flatnonzero(_active_windows(rng, nw)):
@@ -286,12 +292,12 @@ def synth_soundscape(sc, species):
             present.append(str(rng.choice([c for c in species if c not in present])))
         for code in present:
             kind, (lo, hi) = _KIND[code], _BAND[code]
-            snr = rng.uniform(-6, 12)
-            far = (np.exp(rng.uniform(math.log(2000), math.log(8000))), rng.uniform(-10, 0)) \
-                if rng.random() < 0.5 else None
-            rt60 = rng.uniform(0.3, 1.5) if rng.random() < 0.5 else None
+            snr = rng.uniform(*TEST_SNR_DB)
+            far = (np.exp(rng.uniform(math.log(2000), math.log(8000))), rng.uniform(*TEST_DISTANCE_DB)) \
+                if rng.random() < TEST_DISTANCE_PROB else None
+            rt60 = rng.uniform(0.3, 1.5) if rng.random() < TEST_REVERB_PROB else None
             t = wi * 5 + rng.uniform(0, 3.5)
-            target, got = rng.uniform(0.5, 2.0), 0.0
+            target, got = rng.uniform(*TEST_CALL_SECONDS), 0.0
             while got < target:
                 x, m = sounds.make_call(kind, rng, sr)
                 s = int(round(t / HOP_S)) * hop  # onsets on the 10-ms grid
@@ -321,7 +327,7 @@ def synth_unlabeled(sc):
     rng = np.random.default_rng(sc["seed"])
     sr, n = SOUNDSCAPE_SR, sc["n_windows"] * 5 * SOUNDSCAPE_SR
     mix = sounds.make_site_background(rng, n, sr)
-    _unknown_birds(rng, mix, sounds.band_rms(mix, sr), sr, n, 0.35)
+    _unknown_birds(rng, mix, sounds.band_rms(mix, sr), sr, n, UNKNOWN_BIRDS)
     mix *= rng.uniform(0.5, 0.8) / (np.abs(mix).max() + 1e-12)
     return mix.astype(np.float32)
 
@@ -373,7 +379,8 @@ def write_demo_dataset(out_dir, seed: int = 0, soundscape_minutes: float = 1.0,
     rows, train_s = write_recordings(out, plan["recordings"], seed)
     lab_rows, sc_s = [], 0.0
     (out / "test_soundscapes").mkdir(parents=True, exist_ok=True)
-    for k, sc in enumerate(plan["soundscapes"]):
+    for k, sc in enumerate(progress.bar(plan["soundscapes"], total=len(plan["soundscapes"]), desc="demo soundscapes",
+                                        unit="soundscape")):
         audio, r = synth_soundscape(sc, species)
         sounds.write_ogg(out / "test_soundscapes" / (sc["name"] + ".ogg"), audio, SOUNDSCAPE_SR,
                          (seed * 1000003 + 900001 + k) & 0x7FFFFFFF)
@@ -404,7 +411,7 @@ def write_recordings(out: pathlib.Path, recordings: list[dict], seed: int) -> tu
     """train_audio/<label>/XC<id>.ogg and train_metadata.csv -> (metadata rows, seconds of audio)."""
     (out / "train_audio").mkdir(parents=True, exist_ok=True)
     train_s, rows = 0.0, []
-    for k, rec in enumerate(recordings):
+    for k, rec in enumerate(progress.bar(recordings, total=len(recordings), desc="demo recordings", unit="recording")):
         audio, _ = synth_recording(rec)
         fn = f"{rec['primary_label']}/XC{rec['xc']}.ogg"
         (out / "train_audio" / rec["primary_label"]).mkdir(exist_ok=True)

@@ -23,6 +23,7 @@ import loader
 import losses
 import metrics
 import model as model_lib
+import progress
 import soundscapes
 
 log = logging.getLogger("birdclef")
@@ -58,7 +59,7 @@ def predict_clips(model, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
     rank and ordered by window."""
     model.eval()
     all_logits, all_targets, all_indices = [], [], []
-    for batch in batches:
+    for batch in progress.bar(batches, total=len(batches), desc="validation", unit="batch"):
         if batch is None:
             continue
         all_logits.append(model(audio.as_float(batch["waveform"].to(device))).float().cpu())  # (B, C)
@@ -143,8 +144,8 @@ class SoundscapeValidation:
         self.weights = scipy.linalg.block_diag(*weights)[keep]                     # (labelled rows, W)
         self.targets = labelled.loc[np.array(ids)[keep]].to_numpy()                # (labelled rows, species)
         self.chance = chance_level(self.targets, seed)
-        log.info("%s soundscapes: %d labelled 5-s rows from %d file(s) in %s", prefix, len(self.targets),
-                 len(windows), audio_dir)
+        log.info("%s soundscapes: %d labelled 5-s rows from %d file(s) in %s",
+                 "validation" if prefix == "soundscape" else prefix, len(self.targets), len(windows), audio_dir)
 
     @torch.inference_mode()
     def evaluate(self, model, batch_size: int, device) -> dict:
@@ -152,8 +153,9 @@ class SoundscapeValidation:
         rank, world_size = distributed.rank_and_world_size()
         mine = torch.arange(rank, len(self.windows), world_size)               # this rank's share of the windows
         batches = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
-        (logits,) = distributed.gather_rows(batches, [model(self.windows[index].to(device)).float().cpu()
-                                                      for index in batches])  # (W, C) from every rank
+        logits = [model(self.windows[index].to(device)).float().cpu()
+                  for index in progress.bar(batches, total=len(batches), desc=f"{self.prefix} soundscapes")]
+        (logits,) = distributed.gather_rows(batches, logits)                  # (W, C) from every rank
         scores = self.weights @ model_lib.checked_scores(logits, model.activation,
                                                          "the model on the validation soundscapes")
         scores = scores[:, self.columns]

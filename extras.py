@@ -9,6 +9,7 @@ matches both to the training split, so no validation recording leaks in.
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -17,10 +18,13 @@ import pandas as pd
 import soundfile as sf
 
 import audio
+import progress
 import soundscapes
 
 SCORES = {"primary": "primary_score", "any": "top1_score"}   # --score: which column makes a detection
 CHOICES = ("best", "random")                                   # --choose: which detections are kept
+
+log = logging.getLogger("birdclef")
 
 
 def select_extras(detections: pd.DataFrame, threshold: float, minimum: int, maximum: int, divisor: float,
@@ -40,9 +44,11 @@ def select_extras(detections: pd.DataFrame, threshold: float, minimum: int, maxi
     if score not in SCORES or choose not in CHOICES:
         raise ValueError(f"score must be one of {tuple(SCORES)} and choose one of {CHOICES}")
     column = SCORES[score]
-    if column not in detections.columns:
-        raise ValueError(f"the detections table has no {column} column (--score {score}); write it with "
-                         f"infer.py --detections")
+    missing = [name for name in ("filename", "primary_label", "start_s", "end_s", column)
+               if name not in detections.columns]
+    if missing:
+        raise ValueError(f"the detections table lacks column(s) {missing} (--score {score} reads {column}); "
+                         f"write it with infer.py --detections")
     recordings_per_species = detections.groupby("primary_label")["filename"].nunique()
     ends = detections.groupby("filename")["end_s"].transform("max")          # each window's recording length
     eligible = (detections["start_s"] >= skip_start) & (detections["end_s"] <= ends - skip_end)
@@ -105,16 +111,25 @@ def select_nocall_detections(detections: pd.DataFrame, max_score: float, per_rec
 
 
 def write_extra_audio(extras: pd.DataFrame, audio_dir, out_dir, chunk_seconds: float) -> int:
-    """Write each extra window as `<XC id>_<start s>.ogg` of `chunk_seconds`, centred on the 5-s window."""
+    """Write each extra window as `<XC id>_<start s>.ogg` of `chunk_seconds`, centred on the 5-s window.
+    Names are confined to `audio_dir` (reading) and `out_dir` (writing); a recording that is missing
+    or unreadable is logged and skipped -> chunks written."""
     out_dir = Path(out_dir)
     written = 0
-    for filename, start in zip(extras["filename"], extras["start_s"]):
-        source = Path(audio_dir) / filename
-        with sf.SoundFile(source) as handle:
-            rate = handle.samplerate
-        chunk_start = max(float(start) + soundscapes.ROW_SECONDS / 2 - chunk_seconds / 2, 0.0)
-        samples = audio.read_window(source, chunk_start, chunk_seconds, rate)
-        target = out_dir / Path(filename).parent / f"{Path(filename).stem}_{int(round(float(start)))}.ogg"
+    for filename, start in progress.bar(list(zip(extras["filename"], extras["start_s"])), total=len(extras),
+                                        desc="extra chunks", unit="chunk"):
+        source = audio.path_inside(audio_dir, filename, "extras filename")
+        name = Path(str(filename))
+        target = audio.path_inside(out_dir, name.parent / f"{name.stem}_{int(round(float(start)))}.ogg",
+                                   "extras filename")
+        try:
+            with sf.SoundFile(source) as handle:
+                rate = handle.samplerate
+            chunk_start = max(float(start) + soundscapes.ROW_SECONDS / 2 - chunk_seconds / 2, 0.0)
+            samples = audio.read_window(source, chunk_start, chunk_seconds, rate)
+        except (OSError, RuntimeError, ValueError) as error:     # soundfile's LibsndfileError is a RuntimeError
+            log.warning("skipped %s at %.1f s: %s", source, float(start), error)
+            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         with sf.SoundFile(target, "w", rate, 1, format="OGG", subtype="VORBIS") as handle:
             for block in range(0, len(samples), rate):  # blocks: libsndfile's Vorbis encoder crashes on huge writes
@@ -126,7 +141,7 @@ def write_extra_audio(extras: pd.DataFrame, audio_dir, out_dir, chunk_seconds: f
 def extras_command(args) -> pd.DataFrame:
     """`python data.py extras`: select, write extras.csv, print the totals per species (with the
     recordings themselves, so the epoch's size is visible), and with --write-audio write the chunks."""
-    detections = pd.read_csv(args.detections)
+    detections = pd.read_csv(args.detections, dtype={"filename": str, "primary_label": str}, keep_default_na=False)
     extras = select_extras(detections, args.threshold, args.min, args.max, args.divisor, args.keep_all_below,
                            score=args.score, choose=args.choose, seed=args.seed, skip_start=args.skip_start,
                            skip_end=args.skip_end)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import soundfile as sf
 import torch
 
 import audio
@@ -32,6 +32,8 @@ import data
 import distributed
 import engines
 import model as model_lib
+import outputs
+import progress
 import soundscapes
 
 log = logging.getLogger("birdclef")
@@ -44,15 +46,28 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                      add_help=add_help,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("input and output")
-    group.add_argument("--ckpts", nargs="+", required=True, help="checkpoint files written by train.py")
+    group.add_argument("--ckpts", nargs="+", required=True,
+                       help="checkpoints written by train.py (a run folder stands for its best.pt)")
     group.add_argument("--soundscapes", default=str(data.DEMO_DIR / "test_soundscapes"),
-                       help="folder of ogg/mp3/flac/wav files to score")
-    group.add_argument("--out", default="submission.csv",
-                       help="submission CSV (kaggle, csv) or folder of selection tables (raven)")
+                       help="folder of ogg/mp3/flac/wav files to score, searched recursively")
+    group.add_argument("--file-list", default=None, help="text file of audio paths to score, one a line "
+                       "(instead of --soundscapes)")
+    group.add_argument("--out", default=None,
+                       help="submission.csv (kaggle, csv) or a folder of selection tables (raven: "
+                            "raven_selections/ by default)")
     group.add_argument("--format", choices=("kaggle", "csv", "raven"), default="kaggle",
                        help="kaggle: row_id + species columns; csv: file, start_s, end_s + species "
                             "columns; raven: one Raven selection table per file")
-    group.add_argument("--min-conf", type=float, default=0.5, help="raven: smallest score written")
+    group.add_argument("--min-conf", type=float, default=None,
+                       help="raven: smallest score written (default 0.25 for sigmoid checkpoints, as BirdNET; "
+                            "0.1 for softmax ones, whose scores share 1 among the species)")
+    group.add_argument("--combined", action="store_true", help="raven: also one table of every file's selections")
+    group.add_argument("--top-k", type=int, default=None,
+                       help="keep each row's k best species (the others 0 in a submission); detections list "
+                            "k per window (default: all species, and 3 for --detections)")
+    group.add_argument("--skip-existing", action="store_true",
+                       help="continue a job that was stopped: files whose rows <out>.parts/ already holds "
+                            "are not scored again (refused if they were made with other settings)")
     group.add_argument("--sample-submission", default=None,
                        help="take exactly these columns in this order (species no model knows get 0)")
     group.add_argument("--labels", default=None,
@@ -64,8 +79,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--detections", default=None,
                        help="write per-window detections here instead of a submission")
     group.add_argument("--metadata", default=None,
-                       help="train_metadata.csv giving each file's primary label (default: beside --audio-dir)")
-    group.add_argument("--top-k", type=int, default=3, help="species listed per window")
+                       help="train_metadata.csv: each file's primary label (default: beside --audio-dir), and the "
+                            "common names in Raven tables")
 
     group = parser.add_argument_group("how the classifier is applied")
     group.add_argument("--combine", choices=("mean", "power"), default="mean",
@@ -105,6 +120,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--parity-tolerance", type=float, default=0.02,
                        help="largest score difference from torch fp32 accepted on the first batch")
     group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    group.add_argument("--log-every", type=float, default=progress.LOG_EVERY_SECONDS,
+                       help="without a terminal (nohup, pipes, Kaggle's saved runs): a progress line every this "
+                            "many seconds instead of a bar")
     return parser
 
 
@@ -128,14 +146,49 @@ class Member:
         return self.model.config["window_seconds"]
 
 
+def checkpoint_path(path) -> Path:
+    """A checkpoint file, or a run folder standing for its best.pt."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise FileNotFoundError(f"{path} is a folder without best.pt: pass one of its checkpoints")
+        return path / "best.pt"
+    return path
+
+
+def check_options(args) -> None:
+    """Options that would put non-finite numbers into a submission are refused before any work."""
+    if args.combine == "power" and not args.power > 0:
+        raise ValueError(f"--power {args.power}: the exponent of --combine power must be positive")
+    if args.smooth:
+        try:
+            weights = [float(weight) for weight in args.smooth.split(",")]
+        except ValueError:
+            raise ValueError(f"--smooth {args.smooth!r}: expected comma-separated numbers such as 0.1,0.8,0.1") from None
+        if len(weights) % 2 != 1 or min(weights) < 0 or not sum(weights) > 0 or not all(map(math.isfinite, weights)):
+            raise ValueError(f"--smooth {args.smooth}: needs an odd number of non-negative weights with a "
+                             f"positive sum (each row is their weighted mean)")
+    if not 0 <= args.file_prior <= 1:
+        raise ValueError(f"--file-prior {args.file_prior}: a weight between 0 and 1")
+
+
 def load_members(paths, average_weights: bool, ema: bool = False) -> list[Member]:
+    paths = [checkpoint_path(path) for path in paths]
     models = [model_lib.load_model(path, ema=ema) for path in paths]
+    for path, model in zip(paths, models):
+        repeated = sorted({label for label in model.labels if list(model.labels).count(label) > 1})
+        if repeated:
+            raise ValueError(f"{path} lists label(s) {repeated} more than once: its columns would be ambiguous")
     if average_weights and len(models) > 1:
         reference = models[0].config
         for path, other in zip(paths[1:], models[1:]):
-            if other.config != reference:
-                raise ValueError(f"--average-weights needs checkpoints of one configuration; {path} "
-                                 f"differs from {paths[0]}")
+            differing = [key for key in sorted(set(reference) | set(other.config))
+                         if reference.get(key) != other.config.get(key)]
+            if differing:
+                key = differing[0]
+                raise ValueError(f"--average-weights needs checkpoints of one configuration; {path} has {key} "
+                                 f"{other.config.get(key)!r}, {paths[0]} has {reference.get(key)!r}"
+                                 + (f" (and {len(differing) - 1} more setting(s) differ)" if len(differing) > 1 else ""))
         states = [m.state_dict() for m in models]
         averaged = {key: (sum(state[key].double() for state in states) / len(states)).to(value.dtype)
                     if value.is_floating_point() else value
@@ -148,7 +201,7 @@ def load_members(paths, average_weights: bool, ema: bool = False) -> list[Member
 def output_columns(members: list[Member], sample_submission: str | None) -> list[str]:
     """The submission's species columns: the sample submission's, else the union of labels."""
     if sample_submission:
-        columns = [c for c in pd.read_csv(sample_submission, nrows=0).columns if c != "row_id"]
+        columns = data.submission_columns(sample_submission)
     else:
         columns = []
         for member in members:
@@ -166,8 +219,8 @@ def align(members: list[Member], columns: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- decode
 
-def list_audio(folder, recursive: bool = False) -> list[Path]:
-    """The audio files to score; an error if there are none."""
+def list_audio(folder, recursive: bool = True) -> list[Path]:
+    """The audio files to score (the folder searched recursively); an error if there are none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
@@ -177,18 +230,25 @@ def list_audio(folder, recursive: bool = False) -> list[Path]:
     return files
 
 
-def decode_file(path: Path, rates: list[int]) -> dict:
-    """A file decoded once, resampled to every rate the members need -> path, waveforms {rate:
-    (samples,)}, seconds, error (None, or why it failed; then seconds from its header if readable)."""
+def decode(item, rates: list[int]) -> dict:
+    """A file, or (name, samples (frames,) or (frames, channels), sample rate) -> path (or name), waveforms
+    {rate: (samples,)} at every rate the members need, seconds, error (None, or why it failed; then
+    seconds from the header if it can be read)."""
+    if isinstance(item, tuple):
+        name, samples, source_rate = item
+        frames = np.asarray(samples, dtype=np.float32).reshape(len(samples), -1)        # (frames, channels)
+        waveforms = {rate: torch.from_numpy(audio.to_mono_resampled(frames, source_rate, rate))
+                     for rate in sorted(set(rates))}
+        return {"path": name, "waveforms": waveforms, "error": None, "seconds": len(frames) / source_rate}
     try:
-        samples, source_rate = sf.read(path, dtype="float32", always_2d=True)
+        samples, source_rate = audio.read_whole(item)
         if len(samples) == 0:
             raise ValueError("no audio frames")
         waveforms = {rate: torch.from_numpy(audio.to_mono_resampled(samples, source_rate, rate))
                      for rate in sorted(set(rates))}
-        return {"path": path, "waveforms": waveforms, "error": None, "seconds": len(samples) / source_rate}
+        return {"path": item, "waveforms": waveforms, "error": None, "seconds": len(samples) / source_rate}
     except Exception as error:  # reported in the summary; the submission is still written
-        return {"path": path, "waveforms": None, "seconds": header_seconds(path),
+        return {"path": item, "waveforms": None, "seconds": header_seconds(item),
                 "error": f"{type(error).__name__}: {error}".replace("\n", " ")}
 
 
@@ -257,37 +317,92 @@ def file_rows(per_member: list[np.ndarray], members: list[Member], n_columns: in
 
 # ----------------------------------------------------------------------------- decode -> windows -> model -> rows
 
-def score_files(files: list[Path], members: list[Member], columns: list[str], args):
-    """Every file through the ensemble -> ({path: (n_rows, n_columns)}, problems, audio seconds)."""
-    decode = functools.partial(decode_file, rates=[member.sample_rate for member in members])
-    streams = [engines.WindowStream(member.runner, member.model, args.batch_size, member.name) for member in members]
-    row_weights = {}           # path -> each member's (n_rows, W) weights of its windows in the rows
-    results, problems, audio_seconds = {}, [], 0.0
-    for decoded in engines.in_threads(decode, files, args.workers):
-        path = decoded["path"]
-        if decoded["error"] is None:
-            audio_seconds += decoded["seconds"]
-            reference_rate = members[0].sample_rate
-            n_rows = soundscapes.row_count(len(decoded["waveforms"][reference_rate]), reference_rate)
-            row_weights[path] = []
-            for member, stream in zip(members, streams):
-                starts, weights = soundscapes.window_plan(n_rows, member.window_seconds, args.hop)
-                row_weights[path].append(weights)
-                stream.add(path, decoded["waveforms"][member.sample_rate].numpy(),
-                           soundscapes.window_offsets(starts, member.sample_rate))
-        elif decoded["seconds"] is None:
-            problems.append(f"{path}: {decoded['error']}; no rows (length unknown)")
-            log.warning("%s: %s; no rows written", path, decoded["error"])
-        else:
-            n_rows = soundscapes.row_count(int(round(decoded["seconds"] * 1000)), 1000)
-            results[path] = np.zeros((n_rows, len(columns)), dtype=np.float32)
-            problems.append(f"{path}: {decoded['error']}; {n_rows} row(s) of zeros")
-            log.warning("%s: %s; writing %d row(s) of zeros", path, decoded["error"], n_rows)
-        results.update(finished_rows(streams, members, row_weights, len(columns), args))
-    for stream in streams:
-        stream.start_batches(final=True)
-    results.update(finished_rows(streams, members, row_weights, len(columns), args))
-    return results, problems, audio_seconds
+class Predictor:
+    """Checkpoints ready to score audio exactly as the command line does.
+
+        predictor = Predictor(["a.pt", "runs/b"], hop=2.5)          # any infer.py option, by its name
+        table = predictor.predict(["x.ogg", "site/y.wav"])          # rows indexed by (file, start_s, end_s)
+        table = predictor.predict([waveform], sample_rate=32000)    # arrays too, named array_0, array_1, ...
+    """
+
+    def __init__(self, ckpts, **options):
+        args = get_args_parser().parse_args(["--ckpts", *map(str, ckpts)])
+        unknown = sorted(set(options) - set(vars(args)))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; the options are infer.py's (python infer.py --help)")
+        vars(args).update(options)
+        check_options(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.args, self.device = args, distributed.local_device(args.device)
+        self.members = load_members(args.ckpts, args.average_weights, args.ema)
+        self.bf16 = engines.use_bf16(args.precision, self.device)
+        for member in self.members:
+            member.runner = engines.make_runner(member.model, args, self.device, self.bf16)
+        self.columns = output_columns(self.members, args.sample_submission)
+        align(self.members, self.columns)
+        if args.nocall_gate and not any(NOCALL in member.model.labels for member in self.members):
+            log.warning("--nocall-gate has no effect: no checkpoint has a '%s' class (train with --nocall)", NOCALL)
+
+    def scored(self, items):
+        """Each file (or (name, samples, rate)) -> (path or name, rows (n_rows, n_columns) or None, problem
+        or None, seconds of audio), as soon as every member has scored it; files in order."""
+        members, args = self.members, self.args
+        streams = [engines.WindowStream(member.runner, member.model, args.batch_size, member.name)
+                   for member in members]
+        row_weights, seconds = {}, {}   # key -> each member's (n_rows, W) weights of its windows; its length (s)
+        for decoded in engines.in_threads(functools.partial(decode, rates=[m.sample_rate for m in members]),
+                                          items, args.workers):
+            key = decoded["path"]
+            if decoded["error"] is None:
+                rate = members[0].sample_rate
+                n_rows = soundscapes.row_count(len(decoded["waveforms"][rate]), rate)
+                row_weights[key], seconds[key] = [], decoded["seconds"]
+                for member, stream in zip(members, streams):
+                    starts, weights = soundscapes.window_plan(n_rows, member.window_seconds, args.hop)
+                    row_weights[key].append(weights)
+                    stream.add(key, decoded["waveforms"][member.sample_rate].numpy(),
+                               soundscapes.window_offsets(starts, member.sample_rate))
+            elif decoded["seconds"] is None:
+                log.warning("%s: %s; no rows written", key, decoded["error"])
+                yield key, None, f"{key}: {decoded['error']}; no rows (length unknown)", 0.0
+            else:
+                n_rows = soundscapes.row_count(int(round(decoded["seconds"] * 1000)), 1000)
+                log.warning("%s: %s; writing %d row(s) of zeros", key, decoded["error"], n_rows)
+                yield (key, np.zeros((n_rows, len(self.columns)), dtype=np.float32),
+                       f"{key}: {decoded['error']}; {n_rows} row(s) of zeros", 0.0)
+            for done, rows in finished_rows(streams, members, row_weights, len(self.columns), args).items():
+                yield done, *finite_rows(done, rows), seconds.pop(done)
+        for stream in streams:
+            stream.start_batches(final=True)
+        for done, rows in finished_rows(streams, members, row_weights, len(self.columns), args).items():
+            yield done, *finite_rows(done, rows), seconds.pop(done)
+
+    def predict(self, inputs, sample_rate: int | None = None) -> pd.DataFrame:
+        """Files and/or arrays (with their `sample_rate`) -> a DataFrame indexed by (file, start_s, end_s)
+        with one column per species: the rows infer.py writes, to the same numbers."""
+        items = []
+        for number, item in enumerate(inputs):
+            if isinstance(item, (str, Path)):
+                items.append(Path(item))
+            elif sample_rate is None:
+                raise ValueError("arrays need sample_rate=")
+            else:
+                items.append((f"array_{number}", item, int(sample_rate)))
+        keys = [item if isinstance(item, Path) else Path(item[0]) for item in items]
+        outputs.check_unique_names(keys)
+        results = {key: rows for key, rows, _, _ in self.scored(items) if rows is not None}
+        table = outputs.row_table({Path(key): rows for key, rows in results.items()}, keys, self.columns, None)
+        return table.drop(columns="row_id").set_index(["file", "start_s", "end_s"])
+
+
+def finite_rows(key, rows: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """A file's rows, or zeros with a problem line when any score is NaN or infinite (NaN samples in a
+    float WAV, a broken checkpoint): non-finite numbers never reach a submission."""
+    if np.isfinite(rows).all():
+        return rows, None
+    log.warning("%s: non-finite scores (NaN or inf in the audio or the model); writing rows of zeros", key)
+    return np.zeros_like(rows), f"{key}: non-finite scores; {len(rows)} row(s) of zeros"
 
 
 def finished_rows(streams, members: list[Member], row_weights: dict, n_columns: int, args) -> dict:
@@ -305,137 +420,124 @@ def finished_rows(streams, members: list[Member], row_weights: dict, n_columns: 
     return rows
 
 
-# ----------------------------------------------------------------------------- write
-
-def write_output(submission: pd.DataFrame, files_rows: list[tuple[Path, int]], args, members) -> None:
-    out = Path(args.out)
-    if args.format == "kaggle":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        submission.to_csv(out, index=False)
-        return
-    starts = np.concatenate([np.arange(n) * soundscapes.ROW_SECONDS for _, n in files_rows])
-    files = np.concatenate([[path.name] * n for path, n in files_rows])
-    if args.format == "csv":
-        table = submission.drop(columns="row_id")
-        table.insert(0, "end_s", starts + soundscapes.ROW_SECONDS)
-        table.insert(0, "start_s", starts)
-        table.insert(0, "file", files)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out, index=False)
-        return
-    write_raven_tables(submission, files, starts, out, args.min_conf,
-                       min(m.model.config["fmin"] for m in members), max(m.model.config["fmax"] for m in members))
-
-
-RAVEN_COLUMNS = ["Selection", "View", "Channel", "Begin Time (s)", "End Time (s)",
-                 "Low Freq (Hz)", "High Freq (Hz)", "Species Code", "Confidence"]
-
-
-def write_raven_tables(submission, files, starts, out_dir: Path, min_conf: float, low_hz: float, high_hz: float):
-    """One tab-separated Raven selection table per audio file: a selection per row and species >= min_conf."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    species = [c for c in submission.columns if c != "row_id"]
-    scores = submission[species].to_numpy()
-    for name in dict.fromkeys(files):
-        selections = []
-        for row in np.flatnonzero(files == name):
-            for column in np.flatnonzero(scores[row] >= min_conf):
-                selections.append([len(selections) + 1, "Spectrogram 1", 1, f"{starts[row]:.3f}",
-                                   f"{starts[row] + soundscapes.ROW_SECONDS:.3f}", f"{low_hz:.1f}", f"{high_hz:.1f}",
-                                   species[column], f"{scores[row, column]:.4f}"])
-        table = pd.DataFrame(selections, columns=RAVEN_COLUMNS)
-        table.to_csv(out_dir / f"{Path(name).stem}.selections.txt", sep="\t", index=False)
-
-
-def primary_labels_of(files: list[Path], audio_dir: Path, metadata: str | None) -> list[str]:
-    """Each training file's primary label: from train_metadata.csv, else its folder name."""
-    lookup = {}
-    metadata_path = Path(metadata) if metadata else audio_dir.parent / "train_metadata.csv"
-    if metadata_path.is_file():
-        table = pd.read_csv(metadata_path, usecols=["primary_label", "filename"], dtype=str)
-        lookup = dict(zip(table["filename"], table["primary_label"]))
-    return [lookup.get(path.relative_to(audio_dir).as_posix(), path.parent.name) for path in files]
-
-
-def write_detections(results: dict, files: list[Path], columns: list[str], args) -> pd.DataFrame:
-    """Per file and 5-s window: the top-k species with scores and the score of the file's primary label."""
-    audio_dir = Path(args.audio_dir)
-    index = {column: i for i, column in enumerate(columns)}
-    rows = []
-    for path, primary in zip(files, primary_labels_of(files, audio_dir, args.metadata)):
-        if path not in results:
-            continue
-        scores = results[path]
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :args.top_k]
-        for window, window_scores in enumerate(scores):
-            row = {"filename": path.relative_to(audio_dir).as_posix(), "start_s": window * soundscapes.ROW_SECONDS,
-                   "end_s": (window + 1) * soundscapes.ROW_SECONDS, "primary_label": primary,
-                   "primary_score": float(window_scores[index[primary]]) if primary in index else float("nan")}
-            for rank, column in enumerate(top[window], start=1):
-                row[f"top{rank}_label"] = columns[column]
-                row[f"top{rank}_score"] = float(window_scores[column])
-            rows.append(row)
-    table = pd.DataFrame(rows)
-    Path(args.detections).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.detections, index=False)
-    return table
-
-
-def write_submission(results: dict, files: list[Path], columns: list[str], args, members) -> pd.DataFrame:
-    """The submission: each scored file's rows, in the order of `files`."""
-    files_rows = [(path, len(results[path])) for path in files if path in results]
-    blocks = [results[path] for path, _ in files_rows]
-    submission = pd.DataFrame(np.concatenate(blocks) if blocks else np.zeros((0, len(columns))), columns=columns)
-    submission.insert(0, "row_id", [row_id for path, n in files_rows for row_id in soundscapes.row_ids(path.stem, n)])
-    write_output(submission, files_rows, args, members)
-    log.info("wrote %s: %d rows from %d file(s)", args.out, len(submission), len(files_rows))
-    return submission
-
-
 # ----------------------------------------------------------------------------- main
 
 def main(args) -> dict:
     """Score every file and write the output. Under torchrun each process scores every
-    world_size-th file and rank 0 gathers the scores and writes one output."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = distributed.local_device(args.device)
-    return distributed.call_in_group(device, functools.partial(infer, args, device))
+    world_size-th file and rank 0 writes the output."""
+    return distributed.call_in_group(distributed.local_device(args.device), functools.partial(infer, args))
 
 
-def infer(args, device: torch.device) -> dict:
-    """Checkpoints -> members and their runners -> every file scored -> the output (rank 0) -> a summary."""
-    members = load_members(args.ckpts, args.average_weights, args.ema)
-    bf16 = engines.use_bf16(args.precision, device)
-    for member in members:
-        member.runner = engines.make_runner(member.model, args, device, bf16)
-    columns = output_columns(members, args.sample_submission)
-    align(members, columns)
-    if args.nocall_gate and not any(NOCALL in member.model.labels for member in members):
-        log.warning("--nocall-gate has no effect: no checkpoint has a '%s' class (train with --nocall)", NOCALL)
+def infer(args) -> dict:
+    """Files -> the predictor -> each file's rows saved as a part as soon as it is scored -> the output,
+    assembled by rank 0 from the parts -> a summary."""
     detections_mode = args.detections is not None
-    if detections_mode and not args.audio_dir:
-        raise ValueError("--detections needs --audio-dir (the train_audio folder)")
-    files = list_audio(args.audio_dir, recursive=True) if detections_mode else list_audio(args.soundscapes)
+    out = output_path(args, detections_mode)
+    files = input_files(args, detections_mode)
+    if not detections_mode:                      # row ids and Raven tables are named by the file's stem
+        outputs.check_unique_names(files)
+    predictor = Predictor(args.ckpts, **{key: value for key, value in vars(args).items() if key != "ckpts"})
+    if not files:  # Kaggle's visible run: an empty test folder still needs a valid submission
+        outputs.header_only_submission(predictor.columns, out)
+        log.warning("no audio to score in %s: wrote %s with the header only", args.soundscapes, out)
+        return {"rows": 0, "problems": [], "audio_seconds": 0.0, "wall_seconds": 0.0, "realtime_factor": 0.0}
     rank, world_size = distributed.rank_and_world_size()
-    log.info("%d file(s), %d model(s), %d species, backend %s, %s%s", len(files), len(members), len(columns),
-             args.backend, "bf16" if bf16 else "fp32", f", {world_size} processes" if world_size > 1 else "")
-    started = time.perf_counter()
-    shares = distributed.gather_objects(score_files(files[rank::world_size], members, columns, args))
+    store = outputs.PartStore(Path(f"{out}.parts"), job_settings(args, predictor), args.skip_existing,
+                              prepare=rank == 0)
+    distributed.barrier()                     # the other ranks write parts only once rank 0 has the folder ready
+    todo = [path for path in files[rank::world_size] if not store.has(path)]
+    log.info("%d file(s) (%d done before), %d model(s), %d species, backend %s, %s%s", len(files),
+             len(files) - len(todo) if world_size == 1 else 0, len(predictor.members), len(predictor.columns),
+             args.backend, "bf16" if predictor.bf16 else "fp32",
+             f", {world_size} processes" if world_size > 1 else "")
+    started, seconds, unscored = time.perf_counter(), 0.0, []
+    for path, rows, problem, file_seconds in progress.bar(predictor.scored(todo), total=len(todo), desc="scoring",
+                                                          unit="file", every=args.log_every):
+        seconds += file_seconds
+        if rows is None:
+            unscored.append(problem)
+        else:
+            store.save(path, rows, problem)
+    shares = distributed.gather_objects((unscored, seconds))       # and every rank's parts are written
     if rank != 0:
         return {"rank": rank}
-    results = {path: scores for share_results, _, _ in shares for path, scores in share_results.items()}
-    audio_seconds, wall = sum(seconds for _, _, seconds in shares), time.perf_counter() - started
-    summary = {"audio_seconds": audio_seconds, "wall_seconds": wall,
-               "realtime_factor": audio_seconds / wall if wall > 0 else float("inf"),
-               "problems": [line for _, share_problems, _ in shares for line in share_problems]}
-    if detections_mode:
-        summary["detections"] = write_detections(results, files, columns, args)
-        log.info("wrote %s: %d windows from %d file(s)", args.detections, len(summary["detections"]), len(results))
-    else:
-        summary["submission"] = write_submission(results, files, columns, args, members)
-        summary["rows"] = len(summary["submission"])
+    summary = write_outputs(args, predictor, files, store, out, detections_mode)
+    store.remove()
+    wall = time.perf_counter() - started
+    summary["problems"] = [line for share, _ in shares for line in share] + summary["problems"]
+    summary["audio_seconds"], summary["wall_seconds"] = sum(share for _, share in shares), wall
+    summary["realtime_factor"] = summary["audio_seconds"] / wall if wall > 0 else float("inf")
     report(summary, args, detections_mode)
+    return summary
+
+
+def input_files(args, detections_mode: bool) -> list[Path]:
+    """--file-list, or every audio file below --audio-dir (detections) or --soundscapes; [] for an empty
+    or missing soundscapes folder (Kaggle's visible run has no test soundscapes)."""
+    if detections_mode:
+        if not args.audio_dir:
+            raise ValueError("--detections needs --audio-dir (the train_audio folder)")
+        return list_audio(args.audio_dir)
+    if args.file_list:
+        files = [Path(line.strip()) for line in Path(args.file_list).read_text().splitlines() if line.strip()]
+        missing = [path for path in files if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{args.file_list}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]}")
+        return files
+    folder = Path(args.soundscapes)
+    return audio.audio_files(folder) if folder.is_dir() else []
+
+
+def output_path(args, detections_mode: bool) -> Path:
+    """Where the output goes: --detections, --out, or by format submission.csv / raven_selections/;
+    checked before any work (a Raven folder is never written over a file, a CSV never over a folder)."""
+    out = Path(args.detections if detections_mode else args.out or
+               ("raven_selections" if args.format == "raven" else "submission.csv"))
+    if args.format == "raven" and not detections_mode and out.is_file():
+        raise FileExistsError(f"--format raven writes a folder of tables and {out} is a file: give --out a folder")
+    if (args.format != "raven" or detections_mode) and out.is_dir():
+        raise IsADirectoryError(f"{out} is a folder: give --out a file name")
+    return out
+
+
+def job_settings(args, predictor: Predictor) -> dict:
+    """How the rows are computed: a stopped job is continued (--skip-existing) only with the same."""
+    checkpoints = [[str(checkpoint_path(path).resolve()), checkpoint_path(path).stat().st_size,
+                    checkpoint_path(path).stat().st_mtime_ns] for path in args.ckpts]
+    return {"checkpoints": checkpoints, "columns": predictor.columns,
+            **{key: getattr(args, key) for key in ("ema", "average_weights", "hop", "smooth", "file_prior", "combine",
+                                                   "power", "nocall_gate")}}
+
+
+def write_outputs(args, predictor: Predictor, files: list[Path], store, out: Path, detections_mode: bool) -> dict:
+    """Every file's rows, from its part -> the output (atomically) -> a summary."""
+    results, problems = {}, []
+    for path in files:
+        if store.has(path):
+            results[path], problem = store.load(path)
+            problems += [problem] if problem else []
+    summary = {"problems": problems}
+    if detections_mode:
+        table = outputs.detections_table(results, files, predictor.columns, Path(args.audio_dir), args.metadata,
+                                         args.top_k or 3)
+        outputs.write_atomic(out, lambda path: table.to_csv(path, index=False))
+        log.info("wrote %s: %d windows from %d file(s)", out, len(table), len(results))
+        return summary | {"detections": table}
+    table = outputs.row_table(results, files, predictor.columns, args.top_k)
+    summary |= {"submission": table[["row_id", *predictor.columns]], "rows": len(table)}
+    if args.format == "raven":
+        members = predictor.members
+        band = (min(m.model.config["fmin"] for m in members), max(m.model.config["fmax"] for m in members))
+        min_conf = args.min_conf if args.min_conf is not None else (
+            0.25 if all(m.model.activation == "sigmoid" for m in members) else 0.1)
+        tables = outputs.raven_tables(table, {path.name: path.resolve() for path in files}, min_conf, band,
+                                      outputs.common_names_of(args.metadata))
+        written = outputs.write_raven(tables, out, args.combined)
+        log.info("wrote %d selection table(s) to %s: %d detection(s) scoring >= %g over %d rows", len(tables), out,
+                 written, min_conf, len(table))
+    else:
+        outputs.write_submission(table, out, args.format)
+        log.info("wrote %s: %d rows from %d file(s)", out, len(table), len(results))
     return summary
 
 
@@ -458,6 +560,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         main(get_args_parser().parse_args())
-    except (model_lib.CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as error:
+    except (model_lib.CheckpointError, FileNotFoundError, FileExistsError, IsADirectoryError, ValueError,
+            FloatingPointError) as error:
         log.error("%s", error)
         sys.exit(1)

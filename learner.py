@@ -184,6 +184,14 @@ def build_learner(args, labels: list[str], device: torch.device, steps_per_epoch
     return learner
 
 
+def check_pretrained_weights(args) -> None:
+    """With --pretrained or --pretrained-file, load the backbone's weights once now (timm keeps a download
+    in its cache), so that weights that cannot be had stop the run before any file is written."""
+    if args.pretrained or args.pretrained_file:
+        model_lib.create_backbone(args.backbone, pretrained=not args.pretrained_file,
+                                  pretrained_file=args.pretrained_file)
+
+
 def augment_settings(args) -> augment.AugmentSettings:
     """The augmentation flags, scaled by --aug-strength."""
     settings = augment.AugmentSettings(

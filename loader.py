@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 import audio
+import distributed
+import sampling
 import soundscapes
 
 log = logging.getLogger("birdclef")
@@ -251,3 +253,10 @@ def make_loader(dataset, args, device, batch_sampler=None) -> RingDataLoader:
 
 def _worker_init(_):
     torch.set_num_threads(1)  # workers only decode and resample; don't fight the model for cores
+
+
+def epoch_batches(train_set, args, epoch: int, start_batch: int = 0) -> sampling.EpochBatchSampler:
+    """This rank's batches of one epoch, from `start_batch`: its shard of the epoch's single draw."""
+    draw = sampling.draw_epoch(len(train_set), args.seed, epoch, train_set.primary_labels, args.sampler,
+                               args.cap_per_class)
+    return sampling.EpochBatchSampler(draw, args.batch_size, epoch, start_batch, *distributed.rank_and_world_size())

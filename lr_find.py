@@ -16,7 +16,6 @@ import audio
 import learner as learner_lib
 import loader
 import losses
-import train
 
 log = logging.getLogger("birdclef")
 
@@ -56,7 +55,7 @@ def find_learning_rate(learner: learner_lib.Learner, train_set, args, out_dir: P
 def endless_batches(train_set, args, device):
     """Decoded training batches, epoch after epoch (the range test ignores epochs)."""
     for epoch in itertools.count():
-        for batch in loader.make_loader(train_set, args, device, train.epoch_batches(train_set, args, epoch)):
+        for batch in loader.make_loader(train_set, args, device, loader.epoch_batches(train_set, args, epoch)):
             if batch is not None:
                 yield batch
 

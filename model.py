@@ -11,36 +11,30 @@ one place, `activate()`, with the activation that matches the training loss.
 """
 from __future__ import annotations
 
+import argparse
 import copy
-import math
+import logging
+import os
+import random
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import torchaudio
+
+import frontend as frontend_lib
+
+log = logging.getLogger("birdclef")
 
 # Bumped whenever the checkpoint layout changes incompatibly.
 CHECKPOINT_FORMAT = 1
 
 ACTIVATIONS = ("softmax", "sigmoid")
-FRONTENDS = ("mel", "pcen")
 HEADS = ("linear", "mlp", "sed")
 HEAD_INITS = ("copy", "fresh", "extend")      # --init-from: what becomes of the pre-trained head
-NORMALIZATIONS = ("standard", "minmax", "none")
-PCEN_INITIAL_STATES = ("first_frame", "librosa")
-
-# PCEN defaults. gain..eps: librosa's and the PCEN paper's (Wang et al. 2017).
-PCEN_DEFAULTS = {"pcen_gain": 0.98, "pcen_bias": 2.0, "pcen_power": 0.5,
-                 "pcen_time_constant": 0.4, "pcen_eps": 1e-6,
-                 # librosa.pcen's docs: those defaults assume audio in the int32 range [-2**31, 2**31),
-                 # not [-1, 1); our waveforms are floats in [-1, 1], so the magnitude mel
-                 # spectrogram is multiplied by 2**31 (the mel magnitude is linear in amplitude).
-                 # The filter starts in steady state for the first frame; see pcen().
-                 "pcen_input_scale": float(2 ** 31),
-                 "pcen_initial_state": "first_frame"}
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -68,221 +62,6 @@ def checked_scores(logits: torch.Tensor, activation: str, source: str) -> np.nda
     return activate(logits, activation).numpy()
 
 
-def pcen_smoothing_coefficient(time_constant: float, sample_rate: float, hop: int) -> float:
-    """librosa.pcen's IIR coefficient b for a time constant in seconds.
-
-    T = time_constant * sr / hop frames and b = (sqrt(1 + 4 T**2) - 1) / (2 T**2), the positive
-    root of T**2 b**2 + b - 1 = 0 (librosa: approximates the full-width half-maximum of the
-    squared frequency response of the low-pass filter). 0.4 s at 32 kHz, hop 512: T = 25, b = 0.039.
-    """
-    frames = time_constant * sample_rate / float(hop)
-    return (math.sqrt(1 + 4 * frames ** 2) - 1) / (2 * frames ** 2)
-
-
-def _first_order_scan(x: torch.Tensor, decay: float) -> torch.Tensor:
-    """y[t] = x[t] + decay * y[t-1] along the last axis, with y[-1] = 0.
-
-    Vectorised by doubling (log2(T) steps, not T): after the step with shift s,
-    y[t] = sum_{j < 2s} decay**j x[t-j]. Only additions of non-negative terms for a
-    non-negative x, so float32 keeps ~1e-6 relative precision (no cancellation, no
-    matmul that TF32 could round), on CPU and CUDA alike.
-    """
-    length = x.shape[-1]
-    y, shift, coefficient = x, 1, decay
-    while shift < length:
-        # right-hand side reads the previous y only: no in-place aliasing
-        y = torch.cat([y[..., :shift], y[..., shift:] + coefficient * y[..., :-shift]], dim=-1)
-        shift, coefficient = 2 * shift, coefficient * coefficient
-    return y
-
-
-def pcen(spec: torch.Tensor, b: float, gain: float = 0.98, bias: float = 2.0, power: float = 0.5,
-         eps: float = 1e-6, initial_state: str = "first_frame") -> torch.Tensor:
-    """Per-channel energy normalisation of a non-negative spectrogram (..., frequency, time).
-
-    librosa.pcen's definition (librosa 0.11, max_size=1):
-        M[t] = (1 - b) M[t-1] + b S[t]                 (scipy.signal.lfilter([b], [1, b-1]))
-        P    = (S / (eps + M)**gain + bias)**power - bias**power
-    evaluated in librosa's stable forms: (eps + M)**-gain = exp(-gain (log eps + log1p(M / eps)))
-    and, for bias > 0, bias**power * expm1(power * log1p(S (eps + M)**-gain / bias)).
-
-    initial_state: the filter state before the first frame.
-      "first_frame": M[-1] = S[..., 0], the steady state for the first frame, so M[0] = S[0]
-          (librosa.pcen(S, zi=scipy.signal.lfilter_zi([b], [1, b-1]) * S[..., :1])). A window
-          cut from the middle of a recording then starts as if that level had lasted.
-      "librosa": librosa.pcen's default zi = lfilter_zi([b], [1, b-1]) unscaled, i.e. M[-1] = 1
-          in the units of S: with int32-scaled audio M starts near 0 and the first ~T frames
-          of every window come out bright.
-    Each example is filtered on its own: the output does not depend on the rest of the batch.
-    """
-    if initial_state not in PCEN_INITIAL_STATES:
-        raise ValueError(f"unknown PCEN initial_state {initial_state!r}; expected one of {PCEN_INITIAL_STATES}")
-    if not 0.0 < b <= 1.0:
-        raise ValueError(f"PCEN smoothing coefficient b={b} must be in (0, 1]")
-    decay = 1.0 - b
-    length = spec.shape[-1]
-    # M[t] = b sum_{j<=t} (1-b)**j S[t-j] + (1-b)**(t+1) M[-1]: both terms non-negative
-    start = spec[..., :1] if initial_state == "first_frame" else torch.ones_like(spec[..., :1])
-    carry = torch.pow(torch.tensor(decay, dtype=torch.float64),
-                      torch.arange(1, length + 1, dtype=torch.float64)).to(spec)   # (T,) (1-b)**(t+1)
-    smoothed = b * _first_order_scan(spec, decay) + start * carry                  # (..., F, T)
-    # (eps + M)**-gain, in log space as librosa does: eps = 1e-6 and M up to ~1e12 stay finite
-    agc = torch.exp(-gain * (math.log(eps) + torch.log1p(smoothed / eps)))
-    if bias == 0:
-        return torch.pow(spec * agc, power)
-    return (bias ** power) * torch.expm1(power * torch.log1p(spec * agc / bias))
-
-
-class MelFrontend(nn.Module):
-    """Waveform (B, samples) -> normalised log-mel image (B, 1, n_mels, frames), or (B, 1, H, W).
-
-    Always computed in float32, even under autocast: an STFT in fp16 loses the
-    quiet high-frequency detail that bird calls live in.
-    """
-
-    # the mel spectrogram's exponent: 2 = power (for dB), 1 = magnitude (for PCEN)
-    spectrogram_power = 2.0
-
-    def __init__(self, sample_rate: int, n_fft: int, hop: int, n_mels: int,
-                 fmin: float, fmax: float, normalization: str = "standard",
-                 img_size: list[int] | tuple[int, int] | None = None):
-        super().__init__()
-        if fmax > sample_rate / 2:
-            raise ValueError(f"fmax {fmax} Hz is above the Nyquist frequency of {sample_rate} Hz audio")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
-        if img_size is not None:
-            if (len(img_size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
-                                              for n in img_size)):
-                raise ValueError(f"img_size must be None or [height, width] of positive ints, got {img_size!r}")
-            img_size = (int(img_size[0]), int(img_size[1]))
-        self.normalization = normalization
-        self.img_size = img_size
-        self.melspec = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=n_fft, hop_length=hop, n_mels=n_mels,
-            f_min=fmin, f_max=fmax, power=self.spectrogram_power, center=True, pad_mode="reflect")
-        # Each mel filter is a triangle over a few frequency bins, so the (n_freqs, n_mels) filterbank
-        # is mostly zeros: multiply blocks of 16 mel bands with just the bins they cover
-        # (128 mels of a 1024-point FFT: 537 bins x 16 instead of 513 x 128, 7.6x fewer products).
-        used = self.melspec.mel_scale.fb != 0                                          # (n_freqs, n_mels)
-        self.mel_blocks = []                                   # (first mel, end mel, first bin, end bin)
-        for first in range(0, n_mels, 16):
-            bins = torch.nonzero(used[:, first:first + 16].any(dim=1)).flatten()
-            low, high = (int(bins[0]), int(bins[-1]) + 1) if len(bins) else (0, 0)
-            self.mel_blocks.append((first, min(first + 16, n_mels), low, high))
-        self._init_compression()
-
-    def _init_compression(self) -> None:
-        # With a 4-D input torchaudio applies top_db per example, not per batch,
-        # so a window's image does not depend on what else is in its batch.
-        self.to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=80.0)
-
-    def compress(self, mel: torch.Tensor) -> torch.Tensor:
-        """Mel power (B, 1, n_mels, T) -> dB (B, 1, n_mels, T)."""
-        return self.to_db(mel)
-
-    def mel_spectrogram(self, waveform: torch.Tensor) -> torch.Tensor:
-        """(B, samples) -> (B, n_mels, T): torchaudio's MelSpectrogram (its window and filterbank),
-        with |X|**2 taken as real**2 + imag**2 (no complex abs() then pow()) and the filterbank
-        applied block by block without its zeros: the same to float rounding (tested against it)."""
-        settings = self.melspec.spectrogram
-        spectrum = torch.stft(waveform, settings.n_fft, settings.hop_length, settings.win_length,
-                              settings.window, center=settings.center, pad_mode=settings.pad_mode,
-                              normalized=False, onesided=True, return_complex=True)   # (B, n_fft // 2 + 1, T)
-        power = spectrum.real.square() + spectrum.imag.square()
-        if self.spectrogram_power == 1.0:
-            power = power.sqrt()
-        filterbank = self.melspec.mel_scale.fb                                        # (n_freqs, n_mels)
-        mel = power.new_zeros((power.shape[0], filterbank.shape[1], power.shape[2]))  # (B, n_mels, T)
-        for first, end, low, high in self.mel_blocks:
-            mel[:, first:end] = filterbank[low:high, first:end].T @ power[:, low:high]  # (m, bins) @ (B, bins, T)
-        return mel
-
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=waveform.device.type, enabled=False):
-            image = self.mel_spectrogram(waveform.float()).unsqueeze(1)  # (B, 1, n_mels, T)
-            image = self.compress(image)
-            # per example, so a window's image does not depend on its batch mates
-            if self.normalization == "standard":
-                mean = image.mean(dim=(2, 3), keepdim=True)
-                std = image.std(dim=(2, 3), keepdim=True)
-                image = (image - mean) / (std + 1e-6)
-            elif self.normalization == "minmax":
-                low = image.amin(dim=(2, 3), keepdim=True)
-                high = image.amax(dim=(2, 3), keepdim=True)
-                image = (image - low) / (high - low + 1e-6)
-            if self.img_size is not None:
-                # after normalisation: a pure geometric resize of the finished image, (B, 1, H, W).
-                # Bilinear weights are convex, so minmax images stay in [0, 1].
-                image = F.interpolate(image, size=self.img_size, mode="bilinear", align_corners=False)
-        return image
-
-
-class PCENFrontend(MelFrontend):
-    """Waveform (B, samples) -> normalised PCEN mel image (B, 1, n_mels, frames), or (B, 1, H, W).
-
-    Input to PCEN: the magnitude (power=1) mel spectrogram -- librosa.pcen documents S as a
-    magnitude spectrogram and its examples use melspectrogram(power=1) -- of the waveform
-    scaled to the int32 range (x `input_scale`, default 2**31), as librosa recommends for the
-    default gain/bias/eps. The mel filterbank is the mel frontend's (torchaudio: HTK scale,
-    unnormalised triangles), not librosa's Slaney-normalised one, so absolute levels differ
-    from librosa.feature.melspectrogram by a per-band factor; with gain 0.98 the output depends
-    on that level only through (eps + M)**0.02 (a factor of ~1.15 for a 1000x level change).
-    """
-
-    spectrogram_power = 1.0
-
-    def __init__(self, sample_rate: int, n_fft: int, hop: int, n_mels: int,
-                 fmin: float, fmax: float, normalization: str = "standard",
-                 img_size: list[int] | tuple[int, int] | None = None, *,
-                 gain: float = PCEN_DEFAULTS["pcen_gain"], bias: float = PCEN_DEFAULTS["pcen_bias"],
-                 power: float = PCEN_DEFAULTS["pcen_power"],
-                 time_constant: float = PCEN_DEFAULTS["pcen_time_constant"],
-                 eps: float = PCEN_DEFAULTS["pcen_eps"],
-                 input_scale: float = PCEN_DEFAULTS["pcen_input_scale"],
-                 initial_state: str = PCEN_DEFAULTS["pcen_initial_state"]):
-        # librosa.pcen's parameter checks
-        for name, value, ok in (("pcen_gain", gain, gain >= 0), ("pcen_bias", bias, bias >= 0),
-                                ("pcen_power", power, power > 0), ("pcen_eps", eps, eps > 0),
-                                ("pcen_time_constant", time_constant, time_constant > 0),
-                                ("pcen_input_scale", input_scale, input_scale > 0)):
-            if not ok:
-                raise ValueError(f"{name}={value} is out of range (gain, bias >= 0; power, eps, "
-                                 f"time_constant, input_scale > 0)")
-        if initial_state not in PCEN_INITIAL_STATES:
-            raise ValueError(f"unknown pcen_initial_state {initial_state!r}; expected one of {PCEN_INITIAL_STATES}")
-        super().__init__(sample_rate, n_fft, hop, n_mels, fmin, fmax, normalization, img_size)
-        self.gain, self.bias, self.power, self.eps = float(gain), float(bias), float(power), float(eps)
-        self.input_scale, self.initial_state = float(input_scale), initial_state
-        self.b = pcen_smoothing_coefficient(time_constant, sample_rate, hop)
-
-    def _init_compression(self) -> None:
-        pass  # PCEN has no submodules or buffers
-
-    def compress(self, mel: torch.Tensor) -> torch.Tensor:
-        """Mel magnitude (B, 1, n_mels, T) -> PCEN (B, 1, n_mels, T), IIR along T per example."""
-        return pcen(mel * self.input_scale, self.b, self.gain, self.bias, self.power, self.eps,
-                    self.initial_state)
-
-
-def build_frontend(config: dict) -> MelFrontend:
-    """The frontend a config describes; keys added after format 1 default to the old behaviour."""
-    kind = config.get("frontend", "mel")
-    common = (config["sample_rate"], config["n_fft"], config["hop"], config["n_mels"],
-              config["fmin"], config["fmax"], config["normalization"], config.get("img_size"))
-    if kind == "mel":
-        return MelFrontend(*common)
-    if kind == "pcen":
-        return PCENFrontend(*common, gain=config.get("pcen_gain", PCEN_DEFAULTS["pcen_gain"]),
-                            bias=config.get("pcen_bias", PCEN_DEFAULTS["pcen_bias"]),
-                            power=config.get("pcen_power", PCEN_DEFAULTS["pcen_power"]),
-                            time_constant=config.get("pcen_time_constant", PCEN_DEFAULTS["pcen_time_constant"]),
-                            eps=config.get("pcen_eps", PCEN_DEFAULTS["pcen_eps"]),
-                            input_scale=config.get("pcen_input_scale", PCEN_DEFAULTS["pcen_input_scale"]),
-                            initial_state=config.get("pcen_initial_state", PCEN_DEFAULTS["pcen_initial_state"]))
-    raise ValueError(f"unknown frontend {kind!r}; expected one of {FRONTENDS}")
-
-
 def check_backbone_name(name: str) -> None:
     """Fail with timm's own "Unknown model (...)" message for a name timm does not know."""
     if not timm.is_model(name):
@@ -292,11 +71,18 @@ def check_backbone_name(name: str) -> None:
             raise ValueError(f"--backbone {name!r}: {error} (see timm.list_models())") from error
 
 
+def first_line(error: BaseException) -> str:
+    """'TypeName: first line of the message', for one-line errors (some timm asserts have no message)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
 def create_backbone(name: str, pretrained: bool, pretrained_file: str | None) -> nn.Module:
     """A timm feature extractor with one input channel and no classifier.
 
-    Unknown names fail with timm's own error. When pretrained weights were asked
-    for and cannot be loaded, raise PretrainedWeightsError naming the alternatives.
+    Unknown names fail with timm's own error; a model timm cannot build without its classifier and
+    pooling fails with a one-line ValueError. When pretrained weights were asked for and cannot be
+    loaded, raise PretrainedWeightsError naming the alternatives.
     """
     check_backbone_name(name)
     # num_classes=0 and global_pool='' give the feature map; pooling is the head's job.
@@ -308,8 +94,17 @@ def create_backbone(name: str, pretrained: bool, pretrained_file: str | None) ->
                 f"--pretrained-file {path} does not exist. Give the path of a local copy of the "
                 f"'{name}' weights, or pass --no-pretrained to train from random initialisation.")
         # timm loads the local file and adapts the RGB stem to one channel (sums the filters).
-        return timm.create_model(name, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=str(path.resolve())), **kwargs)
+        try:
+            return timm.create_model(name, pretrained=True,
+                                     pretrained_cfg_overlay=dict(file=str(path.resolve())), **kwargs)
+        except RuntimeError as error:   # load_state_dict's size mismatch / missing keys: ~100 lines
+            if "state_dict" not in str(error) and "size mismatch" not in str(error):
+                raise
+            guess = backbone_of_weights(path, name)
+            raise PretrainedWeightsError(
+                f"--pretrained-file {path} does not fit --backbone {name} ({first_line(error)[:120]}...); "
+                + (f"it looks like weights for --backbone {guess}" if guess else
+                   "no backbone of that family has these tensor shapes")) from None
     if pretrained:
         try:
             return timm.create_model(name, pretrained=True, **kwargs)
@@ -318,7 +113,81 @@ def create_backbone(name: str, pretrained: bool, pretrained_file: str | None) ->
                 f"could not load pretrained weights for '{name}' from the timm hub "
                 f"({type(error).__name__}: {error}). Pass --pretrained-file PATH with a local copy "
                 f"of the weights, or --no-pretrained to train from random initialisation.") from error
-    return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as error:  # e.g. "Cannot disable pooling": the model has no unpooled feature map
+        raise ValueError(f"--backbone {name} cannot be built as a feature extractor (timm.create_model with "
+                         f"in_chans=1, num_classes=0, global_pool='': {first_line(error)}); choose another "
+                         f"backbone") from error
+
+
+# Backbones BirdCLEF solutions used, tried first when guessing what a weights file is for.
+COMMON_BACKBONES = ("tf_efficientnet_b0", "tf_efficientnet_b1", "tf_efficientnet_b2", "tf_efficientnet_b3",
+                    "efficientnet_b0", "tf_efficientnetv2_s", "tf_efficientnetv2_b0", "tf_efficientnetv2_b3",
+                    "efficientnetv2_rw_s", "eca_nfnet_l0", "resnet18", "resnet34", "resnet50", "seresnext26t_32x4d",
+                    "regnety_008", "convnext_tiny", "mobilenetv3_large_100", "rexnet_150")
+
+
+def backbone_of_weights(path: Path, requested: str, limit: int = 60) -> str | None:
+    """The timm backbone whose tensors (names and shapes, classifier aside) all match a weights file, among
+    the common BirdCLEF backbones and the requested one's family; None if none does. Models are built
+    on the meta device: no memory, no download."""
+    from timm.models import load_state_dict
+    weights = {key: tuple(value.shape) for key, value in load_state_dict(str(path)).items()}
+    family = re.match(r"(tf_)?[a-z]+", requested).group(0)
+    candidates = list(dict.fromkeys([*COMMON_BACKBONES, *timm.list_models(f"{family}*")]))[:limit]
+    for candidate in candidates:
+        try:
+            with torch.device("meta"):
+                tensors = timm.create_model(candidate, num_classes=0, global_pool="").state_dict()
+        except Exception:       # a model that cannot be built this way is simply not the answer
+            continue
+        if tensors and all(weights.get(key) == tuple(value.shape) for key, value in tensors.items()):
+            return candidate
+    return None
+
+
+# ----------------------------------------------------------------------------- fitting a backbone to the image
+#
+# timm backbones differ in what they need and what they return; BirdCallModel measures both once, on one
+# window of silence, when it is built (`BirdCallModel.fit_backbone`):
+#   - what they need: most take any image size; some only multiples of their total stride (dla, hrnet:
+#     their upsampled branches are added to the downsampled ones), and those get the image padded up to
+#     the next multiple inside `classify` (`pad_image`); fixed-size ones (vit, swin, coatnet, maxvit) are
+#     refused with the --img-size to pass.
+#   - what they return: (B, C, H', W') feature maps; (B, H', W', C) for timm's NHWC models (swin, mambaout);
+#     (B, prefix + H'W', C) tokens for vision transformers. `feature_map` turns all three into
+#     (B, C, F', T'). C is measured, not read from `num_features`: mobilenetv3/v4, ghostnet, lcnet and other
+#     models with a head convolution after their pooling return `head_hidden_size` channels, not
+#     `num_features`, when pooling is off (the head convolution then runs at every position).
+
+def backbone_stride(backbone: nn.Module) -> int:
+    """The backbone's total downsampling (32 for most CNNs, 16 for ViT-*/16), from timm's feature_info."""
+    info = getattr(backbone, "feature_info", None) or []
+    reductions = [int(entry["reduction"]) for entry in info if isinstance(entry, dict) and "reduction" in entry]
+    return max(reductions) if reductions else 32
+
+
+def pad_image(image: torch.Tensor, multiple: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, H, W) -> (B, 1, H + pad_h, W + pad_w), the smallest sizes that are multiples of `multiple`.
+
+    The rows go above the highest mel band and the columns after the window's last frame, filled with
+    each example's own minimum -- silence, whatever the normalisation (0 for minmax, the -80 dB floor for
+    none, the lowest z-score for standard) -- so the network sees the window followed by a short silence.
+    The image itself is copied unchanged. Only H and W enter the arithmetic, with non-negative operands
+    (the ONNX exporter traces // and % on sizes with ONNX's semantics, which differ from Python's for
+    negative numbers), and only the batch size is dynamic in the export.
+    """
+    height, width = image.shape[-2], image.shape[-1]
+    pad_h, pad_w = (multiple[0] - height % multiple[0]) % multiple[0], (multiple[1] - width % multiple[1]) % multiple[1]
+    if pad_h == 0 and pad_w == 0:
+        return image
+    floor = image.amin(dim=(1, 2, 3), keepdim=True)                                  # (B, 1, 1, 1)
+    if pad_w:
+        image = torch.cat([image, floor.expand(-1, image.shape[1], height, pad_w)], dim=3)      # (B, 1, H, W')
+    if pad_h:
+        image = torch.cat([image, floor.expand(-1, image.shape[1], pad_h, width + pad_w)], dim=2)  # (B, 1, H', W')
+    return image
 
 
 class SEDHead(nn.Module):
@@ -355,15 +224,22 @@ class BirdCallModel(nn.Module):
     forward = classify(frontend(waveform)): train.py puts SpecAugment between the two (the
     `image_augment` argument, so that one forward call serves DistributedDataParallel too) and
     infer.py exports `classify` alone, so everything up to the backbone input (spectrogram,
-    PCEN or dB, normalisation, resize) lives in `frontend`, and everything after in `classify`.
+    PCEN or dB, normalisation, resize) lives in `frontend`, and everything after -- padding for
+    backbones that need it, the backbone, the head -- in `classify`.
+
+    Building the model runs the backbone once on one window of silence (`fit_backbone`): the head
+    is sized from the channels the backbone really returns, and a backbone that cannot take this
+    image fails here, with a one-line ValueError naming the fix.
     """
 
     def __init__(self, config: dict, pretrained: bool = False, pretrained_file: str | None = None):
         super().__init__()
         self.config = copy.deepcopy(config)
-        self.frontend = build_frontend(config)
+        self.frontend = frontend_lib.build_frontend(config)
         self.backbone = create_backbone(config["backbone"], pretrained, pretrained_file)
-        channels, n_classes = self.backbone.num_features, len(config["labels"])
+        self.backbone_stride = backbone_stride(self.backbone)
+        features = self.fit_backbone()                         # (1, C, F', T'); sets the padding and layout
+        channels, n_classes = features.shape[1], len(config["labels"])
         self.head_type = config.get("head", "linear")       # checkpoints before `head` existed: linear
         # --head-init extend: the head keeps the pre-trained vocabulary's outputs, and a new layer on top
         # maps them to this vocabulary
@@ -394,6 +270,102 @@ class BirdCallModel(nn.Module):
     def window_samples(self) -> int:
         return int(round(self.config["window_seconds"] * self.config["sample_rate"]))
 
+    def fit_backbone(self) -> torch.Tensor:
+        """Run the backbone once on the frontend's image of one silent window -> its features (1, C, F', T').
+
+        Sets `pad_multiple` (the image is padded up to multiples of it in `classify`; (1, 1): not padded),
+        `feature_layout` ("NCHW", "NHWC" or "tokens", see `feature_map`) and `image_size` (the frontend's
+        (H, W)): plain attributes, not weights, so state dicts are unchanged. A config with `pad_to_multiple`
+        (a checkpoint's) keeps that padding. Otherwise the image is padded, to multiples of the backbone's
+        stride, only where the backbone needs it: when it fails on the image as it is, or returns tokens that
+        are not a whole grid of patches; the padding is then written to the config, so checkpoints carry it.
+        A backbone that fails padded too raises a one-line ValueError: --img-size HxW for fixed-size
+        networks (the size timm's weights were trained at), else "choose another backbone".
+
+        In eval mode without gradients, on zeros: no BatchNorm statistics move and no random numbers are
+        drawn, so the weights built before and after are the same as without this call.
+        """
+        name = self.config["backbone"]
+        modes = [(module, module.training) for module in self.backbone.modules()]
+        self.backbone.eval()
+        try:
+            with torch.no_grad():
+                image = self.frontend(torch.zeros(1, self.window_samples))               # (1, 1, H, W)
+                self.image_size = (int(image.shape[-2]), int(image.shape[-1]))
+                stored = self.config.get("pad_to_multiple")
+                stride = self.backbone_stride
+                candidates = [tuple(int(n) for n in stored)] if stored else [(1, 1), (stride, stride)]
+                problems = []
+                for multiple in candidates:
+                    features = self._measure(image, multiple)
+                    if isinstance(features, torch.Tensor):
+                        if multiple != (1, 1) and not stored:
+                            self.config["pad_to_multiple"] = list(multiple)
+                        return features
+                    problems.append(features)
+                height, width = self.image_size
+                # the size timm's weights were trained at (input_size is (C, H, W)): the --img-size to suggest, if it runs
+                native = tuple((getattr(self.backbone, "pretrained_cfg", None) or {}).get("input_size", ())[-2:])
+                if (len(native) == 2 and native != self.image_size
+                        and isinstance(self._measure(image.new_zeros(1, 1, *native), (1, 1)), torch.Tensor)):
+                    raise ValueError(f"--backbone {name} needs a {native[0]}x{native[1]} image, not the "
+                                     f"{height}x{width} spectrogram: pass --img-size {native[0]}x{native[1]}")
+                padded = "" if stored or stride == 1 else f" nor padded to multiples of {stride}"
+                raise ValueError(f"--backbone {name} does not run on the {height}x{width} spectrogram image{padded} "
+                                 f"({problems[0]}); choose another backbone, or another --img-size")
+        finally:
+            self.backbone.train()                           # clears caches timm models fill in eval mode
+            for module, training in modes:
+                module.training = training
+
+    def _measure(self, image: torch.Tensor, multiple: tuple[int, int]) -> torch.Tensor | str:
+        """One probe: the features (1, C, F', T') for `image` padded to `multiple`, or what went wrong."""
+        self.pad_multiple = multiple
+        padded = pad_image(image, multiple)                                            # (1, 1, H', W')
+        try:
+            output = self.backbone(padded)
+        except Exception as error:  # any failure means "not at this size"; the message goes to the user
+            return first_line(error)
+        if output.ndim == 4:
+            self.feature_layout = "NHWC" if getattr(self.backbone, "output_fmt", "NCHW") == "NHWC" else "NCHW"
+        elif output.ndim == 3:
+            self.feature_layout = "tokens"
+            grid_h, grid_w = self.token_grid(padded.shape[-2], padded.shape[-1])
+            prefix = getattr(self.backbone, "num_prefix_tokens", 0)        # class, distillation, register tokens
+            if output.shape[1] != prefix + grid_h * grid_w:   # e.g. patches that drop a partial last column (twins)
+                return f"its {output.shape[1]} tokens are not {prefix} prefix tokens and a {grid_h}x{grid_w} grid"
+        else:
+            return f"it returns a {output.ndim}-D output {tuple(output.shape)}, not a feature map"
+        features = self.feature_map(output, padded.shape[-2], padded.shape[-1])
+        if features.shape[2] * features.shape[3] == 0:
+            return f"its feature map {tuple(features.shape)} is empty"
+        return features
+
+    def feature_map(self, output: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The backbone's output for a (B, 1, height, width) image -> (B, C, F', T'), F' along mel, T' along time."""
+        if self.feature_layout == "NCHW":
+            return output                                                          # (B, C, F', T')
+        if self.feature_layout == "NHWC":
+            return output.permute(0, 3, 1, 2)                                      # (B, F', T', C) -> (B, C, F', T')
+        # tokens (B, prefix + F' T', C): class/register tokens first, then the patches row by row
+        grid = self.token_grid(height, width)
+        patches = output[:, output.shape[1] - grid[0] * grid[1]:]                  # (B, F' T', C)
+        return patches.transpose(1, 2).unflatten(2, grid)                          # (B, C, F', T')
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid (F', T') of a token backbone on a height x width image: a partial last row or
+        column of patches counts (xcit, levit); fit_backbone checks the token count against it and pads the
+        image to whole patches where it does not match (twins)."""
+        # ceil division on non-negative sizes only: traced for export, // follows ONNX (truncation), not Python
+        stride = self.backbone_stride
+        return (height + stride - 1) // stride, (width + stride - 1) // stride
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """Spectrogram image (B, 1, H, W) -> backbone features (B, C, F', T'), the image padded first where
+        the backbone needs it (pad_image; see fit_backbone)."""
+        image = pad_image(image, self.pad_multiple)                                # (B, 1, H', W')
+        return self.feature_map(self.backbone(image), image.shape[-2], image.shape[-1])
+
     def forward(self, waveform: torch.Tensor, image_augment=None) -> torch.Tensor:
         image = self.frontend(waveform)                # (B, 1, n_mels, T)
         if image_augment is not None:                  # training only: SpecAugment
@@ -402,7 +374,7 @@ class BirdCallModel(nn.Module):
 
     def classify(self, image: torch.Tensor) -> torch.Tensor:
         """Spectrogram image (B, 1, H, W) -> logits (B, n_classes); the part exported to ONNX."""
-        features = self.backbone(image)                # (B, C, H/32, W/32)
+        features = self.features(image)                # (B, C, F', T'), e.g. (B, 1280, H/32, W/32)
         if self.head_type == "sed":
             logits = self.head(features)               # (B, n_outputs), attention-pooled over time
         elif self.head_type == "mlp":
@@ -417,7 +389,7 @@ class BirdCallModel(nn.Module):
         clip logits == (attention weights * framewise logits).sum(dim=1) == forward(waveform)."""
         if self.head_type != "sed":
             raise ValueError(f"framewise outputs need head='sed'; this model's head is {self.head_type!r}")
-        framewise, weights = self.head.frames(self.backbone(self.frontend(waveform)))  # (B, n_classes, T') each
+        framewise, weights = self.head.frames(self.features(self.frontend(waveform)))  # (B, n_classes, T') each
         clip = (weights * framewise).sum(dim=-1)                                         # (B, n_classes)
         return clip, framewise.transpose(1, 2), weights.transpose(1, 2)
 
@@ -455,7 +427,7 @@ def model_config(args, labels: list[str]) -> dict:
         "img_size": [int(n) for n in img_size] if img_size else None,
         "head": getattr(args, "head", "linear"),
     }
-    for key, default in PCEN_DEFAULTS.items():
+    for key, default in frontend_lib.PCEN_DEFAULTS.items():
         config[key] = getattr(args, key, default)
     return config
 
@@ -544,5 +516,73 @@ def load_model(path, map_location="cpu", ema: bool = False) -> BirdCallModel:
     if ema and "model_ema" not in checkpoint:
         raise CheckpointError(f"{path} has no EMA weights (it was not trained with --ema)")
     model = BirdCallModel(checkpoint["model_config"], pretrained=False)
-    model.load_state_dict(checkpoint["model_ema" if ema else "model"])
+    try:
+        model.load_state_dict(checkpoint["model_ema" if ema else "model"])
+    except RuntimeError as error:            # a hand-edited label list, or weights of another model
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]   # torch: one per tensor
+        raise CheckpointError(f"{path}: its weights do not fit the model its config describes ({len(model.labels)} "
+                              f"labels, --backbone {model.config['backbone']}): "
+                              f"{(details[0] if details else first_line(error))[:200]}") from None
     return model.eval()
+
+
+def export_weights(source, target, ema: bool = False) -> dict:
+    """`python model.py export best.pt small.pt`: the model's weights, config and labels only -- no
+    optimiser, scaler or training state (about a third of a b0 checkpoint) -- for inference and
+    --init-from; every loader (load_model, infer.py, Predictor) reads it. -> what was written."""
+    checkpoint = read_checkpoint(source)
+    if ema and "model_ema" not in checkpoint:
+        raise CheckpointError(f"{source} has no EMA weights (it was not trained with --ema)")
+    exported = {"format": CHECKPOINT_FORMAT, "model": checkpoint["model_ema" if ema else "model"],
+                "model_config": checkpoint["model_config"], "labels": checkpoint["model_config"]["labels"],
+                "exported_from": str(source), "global_step": checkpoint.get("global_step")}
+    target = Path(target)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    torch.save(exported, temporary)
+    os.replace(temporary, target)
+    return exported
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Model tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="write a checkpoint's weights, config and labels only",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    export.add_argument("checkpoint", help="a checkpoint written by train.py (e.g. runs/x/best.pt)")
+    export.add_argument("out", help="the file to write")
+    export.add_argument("--ema", action="store_true", help="export the exponential-moving-average weights")
+    args = parser.parse_args(argv)
+    export_weights(args.checkpoint, args.out, args.ema)
+    print(f"wrote {args.out}: {Path(args.out).stat().st_size / 1e6:.1f} MB "
+          f"(from {args.checkpoint}: {Path(args.checkpoint).stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def check_model(args) -> None:
+    """Build train.py's model with random weights -- one forward on one window of silence -- before any data is read.
+
+    options.check_arguments calls this, so a backbone that cannot take this input (or a frontend setting
+    that cannot work) stops the run at once with BirdCallModel's one-line ValueError naming the fix,
+    instead of at the first training step. Random weights: nothing is downloaded here; build_model builds
+    the pretrained model once, later. The random streams are restored, so the run's numbers do not change.
+    """
+    check_backbone_name(args.backbone)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model = BirdCallModel(model_config(args, ["check_a", "check_b"]), pretrained=False)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    if model.pad_multiple != (1, 1):
+        (height, width), (step_h, step_w) = model.image_size, model.pad_multiple
+        log.info("--backbone %s needs image sides that are multiples of %d: the %dx%d spectrogram image is padded "
+                 "to %dx%d inside the model (with silence after the window and above the top mel band)",
+                 args.backbone, step_w, height, width, -(-height // step_h) * step_h, -(-width // step_w) * step_w)

@@ -7,13 +7,17 @@ impossible combinations before any data is read.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import audio
 import data
 import distributed
+import frontend as frontend_lib
 import learner as learner_lib
 import losses
 import model as model_lib
+import progress
 import sampling
 
 MONITORED = ("cmap5", "cmap3", "macro_ap", "lrap", "val_loss",
@@ -95,30 +99,30 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--n-mels", type=int, default=128, help="mel bands")
     group.add_argument("--fmin", type=float, default=20.0, help="lowest mel frequency (Hz)")
     group.add_argument("--fmax", type=float, default=16000.0, help="highest mel frequency (Hz)")
-    group.add_argument("--normalization", choices=("standard", "minmax", "none"), default="standard",
+    group.add_argument("--normalization", choices=frontend_lib.NORMALIZATIONS, default="standard",
                        help="per-example normalisation of the dB spectrogram")
     group.add_argument("--dropout", type=float, default=0.0, help="dropout in the head")
     group.add_argument("--head", choices=model_lib.HEADS, default="linear",
                        help="linear; mlp: Linear-ReLU-Dropout-Linear (the log's complex head); sed: "
                             "attention pooling over time with framewise outputs")
-    group.add_argument("--frontend", choices=model_lib.FRONTENDS, default="mel",
+    group.add_argument("--frontend", choices=frontend_lib.FRONTENDS, default="mel",
                        help="mel: log-mel in dB; pcen: per-channel energy normalisation")
-    group.add_argument("--pcen-gain", dest="pcen_gain", type=float, default=model_lib.PCEN_DEFAULTS["pcen_gain"],
+    group.add_argument("--pcen-gain", dest="pcen_gain", type=float, default=frontend_lib.PCEN_DEFAULTS["pcen_gain"],
                        help="PCEN gain")
-    group.add_argument("--pcen-bias", dest="pcen_bias", type=float, default=model_lib.PCEN_DEFAULTS["pcen_bias"],
+    group.add_argument("--pcen-bias", dest="pcen_bias", type=float, default=frontend_lib.PCEN_DEFAULTS["pcen_bias"],
                        help="PCEN bias")
-    group.add_argument("--pcen-power", dest="pcen_power", type=float, default=model_lib.PCEN_DEFAULTS["pcen_power"],
+    group.add_argument("--pcen-power", dest="pcen_power", type=float, default=frontend_lib.PCEN_DEFAULTS["pcen_power"],
                        help="PCEN compression exponent")
     group.add_argument("--pcen-time-constant", dest="pcen_time_constant", type=float,
-                       default=model_lib.PCEN_DEFAULTS["pcen_time_constant"], help="PCEN smoother time constant (s)")
-    group.add_argument("--pcen-eps", dest="pcen_eps", type=float, default=model_lib.PCEN_DEFAULTS["pcen_eps"],
+                       default=frontend_lib.PCEN_DEFAULTS["pcen_time_constant"], help="PCEN smoother time constant (s)")
+    group.add_argument("--pcen-eps", dest="pcen_eps", type=float, default=frontend_lib.PCEN_DEFAULTS["pcen_eps"],
                        help="PCEN epsilon")
     group.add_argument("--pcen-input-scale", dest="pcen_input_scale", type=float,
-                       default=model_lib.PCEN_DEFAULTS["pcen_input_scale"],
+                       default=frontend_lib.PCEN_DEFAULTS["pcen_input_scale"],
                        help="multiplier on the magnitude mel spectrogram before PCEN (librosa's defaults "
                             "assume int32-range audio; ours is in [-1, 1])")
-    group.add_argument("--pcen-initial-state", dest="pcen_initial_state", choices=model_lib.PCEN_INITIAL_STATES,
-                       default=model_lib.PCEN_DEFAULTS["pcen_initial_state"],
+    group.add_argument("--pcen-initial-state", dest="pcen_initial_state", choices=frontend_lib.PCEN_INITIAL_STATES,
+                       default=frontend_lib.PCEN_DEFAULTS["pcen_initial_state"],
                        help="first_frame: smoother starts at the first frame's level; librosa: "
                             "librosa.pcen's default state")
     group.add_argument("--img-size", type=image_size, default=None,
@@ -249,11 +253,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="stop after this many evaluations without improvement (0 = never)")
     group.add_argument("--min-delta", type=float, default=0.0,
                        help="smallest change of the monitored metric that counts as improvement")
-    group.add_argument("--keep-last", type=int, default=3, help="periodic checkpoints kept on disk")
+    group.add_argument("--keep-last", type=int, default=3,
+                       help="periodic checkpoints of this run kept on disk (at least 1: the one to resume from)")
     group.add_argument("--keep-best", type=int, default=0,
                        help="also keep the K best evaluations by --monitor as best-stepN.pt, for ensembles "
                             "(infer.py --ckpts RUN/best-*.pt); 0 = only best.pt")
-    group.add_argument("--out-dir", default=None, help="run folder (default runs/<date-time>)")
+    group.add_argument("--out-dir", default=None,
+                       help="run folder (default runs/<date-time>); one that holds files is refused unless "
+                            "--resume continues it or --overwrite")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a --out-dir that holds files: they are moved to "
+                            "<out-dir>.previous-N, never deleted")
     group.add_argument("--resume", default=None,
                        help="checkpoint to continue from, or 'auto': the newest complete one in --out-dir")
     group.add_argument("--seed", type=int, default=42, help="seed of every random stream")
@@ -263,7 +273,26 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="run a learning-rate range test instead of training: writes lr_find.png "
                             "and lr_find.csv and suggests --lr")
     group.add_argument("--lr-find-steps", type=int, default=200, help="steps of the range test")
+    group.add_argument("--log-every", type=float, default=progress.LOG_EVERY_SECONDS,
+                       help="without a terminal (nohup, pipes, Kaggle's saved runs): a progress line every this "
+                            "many seconds instead of a bar")
+    group.add_argument("--config", default=None,
+                       help="a run's config.json: its arguments become the defaults, so the run is replayed; "
+                            "flags given on the command line override them")
     return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """train.py's arguments; with --config, that config.json's values are the defaults under the command line."""
+    parser = get_args_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        replayed = json.loads(Path(known.config).read_text())
+        unknown = sorted(set(replayed) - set(vars(known)))
+        if unknown:
+            raise ValueError(f"--config {known.config}: {unknown} are no flags of train.py")
+        parser.set_defaults(**{key: value for key, value in replayed.items() if key != "config"})
+    return parser.parse_args(argv)
 
 
 def image_size(text: str) -> list[int]:
@@ -277,6 +306,8 @@ def image_size(text: str) -> list[int]:
 
 def check_arguments(args) -> None:
     """Reject impossible combinations before any work is done."""
+    if args.keep_last < 1:
+        raise ValueError(f"--keep-last {args.keep_last}: keep at least 1 checkpoint, the one a resume needs")
     if args.folds > 1 and not 0 <= args.fold < args.folds:
         raise ValueError(f"--fold {args.fold} must be in [0, {args.folds})")
     if args.monitor.startswith("ema_") and not args.ema:
@@ -291,3 +322,4 @@ def check_arguments(args) -> None:
         raise ValueError("--head-init extend adds a layer on clip logits; use --head linear or mlp")
     learner_lib.precision_settings(args.amp, distributed.local_device(args.device))
     model_lib.check_backbone_name(args.backbone)  # fail before any data is read, with timm's error
+    model_lib.check_model(args)  # build with random weights, one forward on silence: fails here, naming the fix

@@ -28,6 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+
+import data
+import evaluation
+import loader
+import model as model_lib
 
 log = logging.getLogger("birdclef")
 
@@ -138,7 +144,6 @@ def checkpoint_row(run: dict, checkpoint: str) -> pd.Series:
     if match:
         step = int(match.group(1))
     else:
-        import model as model_lib
         step = int(model_lib.read_checkpoint(run["folder"] / Path(checkpoint).name)["global_step"])
     rows = run["metrics"][run["metrics"]["global_step"] == step]
     if rows.empty:
@@ -218,13 +223,6 @@ def per_species_report(checkpoint_path, out: Path) -> pd.DataFrame:
     """A checkpoint on its run's validation clips (the data read again from its arguments) -> per-species
     AP against training recordings: per_species.csv and per_species.png in `out`."""
     import tempfile
-
-    import torch
-
-    import data
-    import evaluation
-    import loader
-    import model as model_lib
     checkpoint = model_lib.read_checkpoint(checkpoint_path)
     args = argparse.Namespace(**checkpoint["args"])
     args.cache, args.workers = None, 0        # the same crops without the cache; no loader processes

@@ -9,11 +9,13 @@ or loses a row.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +32,39 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint_step(\d+)\.pt$")
 
 
 class CheckpointSaveError(RuntimeError):
-    """A checkpoint could not be written (full disk, permissions); earlier ones are untouched."""
+    """A file of the run folder could not be written (full disk, permissions); earlier ones are untouched."""
+
+
+def _space_needed(path: Path, bytes_needed: int | None) -> str:
+    free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+    needed = f"{bytes_needed / 1e6:.1f} MB needed, " if bytes_needed else ""
+    return f"{needed}{free / 1e6:.1f} MB free on its disk"
+
+
+@contextlib.contextmanager
+def writing(path: Path, bytes_needed: int | None = None):
+    """Any failure to write `path` (a full disk: OSError, or torch's RuntimeError from its zip writer)
+    becomes one CheckpointSaveError naming the file and the space, with what to do next."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not any(word in str(error) for word in ("write", "unexpected pos")):
+            raise                                       # not a write failure
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise CheckpointSaveError(
+            f"could not write {path} ({reason}; {_space_needed(path, bytes_needed)}); the files written before are "
+            f"intact: free some space and continue with --resume auto") from error
+
+
+def checkpoint_bytes(payload: dict) -> int:
+    """About what torch.save writes: the bytes of every tensor in the checkpoint."""
+    total = 0
+    for value in payload.values():
+        if isinstance(value, dict):
+            total += checkpoint_bytes(value)
+        elif torch.is_tensor(value):
+            total += value.numel() * value.element_size()
+    return total
 
 
 def save_atomic(payload: dict, path: Path) -> None:
@@ -41,18 +75,110 @@ def save_atomic(payload: dict, path: Path) -> None:
     """
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(temporary, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        raise CheckpointSaveError(
-            f"could not write {path} ({error.strerror or error}); the previous checkpoints in {path.parent} "
-            f"are intact: free some space and continue with --resume auto") from error
+        with writing(path, checkpoint_bytes(payload)):
+            with open(temporary, "wb") as handle:
+                torch.save(payload, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+# ----------------------------------------------------------------------------- one folder, one run
+
+LOCK = ".lock"
+
+
+def claim_folder(out_dir: Path, resuming: bool, overwrite: bool, move_aside: bool = True) -> None:
+    """A run folder belongs to one run: an existing one with files in it is refused unless the run
+    resumes it, or --overwrite moves its files aside (to <folder>.previous-N, never deleting them).
+    Under torchrun every rank checks (so all refuse together) and only rank 0 moves (`move_aside`)."""
+    if not out_dir.is_dir() or resuming or not any(path.name != LOCK for path in out_dir.iterdir()):
+        return
+    if not overwrite:
+        names = ", ".join(sorted(path.name for path in out_dir.iterdir())[:5])
+        raise FileExistsError(f"{out_dir} already holds files ({names}, ...): continue that run with --resume auto, "
+                              f"choose another --out-dir, or pass --overwrite to move them aside")
+    if not move_aside:
+        return
+    aside = next(out_dir.with_name(f"{out_dir.name}.previous-{n}") for n in range(1, 10_000)
+                 if not out_dir.with_name(f"{out_dir.name}.previous-{n}").exists())
+    out_dir.rename(aside)
+    log.warning("--overwrite: moved the files of %s to %s", out_dir, aside)
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path, enabled: bool = True):
+    """A lock file with this process's id while the run lasts: a second process on the same folder is
+    refused. A lock left by a process that no longer exists (killed) is taken over."""
+    if not enabled:
+        yield
+        return
+    lock = out_dir / LOCK
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            owner = int(lock.read_text().strip() or 0) if lock.is_file() else 0
+            if owner and _alive(owner):
+                raise FileExistsError(f"{out_dir} is in use by another training process (pid {owner}); wait for "
+                                      f"it, or choose another --out-dir") from None
+            lock.unlink(missing_ok=True)         # left by a killed run
+    else:
+        raise FileExistsError(f"could not lock {out_dir}")
+    os.write(handle, str(os.getpid()).encode())
+    os.close(handle)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False                                   # left by an earlier run in this same process
+    try:
+        os.kill(pid, 0)                                # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# Settings a resumed run may change (README, "Resume"): where and how fast it runs, how long, how often
+# it evaluates and what it keeps. Every other setting (model, frontend, loss, optimiser, schedule,
+# data, sampling, augmentation, seed) must equal the checkpoint's, or the run would continue with
+# weights, optimiser state or random streams that belong to other settings.
+CHANGEABLE_ON_RESUME = (
+    "data_dir", "cache", "workers", "strict", "device", "amp", "compile", "channels_last", "flush_denormal",
+    "epochs", "max_steps", "patience", "min_delta", "evals_per_epoch", "keep_last", "keep_best", "log_every",
+    "val_soundscapes", "val_soundscape_audio", "test_soundscapes", "test_soundscape_audio",
+    "out_dir", "resume", "overwrite", "config", "audit_sampling", "lr_find", "lr_find_steps",
+    "pretrained", "pretrained_file", "init_from",           # the weights come from the checkpoint
+)
+
+
+def check_resume_settings(checkpoint: dict, args, world_size: int = 1) -> None:
+    """Refuse a resume whose settings differ from the checkpoint's, naming each difference; or whose
+    number of processes does (a step there is another number of examples)."""
+    if checkpoint.get("world_size", 1) != world_size:
+        raise ValueError(f"{args.resume} was written by {checkpoint.get('world_size', 1)} process(es) and this run "
+                         f"has {world_size}: a step there is another number of examples, so resume with "
+                         f"--nproc_per_node {checkpoint.get('world_size', 1)}")
+    saved, now = checkpoint.get("args", {}), plain_args(args)
+    differences = [f"--{name.replace('_', '-')} {saved[name]!r} -> {now[name]!r}" for name in sorted(now)
+                   if name in saved and name not in CHANGEABLE_ON_RESUME and not _same(saved[name], now[name])]
+    if differences:
+        raise ValueError(f"{args.resume} was trained with other settings: {'; '.join(differences)}. Resume with the "
+                         f"checkpoint's settings (its config.json), or start a new run in another --out-dir")
+
+
+def _same(saved, now) -> bool:
+    return json.dumps(saved, sort_keys=True) == json.dumps(now, sort_keys=True)   # a tuple equals its list
 
 
 def periodic_checkpoints(out_dir: Path) -> list[Path]:
@@ -74,12 +200,14 @@ def newest_complete_checkpoint(out_dir: Path) -> Path:
 
 
 def save_checkpoint(out_dir: Path, checkpoint: dict, keep_last: int, best: bool = False) -> Path:
-    """checkpoint_step<global step>.pt (and best.pt when `best`), then prune to the newest `keep_last`."""
+    """best.pt when `best`, then checkpoint_step<global step>.pt, then prune to the newest `keep_last`.
+    The step checkpoint is written last because it is where a resume starts: if best.pt cannot be
+    written, the resume repeats this evaluation and writes it then."""
     path = out_dir / f"checkpoint_step{checkpoint['global_step']:08d}.pt"
-    save_atomic(checkpoint, path)
     if best:
         save_atomic(checkpoint, out_dir / "best.pt")
-    prune_checkpoints(out_dir, keep_last)
+    save_atomic(checkpoint, path)
+    prune_checkpoints(out_dir, keep_last, checkpoint["global_step"])
     return path
 
 
@@ -103,10 +231,13 @@ def keep_best(out_dir: Path, checkpoint: dict, monitor: str, keep: int) -> None:
             path.unlink()
 
 
-def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` periodic checkpoints; works from disk, so restarts prune too."""
-    existing = periodic_checkpoints(out_dir)
-    for path in existing[:max(len(existing) - keep_last, 0)]:
+def prune_checkpoints(out_dir: Path, keep_last: int, step: int | None = None) -> None:
+    """Keep the newest `keep_last` periodic checkpoints at or below `step` (this run's current one;
+    default: all); works from the files on disk, so restarts prune too. A checkpoint past `step`
+    (left by a branch a resume from an older checkpoint abandoned) is never touched."""
+    existing = [path for path in periodic_checkpoints(out_dir)
+                if step is None or int(CHECKPOINT_PATTERN.match(path.name).group(1)) <= step]
+    for path in existing[:max(len(existing) - max(keep_last, 1), 0)]:
         path.unlink()
 
 
@@ -117,7 +248,9 @@ def plain_args(args) -> dict:
 
 def write_config(out_dir: Path, args) -> None:
     """config.json: every resolved argument."""
-    (out_dir / "config.json").write_text(json.dumps(plain_args(args), indent=2) + "\n")
+    path = out_dir / "config.json"
+    with writing(path):
+        path.write_text(json.dumps(plain_args(args), indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- logs
@@ -147,23 +280,25 @@ def metric_columns(with_ema: bool, with_soundscapes: bool = False, with_test: bo
 
 
 def write_evaluation(out_dir: Path, row: dict, step_rows: list[tuple], checkpoint: dict, improved: bool,
-                     keep_last: int) -> None:
-    """One evaluation: its metrics row, the steps since the last one, the plot, then the checkpoint.
-    Logs first, checkpoint second: a crash in between leaves rows that the resume from the
-    previous checkpoint truncates, never a gap."""
+                     args) -> None:
+    """One evaluation: its metrics row, the steps since the last one, the plot, --keep-best's file,
+    then the checkpoint. Logs first, checkpoint last: a crash or a full disk in between leaves rows
+    and files that the resume from the previous checkpoint writes again, never a gap."""
     append_metrics(out_dir / "metrics.csv", row)
     append_steps(out_dir / "steps.csv", step_rows)
-    plot_metrics(out_dir / "metrics.csv", out_dir / "metrics.png")
-    save_checkpoint(out_dir, checkpoint, keep_last, best=improved)
+    with writing(out_dir / "metrics.png"):
+        plot_metrics(out_dir / "metrics.csv", out_dir / "metrics.png")
+    if args.keep_best:
+        keep_best(out_dir, checkpoint, args.monitor, args.keep_best)
+    save_checkpoint(out_dir, checkpoint, args.keep_last, best=improved)
 
 
 def append_metrics(path: Path, row: dict) -> None:
     """One row of metrics.csv; its columns follow from the row (EMA and soundscape ones when present)."""
     columns = metric_columns("ema_val_loss" in row, "soundscape_cmap5" in row, "test_cmap5" in row)
-    new_file = not path.exists()
-    with open(path, "a", newline="") as handle:
+    with writing(path), open(path, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
-        if new_file:
+        if handle.tell() == 0:          # new, or emptied by a resume after a full disk cut its header
             writer.writeheader()
         writer.writerow({key: row[key] for key in columns})
 
@@ -173,10 +308,9 @@ STEP_COLUMNS = ["global_step", "epoch", "step_in_epoch", "loss", "lr"]
 
 def append_steps(path: Path, rows: list[tuple]) -> None:
     """Per-step training losses, flushed at each evaluation (so they match the checkpoints)."""
-    new_file = not path.exists()
-    with open(path, "a", newline="") as handle:
+    with writing(path), open(path, "a", newline="") as handle:
         writer = csv.writer(handle)
-        if new_file:
+        if handle.tell() == 0:
             writer.writerow(STEP_COLUMNS)
         writer.writerows(rows)
 
@@ -193,13 +327,27 @@ def truncate_log(path: Path, column: str, last: int) -> None:
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         fieldnames = reader.fieldnames or []
-        rows = [row for row in reader if is_complete_row(row, fieldnames) and int(row[column]) <= last]
+        if column not in fieldnames:     # empty, or cut short before its header (a full disk): start it again
+            path.unlink()
+            return
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            if not is_complete_row(row, fieldnames):
+                continue
+            try:
+                step = int(row[column])
+            except ValueError:
+                raise ValueError(f"{path} line {line}: {column} is {row[column]!r}, not a number; remove that line "
+                                 f"and resume again") from None
+            if step <= last:
+                rows.append(row)
     temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fieldnames)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
+    with writing(path):
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(temporary, path)
 
 
 def is_complete_row(row: dict, fieldnames: list[str]) -> bool:
@@ -207,25 +355,69 @@ def is_complete_row(row: dict, fieldnames: list[str]) -> bool:
     return None not in row and all(row.get(name) not in (None, "") for name in fieldnames)
 
 
-def plot_metrics(csv_path: Path, png_path: Path) -> None:
+def plot_metrics(csv_path: Path, png_path: Path) -> dict:
+    """Losses (left), scores with their chance levels and the best evaluation marked (middle), and the
+    learning rate (right), against the epoch; score axes fitted to the data, not fixed at 0-1.
+    -> what the score panel shows: its legend's labels and its y limits."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     table = pd.read_csv(csv_path)
-    figure, (loss_axis, score_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (loss_axis, score_axis, lr_axis) = plt.subplots(1, 3, figsize=(15, 4))
     loss_axis.plot(table["epoch"], table["train_loss"], marker=".", label="train loss")
     loss_axis.plot(table["epoch"], table["val_loss"], marker=".", label="validation loss")
     loss_axis.set_xlabel("epoch")
     loss_axis.legend()
-    for column in ("cmap5", "cmap3", "macro_ap", "lrap", "soundscape_cmap5", "soundscape_macro_ap", "test_cmap5"):
+    levels = []
+    for index, column in enumerate(("cmap5", "cmap3", "macro_ap", "lrap", "soundscape_cmap5", "soundscape_macro_ap",
+                                    "test_cmap5")):
         if column in table:
-            score_axis.plot(table["epoch"], table[column], marker=".", label=column)
+            score_axis.plot(table["epoch"], table[column], marker=".", label=column, color=f"C{index}")
+            levels += list(table[column])
+            chance = {"cmap5": "chance_cmap5", "soundscape_cmap5": "soundscape_chance_cmap5",
+                      "test_cmap5": "test_chance_cmap5"}.get(column)
+            if chance in table:
+                score_axis.axhline(table[chance].iloc[-1], color=f"C{index}", linestyle=":", linewidth=1,
+                                   label=f"{column}, random scores")
+                levels.append(table[chance].iloc[-1])
+    best = table.loc[table["cmap5"].idxmax()] if "cmap5" in table else None
+    if best is not None:
+        score_axis.axvline(best["epoch"], color="grey", linestyle="--", linewidth=1,
+                           label=f"best cmap5, step {int(best['global_step'])}")
+    if levels:
+        low, high = min(levels), max(levels)
+        margin = max((high - low) * 0.05, 0.01)
+        score_axis.set_ylim(low - margin, high + margin)
     score_axis.set_xlabel("epoch")
-    score_axis.set_ylim(0, 1)
-    score_axis.legend()
+    score_axis.legend(fontsize="x-small")
+    lr_axis.plot(table["epoch"], table["lr"], marker=".")
+    lr_axis.set_xlabel("epoch")
+    lr_axis.set_ylabel("learning rate at the evaluation")
     figure.tight_layout()
     figure.savefig(png_path, dpi=100)
+    shown = {"labels": [line.get_label() for line in score_axis.get_lines()], "limits": score_axis.get_ylim()}
     plt.close(figure)
+    return shown
 
 
+@contextlib.contextmanager
+def log_file(path: Path, enabled: bool = True):
+    """The project's log lines also go to `path` (train.log, appended across resumes) while the block runs."""
+    if not enabled:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("birdclef")
+    logger.addHandler(handler)
+    previous_level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)   # the file holds the INFO lines even when the console does not
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+        handler.close()

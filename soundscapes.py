@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import audio
 import metrics
 
 log = logging.getLogger("birdclef")
@@ -126,6 +127,8 @@ def read_soundscape_labels(path, audio_dir=None) -> tuple[pd.DataFrame, Path]:
         audio_dir = beside if beside.is_dir() else path.parent
     audio_dir = Path(audio_dir)
     if SOUNDSCAPE_FILE_COLUMNS <= set(table.columns):
+        for name in dict.fromkeys(table["file"]):
+            audio.path_inside(audio_dir, name, f"{path} file")   # a name with '..' or a root is refused here
         rows = pd.DataFrame({"file": table["file"], "start_s": table["start_s"].astype(float),
                              "end_s": table["end_s"].astype(float), "labels": table["labels"]})
         return rows, audio_dir

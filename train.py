@@ -20,6 +20,7 @@ patience) is taken on values all ranks share.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import signal
@@ -33,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import audio
 import augment
@@ -43,8 +43,10 @@ import evaluation
 import learner as learner_lib
 import loader
 import losses
+import lr_find
 import model as model_lib
 import options
+import progress
 import runfolder
 import sampling
 
@@ -69,6 +71,7 @@ class TrainingState:
     stop_reason: str | None = None
     out_dir: Path | None = None
     chance: dict | None = None           # metrics of random scores on the validation set
+    data_fingerprint: str | None = None  # data.data_fingerprint of the training and validation sets
 
     CHECKPOINTED = ("epoch", "step_in_epoch", "global_step", "evaluations", "best_metric", "best_step",
                     "patience_counter", "train_loss_sum", "train_loss_count", "skipped_nonfinite")
@@ -189,9 +192,7 @@ def evaluate_and_save(learner: learner_lib.Learner, validation: evaluation.Valid
     improved = state.update_best(results[args.monitor], args.monitor, args.min_delta)
     if distributed.is_main_process():
         checkpoint = make_checkpoint(learner, args, state)
-        runfolder.write_evaluation(state.out_dir, row, state.step_log, checkpoint, improved, args.keep_last)
-        if args.keep_best:
-            runfolder.keep_best(state.out_dir, checkpoint, args.monitor, args.keep_best)
+        runfolder.write_evaluation(state.out_dir, row, state.step_log, checkpoint, improved, args)
     state.step_log.clear()
     log.info("epoch %.2f  train_loss %.4f  val_loss %.4f  cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f  LRAP %.4f%s%s",
              row["epoch"], row["train_loss"], row["val_loss"], row["cmap5"], row["cmap3"],
@@ -217,6 +218,7 @@ def make_checkpoint(learner: learner_lib.Learner, args, state: TrainingState) ->
         "args": runfolder.plain_args(args),
         **{name: getattr(state, name) for name in TrainingState.CHECKPOINTED},
         "world_size": distributed.rank_and_world_size()[1],  # step_in_epoch counts global batches
+        "data_fingerprint": state.data_fingerprint,          # a resume on other data is refused
     }
     if learner.ema is not None:  # the averaged weights, loadable with load_model(path, ema=True)
         checkpoint["model_ema"] = learner.ema.module.state_dict()
@@ -254,13 +256,6 @@ class CtrlC:
 
 # ----------------------------------------------------------------------------- the loop
 
-def epoch_batches(train_set, args, epoch: int, start_batch: int = 0) -> sampling.EpochBatchSampler:
-    """This rank's batches of one epoch, from `start_batch`: its shard of the epoch's single draw."""
-    draw = sampling.draw_epoch(len(train_set), args.seed, epoch, train_set.primary_labels, args.sampler,
-                               args.cap_per_class)
-    return sampling.EpochBatchSampler(draw, args.batch_size, epoch, start_batch, *distributed.rank_and_world_size())
-
-
 def train(learner: learner_lib.Learner, train_set, validation: evaluation.Validation, state: TrainingState, args, ctrl_c: CtrlC) -> None:
     """Epochs of steps until --epochs, patience, --max-steps or Ctrl-C. Each step:
     step -> (at an evaluation point) evaluate -> log -> checkpoint -> patience/stop."""
@@ -269,17 +264,16 @@ def train(learner: learner_lib.Learner, train_set, validation: evaluation.Valida
         frozen = learner_lib.frozen_parts(args, epoch)                  # (backbone, head)
         learner_lib.set_activation(learner, loss_name)
         learner_lib.set_train_mode(learner.model, *frozen)
-        batches = epoch_batches(train_set, args, epoch, state.step_in_epoch)
+        batches = loader.epoch_batches(train_set, args, epoch, state.step_in_epoch)
         evaluation_points = {max(1, round(batches.steps * k / args.evals_per_epoch))
                              for k in range(1, args.evals_per_epoch + 1)}
-        progress = tqdm(loader.make_loader(train_set, args, learner.device, batches), total=len(batches),
-                        desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
-                        disable=not sys.stderr.isatty() or not distributed.is_main_process())
-        for batch in progress:
+        bar = progress.bar(loader.make_loader(train_set, args, learner.device, batches), total=len(batches),
+                           desc=f"epoch {epoch}", unit="step", every=args.log_every)
+        for batch in bar:
             loss = train_step(learner, batch, state, args, loss_name)
             state.record_step(loss, learner.optimizer.param_groups[0]["lr"])
             if loss is not None:
-                progress.set_postfix(loss=f"{loss:.4f}")
+                bar.set_postfix(loss=f"{loss:.4f}")
             evaluation_point = (state.step_in_epoch in evaluation_points
                                 or bool(args.max_steps and state.global_step >= args.max_steps))
             if state.step_in_epoch == batches.steps:       # the one place an epoch ends
@@ -300,8 +294,9 @@ def finish_epoch(state: TrainingState, train_set, draw, args) -> None:
     if distributed.is_main_process():
         counter = sampling.DrawCounter(len(train_set))
         counter.add(draw[:state.step_in_epoch * args.batch_size * distributed.rank_and_world_size()[1]])
-        sampling.append_drawn_counts(state.out_dir / "drawn_counts.csv",
-                                     counter.to_frame(train_set.primary_labels, state.epoch))
+        with runfolder.writing(state.out_dir / "drawn_counts.csv"):
+            sampling.append_drawn_counts(state.out_dir / "drawn_counts.csv",
+                                         counter.to_frame(train_set.primary_labels, state.epoch))
     state.epoch, state.step_in_epoch = state.epoch + 1, 0
 
 
@@ -335,12 +330,32 @@ def main(args):
 
 
 def set_up_and_train(args, device: torch.device):
-    """Run folder -> data -> sampling audit -> learner -> state -> validation -> the loop."""
+    """Checkpoint to resume and pretrained weights checked -> run folder (with train.log) -> the run in it.
+    Nothing is written before the arguments and the weights are known to be usable."""
+    continuing = args.resume == "auto"
     checkpoint = checkpoint_to_resume(args)
-    out_dir = make_run_folder(args, checkpoint)
+    if checkpoint is None:
+        learner_lib.check_pretrained_weights(args)
+    else:
+        runfolder.check_resume_settings(checkpoint, args, distributed.rank_and_world_size()[1])
+    out_dir = make_run_folder(args, checkpoint, continuing)
+    main_process = distributed.is_main_process()
+    with runfolder.locked(out_dir, main_process), runfolder.log_file(out_dir / "train.log", main_process):
+        if main_process:
+            runfolder.write_config(out_dir, args)
+        return train_in_folder(args, device, checkpoint, out_dir)
+
+
+def train_in_folder(args, device: torch.device, checkpoint: dict | None, out_dir: Path):
+    """Data -> sampling audit -> learner -> state -> validation -> the loop."""
     labels, train_set, val_set = data.build_datasets(args, out_dir)
+    fingerprint = data.data_fingerprint(labels, train_set, val_set)
     if checkpoint is not None and checkpoint["labels"] != labels:
         raise ValueError(f"{args.resume} was trained on another label list than {' '.join(args.data_dir)}")
+    if checkpoint is not None and checkpoint.get("data_fingerprint", fingerprint) != fingerprint:
+        raise ValueError(f"{args.resume} was trained on other data: the recordings, their labels, the split or the "
+                         f"training windows of {' '.join(args.data_dir)} changed since (a metadata row added or "
+                         f"removed, a file now unreadable: see bad_files.csv). Restore them, or start a new run")
     audit_table, audit = audit_sampling(train_set, args, out_dir)
     if args.audit_sampling:
         return {"audit": audit, "audit_table": audit_table, "out_dir": out_dir}
@@ -353,9 +368,8 @@ def set_up_and_train(args, device: torch.device):
     if args.lr_find:
         if world_size > 1:
             raise ValueError("--lr-find runs in one process: start it without torchrun")
-        import lr_find  # the range test reads this module's epoch_batches and batch loss
         return {"suggested_lr": lr_find.find_learning_rate(learner, train_set, args, out_dir), "out_dir": out_dir}
-    state = TrainingState(out_dir=out_dir)
+    state = TrainingState(out_dir=out_dir, data_fingerprint=fingerprint)
     if checkpoint is not None:
         state.load(checkpoint)
         log.info("resumed from %s at epoch %d step %d", args.resume, state.epoch, state.step_in_epoch)
@@ -386,28 +400,29 @@ def checkpoint_to_resume(args) -> dict | None:
             args.resume = None
             log.info("--resume auto: no checkpoint in %s yet, starting from the beginning", args.out_dir)
     checkpoint = model_lib.read_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None and "optimizer" not in checkpoint:
+        raise ValueError(f"{args.resume} holds weights only (python model.py export): it cannot be resumed; start "
+                         f"a new run from it with --init-from")
     if checkpoint is not None and args.out_dir is None:
         args.out_dir = str(Path(args.resume).resolve().parent)
     return checkpoint
 
 
-def make_run_folder(args, checkpoint: dict | None) -> Path:
-    """--out-dir (default runs/<date-time>) with config.json; a checkpoint from another number of
-    processes is refused (a step there is another number of examples)."""
+def make_run_folder(args, checkpoint: dict | None, continuing: bool) -> Path:
+    """--out-dir (default runs/<date-time>), claimed for this run: a folder holding files is refused
+    unless the run continues it (--resume auto, or --resume of a checkpoint in it) or --overwrite
+    moves them aside."""
     world_size = distributed.rank_and_world_size()[1]
     if args.out_dir is None and world_size > 1:
         raise ValueError("under torchrun give --out-dir: every rank must use the same run folder")
     out_dir = Path(args.out_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    continuing = continuing or (checkpoint is not None and Path(args.resume).resolve().parent == out_dir.resolve())
+    runfolder.claim_folder(out_dir, continuing, args.overwrite, move_aside=distributed.is_main_process())
+    distributed.barrier()                 # the other ranks wait until rank 0 has moved old files aside
     out_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main_process():
-        runfolder.write_config(out_dir, args)
     if world_size > 1:
         log.info("torchrun: %d processes (%s), --batch-size %d per process = %d per step", world_size,
                  dist.get_backend(), args.batch_size, args.batch_size * world_size)
-    if checkpoint is not None and checkpoint.get("world_size", 1) != world_size:
-        raise ValueError(f"{args.resume} was written by {checkpoint.get('world_size', 1)} process(es) and this run "
-                         f"has {world_size}: a step there is another number of examples, so resume with "
-                         f"--nproc_per_node {checkpoint.get('world_size', 1)}")
     return out_dir
 
 
@@ -416,7 +431,8 @@ def audit_sampling(train_set, args, out_dir: Path):
     audit_table, audit = sampling.sampling_audit(train_set.primary_labels, args.sampler, args.cap_per_class,
                                                  extras=train_set.extras if train_set.extras.any() else None)
     if distributed.is_main_process():
-        sampling.write_sampling_audit(audit_table, out_dir / "sampling_audit.csv")
+        with runfolder.writing(out_dir / "sampling_audit.csv"):
+            sampling.write_sampling_audit(audit_table, out_dir / "sampling_audit.csv")
     for line in sampling.format_sampling_audit(audit_table, audit, args.sampler).splitlines():
         (log.warning if line.startswith("WARNING") else log.info)("%s", line)
     return audit_table, audit
@@ -425,8 +441,14 @@ def audit_sampling(train_set, args, out_dir: Path):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        main(options.get_args_parser().parse_args())
+        main(options.parse_args())
     except (model_lib.PretrainedWeightsError, model_lib.CheckpointError, losses.NonFiniteLossError, FloatingPointError,
-            runfolder.CheckpointSaveError, FileNotFoundError, ValueError) as error:
+            runfolder.CheckpointSaveError, FileNotFoundError, FileExistsError, ValueError) as error:
         log.error("%s", error)
+        sys.exit(1)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log.error("could not write %s (%s); the files written before are intact: free some space and continue "
+                  "with --resume auto", error.filename, error.strerror)
         sys.exit(1)

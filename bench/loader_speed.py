@@ -5,7 +5,7 @@
 Makes (once) a demo data set of real-length recordings (log-normal lengths around
 --median-seconds, 32/44.1/48 kHz ogg, some stereo), caches it with
 `python data.py cache` (ends policy: first and last 8 s at 32 kHz), then runs
-train.py's own loader (loader.make_loader over train.epoch_batches of
+train.py's own loader (loader.make_loader over loader.epoch_batches of
 epoch after epoch, 5-s crops, batch 32) for about --seconds per setting and
 counts samples per second. Steady state: the loader is built once per setting and
 its first batch (worker start-up) is not timed.
@@ -28,14 +28,13 @@ import data  # noqa: E402
 import demo  # noqa: E402
 import loader  # noqa: E402
 import options  # noqa: E402
-import train  # noqa: E402
 
 
 def measure(train_set, args, workers: int, seconds: float) -> tuple[float, int]:
     """-> (samples per second, samples timed) of train.py's loader with `workers` processes."""
     run_args = options.get_args_parser().parse_args(["--workers", str(workers), "--batch-size", str(args.batch_size)])
     batches = itertools.chain.from_iterable(
-        train.epoch_batches(train_set, run_args, epoch)
+        loader.epoch_batches(train_set, run_args, epoch)
         for epoch in itertools.count())
     batches_loader = loader.make_loader(train_set, run_args, torch.device("cpu"), batch_sampler=batches)
     iterator = iter(batches_loader)

@@ -6,7 +6,9 @@ Nothing here is downloaded: every recording is synthesised, and only timm's tiny
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import subprocess
 import sys
 from pathlib import Path
 
@@ -128,3 +130,17 @@ def trained_run(tiny_data, tmp_path_factory) -> Path:
 def checkpoint(trained_run) -> Path:
     """trained_run's best.pt."""
     return trained_run / "best.pt"
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount_point: Path, size: str):
+    """A real small disk: a tmpfs of `size` ("64k", "2m") at mount_point, unmounted afterwards. The
+    test is skipped where mounting is not allowed (needs root)."""
+    mount_point.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -10,13 +10,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data  # noqa: E402
 import distributed  # noqa: E402
+import loader  # noqa: E402
 import options  # noqa: E402
-import train  # noqa: E402
 
 out, argv = Path(sys.argv[1]), sys.argv[2:]
 args = options.get_args_parser().parse_args(argv)
 rank, world_size = distributed.setup(distributed.local_device(args.device))
 _, train_set, _ = data.build_datasets(args, Path(args.out_dir))
-items = {epoch: [item for batch in train.epoch_batches(train_set, args, epoch) for item in batch] for epoch in (0, 1)}
+items = {epoch: [item for batch in loader.epoch_batches(train_set, args, epoch) for item in batch] for epoch in (0, 1)}
 out.with_suffix(f".rank{rank}.json").write_text(json.dumps({"world_size": world_size, "items": items}))
 distributed.shutdown()

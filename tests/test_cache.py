@@ -8,13 +8,19 @@ RecordingDataset without a cache, up to int16 rounding.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import quick_args, tone_recording
+from conftest import quick_args, small_tmpfs, tone_recording
 
 import audio
 import cache as cache_lib
@@ -146,7 +152,7 @@ def test_a_cache_of_other_data_policy_or_rate_is_refused(native_data, tiny_data,
         open_cache(tmp_path / "cache", table, settings(rate=32000))
     with pytest.raises(cache_lib.CacheError, match="crop_policy='ends'.*'random'"):
         open_cache(tmp_path / "cache", table, settings("random"))
-    with pytest.raises(cache_lib.CacheError, match="another data set"):
+    with pytest.raises(cache_lib.CacheError, match="made from other data"):
         open_cache(tmp_path / "cache", data.read_training_data([tiny_data])[0], settings())
     with pytest.raises(cache_lib.CacheError, match="ends"):              # a run cropping 6 s ends instead of 4
         build_cache(native_data, tmp_path / "cache",
@@ -237,3 +243,76 @@ def test_batch_ring_frees_slots_of_failed_batches_and_is_made_anew_for_each_pass
     next(partial)                     # a pass left after one batch: its ring goes with it
     del partial
     assert len(list(data_loader)) == 9
+
+
+# ----------------------------------------------------------------------------- content, truncation, full disk (#17)
+
+def test_a_file_replaced_by_other_audio_of_the_same_size_or_a_truncated_cache_is_refused(native_data, tmp_path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(native_data, data_dir)
+    build_cache(data_dir, tmp_path / "cache", settings(), workers=0)
+    table, _ = data.read_training_data([data_dir])
+    open_cache(tmp_path / "cache", table, settings())                    # as made: accepted
+    # Other audio, same size and mtime: only the content tells them apart.
+    path = data_dir / "train_audio" / "bbb1" / "XC4.ogg"
+    status = path.stat()
+    other = bytearray(path.read_bytes())
+    other[-100:] = bytes(255 - byte for byte in other[-100:])
+    path.write_bytes(bytes(other))
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert path.stat().st_size == status.st_size
+    with pytest.raises(cache_lib.CacheError, match="made from other data.*content"):
+        open_cache(tmp_path / "cache", table, settings())
+    # A cache whose audio.int16 lost its end.
+    build_cache(native_data, tmp_path / "cut", settings(), workers=0)
+    table, _ = data.read_training_data([native_data])
+    with open(tmp_path / "cut" / "audio.int16", "r+b") as handle:
+        handle.truncate(1000)
+    with pytest.raises(cache_lib.CacheError, match=r"audio.int16 holds 1000 bytes, its manifest says \d+ "
+                                                   r"\(truncated or replaced\)"):
+        open_cache(tmp_path / "cut", table, settings())
+
+
+def test_a_cache_checks_and_reserves_its_space_first(native_data, tmp_path, monkeypatch):
+    needed = 2 * int(cache_lib.plan_cache(list(data.read_training_data([native_data])[0]["path"]),
+                                          settings())["length"].sum())
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=needed - 1))
+    with pytest.raises(cache_lib.CacheError, match=rf"needs {needed / 1e9:.2f} GB in .* and {(needed - 1) / 1e9:.2f} "
+                                                   r"GB are free"):
+        build_cache(native_data, tmp_path / "cache", settings(), workers=0)
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+    monkeypatch.undo()
+    build_cache(native_data, tmp_path / "cache", settings(), workers=0)
+    if hasattr(os, "posix_fallocate"):    # reserved, not sparse: the blocks exist before a worker writes
+        status = (tmp_path / "cache" / "audio.int16").stat()
+        assert status.st_blocks * 512 >= status.st_size == needed
+
+
+def test_a_dead_cache_worker_raises_instead_of_hanging(native_data, tmp_path):
+    stop = threading.Event()
+
+    def kill_first_worker():
+        while not stop.is_set():
+            children = multiprocessing.active_children()
+            if children:
+                os.kill(children[0].pid, signal.SIGKILL)
+                return
+            time.sleep(0.01)
+    killer = threading.Thread(target=kill_first_worker)
+    killer.start()
+    try:
+        with pytest.raises(cache_lib.CacheError, match="a cache worker died.*run the same command again"):
+            build_cache(native_data, tmp_path / "cache", settings(), workers=1)
+    finally:
+        stop.set()
+        killer.join()
+    build_cache(native_data, tmp_path / "cache", settings(), workers=0)   # and running again finishes it
+    build_cache(native_data, tmp_path / "clean", settings(), workers=0)
+    assert (tmp_path / "cache" / "audio.int16").read_bytes() == (tmp_path / "clean" / "audio.int16").read_bytes()
+
+
+def test_a_real_full_disk_is_refused_before_caching(native_data, tmp_path):
+    with small_tmpfs(tmp_path / "small", "64k") as disk:
+        with pytest.raises(cache_lib.CacheError, match="needs .* GB .* are free"):
+            build_cache(native_data, disk / "cache", settings(), workers=0)

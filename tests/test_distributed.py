@@ -17,6 +17,7 @@ from conftest import ROOT, read_rows, run_infer, tone_recording
 
 import data
 import distributed
+import loader
 import options
 import train
 
@@ -52,7 +53,7 @@ def test_rank_shards_are_disjoint_and_together_the_single_process_draw(tiny_data
                                                    "--batch-size", "4", *COMMON, *sampler])
         _, train_set, _ = data.build_datasets(args, tmp_path)
         for epoch in ("0", "1"):
-            one = [tuple(item) for batch in train.epoch_batches(train_set, args, int(epoch)) for item in batch]
+            one = [tuple(item) for batch in loader.epoch_batches(train_set, args, int(epoch)) for item in batch]
             ranks = [[tuple(item) for item in share["items"][epoch]] for share in shares]
             assert all(share["world_size"] == 2 for share in shares)
             positions = [{position for _, _, position in items} for items in ranks]

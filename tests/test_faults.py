@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
+import subprocess
 import unittest.mock
 
 import numpy as np
@@ -16,10 +18,13 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import quick_args, read_rows, run_infer, tone_recording, write_tiny_dataset
+import torchaudio
+from conftest import quick_args, read_rows, run_infer, small_tmpfs, tone_recording, write_tiny_dataset
 
 import audio
 import data
+import extras as extras_lib
+import infer
 import losses
 import model as model_lib
 import runfolder
@@ -268,3 +273,194 @@ def test_non_finite_logits_never_reach_a_metric_or_a_submission(checkpoint, tiny
     with pytest.raises(FloatingPointError, match="validation windows"):
         train.main(quick_args(tiny_data, tmp_path / "run"))
     assert not (tmp_path / "run" / "metrics.csv").exists() and not runfolder.periodic_checkpoints(tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- run folders, resume, full disks (#17)
+
+def test_a_new_run_never_touches_a_folder_holding_another_run(trained_run, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(FileExistsError, match="already holds files.*--resume auto.*--overwrite"):
+        train.main(quick_args(tiny_data, out, "--epochs", "1"))
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before     # nothing written or deleted
+    train.main(quick_args(tiny_data, out, "--epochs", "1", "--overwrite"))
+    aside = tmp_path / "run.previous-1"
+    assert {path.name: path.read_bytes() for path in aside.iterdir()} == before   # moved aside, whole
+    assert read_rows(out / "metrics.csv") == read_rows(trained_run / "metrics.csv")   # a fresh run of its own
+    with pytest.raises(ValueError, match="--keep-last 0: keep at least 1"):
+        train.main(quick_args(tiny_data, tmp_path / "other", "--keep-last", "0"))
+
+
+def test_resume_refuses_other_settings_or_other_data(trained_run, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    with pytest.raises(ValueError, match=r"other settings: --batch-size 4 -> 2; --fmax 8000.0 -> 11025.0; --lr "
+                                         r"0.0005 -> 0.1; --sample-rate 16000 -> 22050; --window-seconds 2.0 -> 3.0"):
+        train.main(quick_args(tiny_data, out, "--resume", "auto", "--sample-rate", "22050", "--fmax", "11025",
+                              "--window-seconds", "3", "--batch-size", "2", "--lr", "0.1"))
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_data, data_dir)
+    table = pd.read_csv(data_dir / "train_metadata.csv")
+    table.iloc[1:].to_csv(data_dir / "train_metadata.csv", index=False)          # one metadata row removed
+    with pytest.raises(ValueError, match="trained on other data.*metadata row added or removed"):
+        train.main(quick_args(data_dir, out, "--resume", "auto", "--epochs", "2"))
+    state = train.main(quick_args(tiny_data, out, "--resume", "auto", "--epochs", "2", "--patience", "3"))
+    assert state.epoch == 2                                                       # allowed changes are allowed
+
+
+def test_every_metadata_row_twice_is_merged_not_leaked(tiny_data, tmp_path, caplog):
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_data, data_dir)
+    table = pd.read_csv(data_dir / "train_metadata.csv")
+    pd.concat([table, table]).to_csv(data_dir / "train_metadata.csv", index=False)
+    with caplog.at_level("WARNING"):
+        merged = data.read_metadata(data_dir)
+    assert f"{len(table)} row(s) name a file listed before" in caplog.text
+    assert list(merged["path"]) == [path.replace(str(tiny_data), str(data_dir))
+                                    for path in data.read_metadata(tiny_data)["path"]]
+    args = quick_args(data_dir, tmp_path / "run")
+    train_index, val_index = data.split_usable_recordings(merged, args)
+    assert not set(merged["path"].iloc[train_index]) & set(merged["path"].iloc[val_index])
+
+
+def test_a_real_full_disk_during_training_ends_in_one_message_and_resume_finishes(tiny_data, tmp_path):
+    # 2 MB: config, logs, the plot and one checkpoint fit (1.3 MB); the first evaluation's second does not
+    # (torch's zip writer fails with "unexpected pos", not an OSError).
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:
+        out = disk / "run"
+        with pytest.raises(runfolder.CheckpointSaveError, match=r"could not write .*run/checkpoint_step00000002.pt "
+                                                                r"\(.*; [\d.]+ MB needed, [\d.]+ MB free on its "
+                                                                r"disk\).*--resume auto"):
+            train.main(quick_args(tiny_data, out, "--epochs", "1", "--keep-last", "1"))
+        assert not [path for path in out.iterdir() if path.name.endswith(".tmp")]
+        assert not runfolder.periodic_checkpoints(out)       # written last: the resume redoes this evaluation
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)    # space freed
+        train.main(quick_args(tiny_data, out, "--epochs", "1", "--keep-last", "1", "--resume", "auto"))
+        full = tmp_path / "full"
+        train.main(quick_args(tiny_data, full, "--epochs", "1", "--keep-last", "1"))
+        for name in ("metrics.csv", "steps.csv", "drawn_counts.csv"):
+            assert read_rows(out / name) == read_rows(full / name), name
+        assert (out / "best.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- hostile tables and outputs (#17)
+
+def test_output_names_are_unique_and_columns_and_labels_unrepeated(checkpoint, tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    tone = tone_recording(2500.0, 6.0, 16000, np.random.default_rng(0))
+    sf.write(folder / "a.wav", tone, 16000)
+    sf.write(folder / "a.flac", tone, 16000)
+    with pytest.raises(ValueError, match=r"a.flac and .*a.wav have the same name 'a'"):
+        run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "sub.csv")
+    (folder / "a.flac").unlink()
+    (folder / "site2").mkdir()
+    sf.write(folder / "site2" / "a.ogg", tone, 16000)
+    with pytest.raises(ValueError, match="same name 'a'"):
+        run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "sub.csv")
+    shutil.rmtree(folder / "site2")
+    labels = torch.load(checkpoint, weights_only=True)["labels"]
+    (tmp_path / "sample.csv").write_text(",".join(["row_id", labels[0], labels[1], labels[0]]) + "\n")
+    with pytest.raises(ValueError, match=rf"sample.csv has the column\(s\) \['{labels[0]}'\] more than once"):
+        run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--sample-submission", tmp_path / "sample.csv")
+    repeated = torch.load(checkpoint, weights_only=True)
+    repeated["labels"][1] = repeated["labels"][0]
+    repeated["model_config"]["labels"] = repeated["labels"]
+    torch.save(repeated, tmp_path / "repeated.pt")
+    with pytest.raises(ValueError, match=rf"lists label\(s\) \['{labels[0]}'\] more than once"):
+        run_infer("--ckpts", tmp_path / "repeated.pt", "--soundscapes", folder, "--out", tmp_path / "sub.csv")
+    assert not (tmp_path / "sub.csv").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--smooth=1,-1,1"], "non-negative weights with a positive sum"),
+    (["--smooth=0,0,0"], "positive sum"),
+    (["--smooth=1,2"], "odd number"),
+    (["--smooth=a,b,c"], "comma-separated numbers"),
+    (["--combine", "power", "--power", "0"], "--power 0.0: .* must be positive"),
+    (["--file-prior", "1.5"], "between 0 and 1"),
+])
+def test_options_that_would_write_non_finite_scores_are_refused(checkpoint, tmp_path, flags, message):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    sf.write(folder / "a.wav", tone_recording(2500.0, 6.0, 16000, np.random.default_rng(0)), 16000)
+    with pytest.raises(ValueError, match=message):
+        run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "sub.csv", *flags)
+    assert not (tmp_path / "sub.csv").exists()
+
+
+def test_rows_with_non_finite_scores_become_zeros_and_a_problem(caplog):
+    rows, problem = infer.finite_rows("x.ogg", np.array([[0.5, np.nan], [0.1, 0.2]], dtype=np.float32))
+    assert (rows == 0).all() and problem == "x.ogg: non-finite scores; 2 row(s) of zeros"
+    good = np.array([[0.5, 0.25]], dtype=np.float32)
+    assert infer.finite_rows("y.ogg", good) == (good, None)
+
+
+def test_table_paths_stay_inside_their_folders(tiny_data, tmp_path, caplog):
+    victim = tmp_path / "victim.ogg"
+    victim.write_bytes(b"precious")
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_data, data_dir)
+    first = pd.read_csv(data_dir / "train_metadata.csv")["filename"][0]
+    for hostile in ("../../victim.ogg", str(victim)):
+        extras = pd.DataFrame({"filename": [first, hostile], "start_s": [0.0, 0.0]})
+        with pytest.raises(ValueError, match="points outside"):
+            extras_lib.write_extra_audio(extras, data_dir / "train_audio", tmp_path / "out" / "chunks", 5.0)
+        target = pd.DataFrame({"filename": [f"../../../{victim.stem}/x.ogg"], "start_s": [0.0]})
+        with pytest.raises(ValueError, match="points outside"):
+            extras_lib.write_extra_audio(target, data_dir / "train_audio", tmp_path / "out" / "chunks", 5.0)
+    assert victim.read_bytes() == b"precious"
+    # Reading: a metadata filename or a soundscape table naming a file outside its folder is refused.
+    table = pd.read_csv(data_dir / "train_metadata.csv")
+    table.loc[0, "filename"] = "../../victim.ogg"
+    table.to_csv(data_dir / "train_metadata.csv", index=False)
+    with pytest.raises(ValueError, match=r"row 2: '../../victim.ogg' points outside"):
+        data.read_metadata(data_dir)
+    (tmp_path / "labels.csv").write_text("file,start_s,end_s,labels\n../victim.ogg,0,5,nocall\n")
+    with pytest.raises(ValueError, match="points outside"):
+        soundscapes.read_soundscape_labels(tmp_path / "labels.csv", tmp_path / "audio")
+    # A species folder that is a link to another disk is fine: the names stay inside.
+    linked = tmp_path / "linked"
+    shutil.copytree(tiny_data, linked)
+    species = sorted((linked / "train_audio").iterdir())[0]
+    shutil.move(species, tmp_path / "elsewhere")
+    species.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert len(data.read_metadata(linked)) == len(data.read_metadata(tiny_data))
+
+
+def test_extras_with_a_missing_column_or_recording_say_so(tiny_data, tmp_path, caplog):
+    detections = pd.DataFrame({"filename": ["a/XC1.ogg"], "start_s": [0.0], "end_s": [5.0], "primary_score": [0.9]})
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['primary_label'\]"):
+        extras_lib.select_extras(detections, 0.5, 1, 3, 1.0, 0)
+    first = pd.read_csv(tiny_data / "train_metadata.csv")["filename"][0]
+    extras = pd.DataFrame({"filename": ["zzz/XC999.ogg", first], "start_s": [0.0, 0.0]})
+    with caplog.at_level("WARNING"):
+        written = extras_lib.write_extra_audio(extras, tiny_data / "train_audio", tmp_path / "chunks", 5.0)
+    assert written == 1 and "skipped" in caplog.text and "XC999.ogg" in caplog.text
+
+
+def test_sample_rates_that_would_ask_for_gigabytes_are_refused(tmp_path, monkeypatch, caplog):
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="below 4000 Hz"):
+        audio.to_mono_resampled(np.ones((10, 1), dtype=np.float32), 1, 32000)
+    assert "below 4000 Hz" in audio.check_audio_files([write_wav_declaring(tmp_path / "one_hz.wav", 1)])[1][0][1]
+    with caplog.at_level("WARNING"):
+        tone = tone_recording(2500.0, 1.0, 44100, rng)
+        snapped = audio.to_mono_resampled(tone[:, None], 44101, 32000)      # read as 44.1 kHz
+    assert "44101 Hz read as 44100 Hz" in caplog.text
+    np.testing.assert_array_equal(snapped, audio.to_mono_resampled(tone[:, None], 44100, 32000))
+    with pytest.raises(ValueError, match=r"44999 Hz: resampling it to 32000 Hz needs a [\d,]+-tap kernel"):
+        audio.to_mono_resampled(tone[:, None], 44999, 32000)
+    assert audio.kernel_taps(22050, 32000) == torchaudio.transforms.Resample(22050, 32000).kernel.numel()
+    long_file = tmp_path / "long.wav"
+    sf.write(long_file, np.zeros(16000 * 3, dtype=np.float32), 16000)
+    monkeypatch.setattr(audio, "MAX_DECODED_SECONDS", 2.0)
+    with pytest.raises(ValueError, match=r"long.wav: 0.0 h of audio; files are decoded whole up to"):
+        audio.read_audio(long_file, 16000)
+
+
+def write_wav_declaring(path, rate: int):
+    """A valid WAV whose header declares `rate` samples per second."""
+    sf.write(path, np.zeros(100, dtype=np.float32), rate)
+    return path

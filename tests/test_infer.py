@@ -16,11 +16,13 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import ROOT, TINY_SPECIES, run_infer, tone_recording, write_tone
+from conftest import ROOT, TINY_SPECIES, quick_args, run_infer, tone_recording, write_tone
 
 import infer
+import outputs
 import model as model_lib
 import soundscapes
+import train
 
 
 def test_row_ids_and_counts_end_to_end(checkpoint, tmp_path):
@@ -108,7 +110,7 @@ def test_raven_and_csv_formats(checkpoint, tmp_path):
     run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "raven",
               "--format", "raven", "--min-conf", "0.2")
     table = pd.read_csv(tmp_path / "raven" / "site1.selections.txt", sep="\t")
-    assert list(table.columns) == infer.RAVEN_COLUMNS
+    assert list(table.columns) == outputs.RAVEN_COLUMNS
     assert len(table) > 0 and (table["Confidence"] >= 0.2).all()
     assert list(table["Selection"]) == list(range(1, len(table) + 1))
     assert set(table["Begin Time (s)"]) <= {0.0, 5.0, 10.0}
@@ -162,13 +164,15 @@ def test_bad_files_still_give_a_submission(checkpoint, tmp_path, caplog):
 def test_one_line_errors(checkpoint, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="no ogg/mp3/flac/wav files"):
-        run_infer("--ckpts", checkpoint, "--soundscapes", empty)
     with pytest.raises(model_lib.CheckpointError, match="not found"):
-        run_infer("--ckpts", tmp_path / "missing.pt", "--soundscapes", empty)
+        run_infer("--ckpts", tmp_path / "missing.pt", "--soundscapes", empty, "--out", tmp_path / "a.csv")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     with pytest.raises(model_lib.CheckpointError, match="not a checkpoint written by train.py"):
-        run_infer("--ckpts", tmp_path / "foreign.pt", "--soundscapes", empty)
+        run_infer("--ckpts", tmp_path / "foreign.pt", "--soundscapes", empty, "--out", tmp_path / "a.csv")
+    with pytest.raises(FileNotFoundError, match="folder without best.pt"):
+        run_infer("--ckpts", empty, "--soundscapes", empty, "--out", tmp_path / "a.csv")
+    with pytest.raises(FileNotFoundError, match="no ogg/mp3/flac/wav files"):
+        run_infer("--ckpts", checkpoint, "--audio-dir", empty, "--detections", tmp_path / "d.csv")
 
 
 def test_detections_mode_on_training_audio(checkpoint, tiny_data, tmp_path):
@@ -243,3 +247,17 @@ def test_nocall_takes_part_in_the_softmax_then_is_dropped(checkpoint, tmp_path):
 def test_inference_never_imports_augment():
     code = "import sys, infer; assert 'augment' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT))
+
+
+def test_an_exported_checkpoint_scores_the_same_and_is_not_resumed(checkpoint, tiny_data, tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    write_tone(folder / "a.ogg", 12.0)
+    result = subprocess.run([sys.executable, str(ROOT / "model.py"), "export", str(checkpoint),
+                             str(tmp_path / "small.pt")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "full.csv")
+    run_infer("--ckpts", tmp_path / "small.pt", "--soundscapes", folder, "--out", tmp_path / "small.csv")
+    assert (tmp_path / "full.csv").read_bytes() == (tmp_path / "small.csv").read_bytes()
+    with pytest.raises(ValueError, match="holds weights only.*--init-from"):
+        train.main(quick_args(tiny_data, tmp_path / "run", "--resume", str(tmp_path / "small.pt")))

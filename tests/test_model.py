@@ -1,18 +1,22 @@
 """Tests for model.py: the mel frontend, logits vs activations, backbones, checkpoints.
 
 Only timm's tiny `test_efficientnet` is ever built; nothing is downloaded (the hub
-path is forced offline, or timm.create_model is replaced).
+path is forced offline, or timm.create_model is replaced). Other timm families: test_backbones.py.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import random
 
 import huggingface_hub.constants as hub_constants
+import numpy as np
 import pytest
 import timm
 import torch
 import torchaudio
 
+import frontend as frontend_lib
 import model as model_lib
 
 SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX = 16000, 512, 256, 32, 50.0, 8000.0
@@ -27,8 +31,8 @@ def make_config(**overrides) -> dict:
     return config
 
 
-def frontend(normalization="standard") -> model_lib.MelFrontend:
-    return model_lib.MelFrontend(SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX, normalization)
+def frontend(normalization="standard") -> frontend_lib.MelFrontend:
+    return frontend_lib.MelFrontend(SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX, normalization)
 
 
 def waveforms(batch: int, samples: int = SAMPLE_RATE, seed: int = 0) -> torch.Tensor:
@@ -71,7 +75,7 @@ def test_frontend_none_matches_hand_log_mel():
     torch.testing.assert_close(image, expected, atol=2e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", [model_lib.MelFrontend, model_lib.PCENFrontend])
+@pytest.mark.parametrize("kind", [frontend_lib.MelFrontend, frontend_lib.PCENFrontend])
 def test_mel_spectrogram_equals_torchaudio_mel_spectrogram(kind):
     """Power (mel) or magnitude (PCEN) mel spectrogram, against the torchaudio transform it replaces."""
     layer = kind(SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX)
@@ -116,10 +120,10 @@ def test_frontend_minmax_normalisation_per_example():
 
 def test_frontend_rejects_fmax_above_nyquist_and_unknown_normalisation():
     with pytest.raises(ValueError, match="Nyquist"):
-        model_lib.MelFrontend(sample_rate=16000, n_fft=512, hop=256, n_mels=32, fmin=50.0, fmax=8001.0)
-    model_lib.MelFrontend(sample_rate=16000, n_fft=512, hop=256, n_mels=32, fmin=50.0, fmax=8000.0)  # Nyquist: allowed
+        frontend_lib.MelFrontend(sample_rate=16000, n_fft=512, hop=256, n_mels=32, fmin=50.0, fmax=8001.0)
+    frontend_lib.MelFrontend(sample_rate=16000, n_fft=512, hop=256, n_mels=32, fmin=50.0, fmax=8000.0)  # Nyquist: allowed
     with pytest.raises(ValueError, match="normalization"):
-        model_lib.MelFrontend(sample_rate=16000, n_fft=512, hop=256, n_mels=32, fmin=50.0, fmax=8000.0,
+        frontend_lib.MelFrontend(sample_rate=16000, n_fft=512, hop=256, n_mels=32, fmin=50.0, fmax=8000.0,
                               normalization="zscore")
 
 
@@ -218,6 +222,58 @@ def test_create_backbone_random_init_has_one_channel_and_no_classifier():
     assert features.ndim == 4 and features.shape[:2] == (2, backbone.num_features)
 
 
+def check_args(**overrides) -> argparse.Namespace:
+    """train.py's model arguments; --pretrained (the default), which the check must not download."""
+    values = dict(backbone="test_efficientnet", loss="ce", sample_rate=SAMPLE_RATE, window_seconds=1.0, n_fft=N_FFT,
+                  hop=HOP, n_mels=N_MELS, fmin=FMIN, fmax=FMAX, normalization="standard", dropout=0.0,
+                  pretrained=True, pretrained_file=None)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_check_model_builds_random_weights_runs_one_forward_and_leaves_random_streams_alone(monkeypatch):
+    real_create, pretrained_flags, forwards = timm.create_model, [], []
+
+    def create(name, pretrained=False, **kwargs):
+        pretrained_flags.append(pretrained)
+        backbone = real_create(name, pretrained=pretrained, **kwargs)
+        backbone.register_forward_hook(lambda module, inputs, output: forwards.append(tuple(inputs[0].shape)))
+        return backbone
+
+    monkeypatch.setattr(timm, "create_model", create)
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    states = (torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    model_lib.check_model(check_args())
+    assert pretrained_flags == [False], "one build, with random weights: no download"
+    assert forwards == [(1, 1, N_MELS, 63)], "one forward, of one window"
+    assert torch.equal(torch.random.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
+
+
+def test_check_model_stops_on_a_frontend_or_backbone_that_cannot_work():
+    with pytest.raises(ValueError, match="Nyquist"):
+        model_lib.check_model(check_args(fmax=9000.0))
+    with pytest.raises(ValueError, match="Unknown model"):
+        model_lib.check_model(check_args(backbone="efficientnet_b99_nonexistent"))
+
+
+def test_building_the_model_probes_in_eval_mode_and_changes_no_weight():
+    """The probe forward runs without gradients in eval mode: BatchNorm statistics stay at their
+    initial values and the model comes back in training mode."""
+    torch.manual_seed(8)
+    net = model_lib.BirdCallModel(make_config())
+    assert net.training and all(module.training for module in net.modules())
+    for module in net.backbone.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert torch.equal(module.running_mean, torch.zeros_like(module.running_mean))
+            assert torch.equal(module.running_var, torch.ones_like(module.running_var))
+            assert int(module.num_batches_tracked) == 0
+    assert net.pad_multiple == (1, 1) and net.feature_layout == "NCHW" and net.image_size == (N_MELS, 63)
+    assert "pad_to_multiple" not in net.config
+
+
 def test_pretrained_from_hub_offline_raises_pretrained_weights_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # the constant is read at import, so set it too; and an empty cache
@@ -286,6 +342,18 @@ def test_pretrained_file_loads_weights_and_sums_rgb_stem(tmp_path):
     fresh = model_lib.create_backbone("test_efficientnet", pretrained=False, pretrained_file=None).state_dict()
     assert not torch.equal(fresh["blocks.0.0.conv.weight"], saved["blocks.0.0.conv.weight"]), \
         "sanity: random initialisation must differ from the saved weights"
+
+
+def test_pretrained_file_of_another_backbone_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), path)      # the user meant --backbone resnet18
+    with pytest.raises(model_lib.PretrainedWeightsError) as raised:
+        model_lib.create_backbone("test_efficientnet", pretrained=True, pretrained_file=str(path))
+    message = str(raised.value)
+    assert "\n" not in message and len(message) < 400
+    assert message.startswith(f"--pretrained-file {path} does not fit --backbone test_efficientnet")
+    assert message.endswith("it looks like weights for --backbone resnet18")
+    assert model_lib.backbone_of_weights(path, "resnet50") == "resnet18"
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -375,3 +443,28 @@ def test_load_model_rebuilds_the_exact_model(tmp_path):
         torch.manual_seed(6)
         other = model_lib.BirdCallModel(config).eval()
         assert not torch.allclose(other(x), expected), "sanity: another initialisation differs"
+
+
+def test_export_keeps_weights_config_and_labels_only_and_every_loader_reads_it(checkpoint, tmp_path, capsys):
+    model_lib.main(["export", str(checkpoint), str(tmp_path / "small.pt")])
+    assert f"wrote {tmp_path / 'small.pt'}" in capsys.readouterr().out
+    exported = torch.load(tmp_path / "small.pt", weights_only=True)
+    assert set(exported) == {"format", "model", "model_config", "labels", "exported_from", "global_step"}
+    assert (tmp_path / "small.pt").stat().st_size < 0.6 * checkpoint.stat().st_size    # no optimiser state
+    full, small = model_lib.load_model(checkpoint), model_lib.load_model(tmp_path / "small.pt")
+    x = waveforms(2, seed=4, samples=int(full.config["sample_rate"] * full.config["window_seconds"]))
+    with torch.no_grad():
+        assert torch.equal(full(x), small(x))
+    with pytest.raises(model_lib.CheckpointError, match="no EMA weights"):
+        model_lib.export_weights(checkpoint, tmp_path / "ema.pt", ema=True)
+
+
+def test_a_head_that_does_not_fit_the_label_list_is_one_line(checkpoint, tmp_path):
+    edited = torch.load(checkpoint, weights_only=True)
+    edited["model_config"]["labels"] = edited["model_config"]["labels"] + ["extra1"]
+    torch.save(edited, tmp_path / "edited.pt")
+    with pytest.raises(model_lib.CheckpointError) as raised:
+        model_lib.load_model(tmp_path / "edited.pt")
+    message = str(raised.value)
+    assert "\n" not in message and "weights do not fit the model its config describes (5 labels" in message
+    assert "size mismatch" in message

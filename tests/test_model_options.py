@@ -8,6 +8,7 @@ built; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 
+import frontend as frontend_lib
 import model as model_lib
 
 SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX = 16000, 512, 256, 32, 50.0, 8000.0
@@ -34,8 +36,8 @@ def make_config(**overrides) -> dict:
     return config
 
 
-def pcen_frontend(normalization="none", img_size=None, **overrides) -> model_lib.PCENFrontend:
-    return model_lib.PCENFrontend(SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX, normalization, img_size,
+def pcen_frontend(normalization="none", img_size=None, **overrides) -> frontend_lib.PCENFrontend:
+    return frontend_lib.PCENFrontend(SAMPLE_RATE, N_FFT, HOP, N_MELS, FMIN, FMAX, normalization, img_size,
                               **overrides)
 
 
@@ -117,13 +119,13 @@ def random_spectrograms(seed=0) -> np.ndarray:
 
 def test_smoothing_coefficient_is_librosas():
     for time_constant, sr, hop in ((0.4, 32000, 512), (0.4, 16000, 256), (0.06, 22050, 512), (2.0, 32000, 320)):
-        b = model_lib.pcen_smoothing_coefficient(time_constant, sr, hop)
+        b = frontend_lib.pcen_smoothing_coefficient(time_constant, sr, hop)
         assert b == pytest.approx(librosa_b(time_constant, sr, hop), rel=1e-12)
         frames = time_constant * sr / hop
         assert frames ** 2 * b ** 2 + b - 1 == pytest.approx(0.0, abs=1e-12)  # the root it is
         assert 0 < b < 1
     # 32 kHz, hop 512, 0.4 s: T = 25 frames
-    b = model_lib.pcen_smoothing_coefficient(time_constant=0.4, sample_rate=32000, hop=512)
+    b = frontend_lib.pcen_smoothing_coefficient(time_constant=0.4, sample_rate=32000, hop=512)
     assert b == pytest.approx((math.sqrt(2501) - 1) / 1250)
 
 
@@ -138,7 +140,7 @@ def test_pcen_matches_librosa_rederivation_on_random_spectrograms(params, initia
     b = librosa_b(params["time_constant"], SAMPLE_RATE, HOP)
     zi = first_frame_zi(S, b) if initial_state == "first_frame" else None  # None: librosa's default
     expected = librosa_pcen(S, SAMPLE_RATE, HOP, zi=zi, **params)
-    actual = model_lib.pcen(torch.tensor(S, dtype=torch.float32), model_lib.pcen_smoothing_coefficient(
+    actual = frontend_lib.pcen(torch.tensor(S, dtype=torch.float32), frontend_lib.pcen_smoothing_coefficient(
         params["time_constant"], SAMPLE_RATE, HOP), params["gain"], params["bias"], params["power"],
         params["eps"], initial_state).double().numpy()
     assert np.isfinite(actual).all()
@@ -153,7 +155,7 @@ def test_pcen_stable_form_equals_the_definition():
     b = librosa_b(PCEN["time_constant"], SAMPLE_RATE, HOP)
     M = scipy.signal.lfilter([b], [1, b - 1], S, zi=first_frame_zi(S, b), axis=-1)[0]
     definition = (S / (PCEN["eps"] + M) ** PCEN["gain"] + PCEN["bias"]) ** PCEN["power"] - PCEN["bias"] ** PCEN["power"]
-    actual = model_lib.pcen(torch.tensor(S, dtype=torch.float32), b, PCEN["gain"], PCEN["bias"],
+    actual = frontend_lib.pcen(torch.tensor(S, dtype=torch.float32), b, PCEN["gain"], PCEN["bias"],
                         PCEN["power"], PCEN["eps"]).double().numpy()
     assert_close_relative(actual, definition)
 
@@ -162,17 +164,17 @@ def test_pcen_first_frame_starts_in_steady_state():
     S = random_spectrograms(seed=2)
     b = librosa_b(PCEN["time_constant"], SAMPLE_RATE, HOP)
     gain, bias, power, eps = PCEN["gain"], PCEN["bias"], PCEN["power"], PCEN["eps"]
-    out = model_lib.pcen(torch.tensor(S, dtype=torch.float32), b, gain, bias, power, eps).double().numpy()
+    out = frontend_lib.pcen(torch.tensor(S, dtype=torch.float32), b, gain, bias, power, eps).double().numpy()
     # M[-1] = S[0] gives M[0] = (1 - b) S[0] + b S[0] = S[0]
     S0 = S[..., 0]
     first = (S0 / (eps + S0) ** gain + bias) ** power - bias ** power
     np.testing.assert_allclose(out[..., 0], first, rtol=1e-4)
     # a constant spectrogram stays in steady state: the same output in every frame
     constant = torch.full((2, 4, 50), 3e8)
-    flat = model_lib.pcen(constant, b, gain, bias, power, eps)
+    flat = frontend_lib.pcen(constant, b, gain, bias, power, eps)
     torch.testing.assert_close(flat, flat[..., :1].expand_as(flat), rtol=1e-5, atol=0)
     # librosa's unscaled zi (M[-1] = 1) does not: with int32-range levels M starts near 0
-    ramp = model_lib.pcen(constant, b, gain, bias, power, eps, initial_state="librosa")
+    ramp = frontend_lib.pcen(constant, b, gain, bias, power, eps, initial_state="librosa")
     assert float(ramp[..., 0].min()) > 3 * float(flat[..., 0].max())
     np.testing.assert_allclose(ramp.double().numpy(),
                                librosa_pcen(constant.double().numpy(), SAMPLE_RATE, HOP, **PCEN), rtol=1e-4)
@@ -189,8 +191,8 @@ def test_pcen_frontend_matches_rederivation_on_a_real_signal():
     for example in range(3):  # each example on its own scale: they differ by 10x in loudness
         assert_close_relative(image[example, 0].double().numpy(), expected[example])
     # and the defaults are the log's experiment-12 parameters
-    layer = model_lib.build_frontend(make_config(frontend="pcen", normalization="none"))
-    assert isinstance(layer, model_lib.PCENFrontend)
+    layer = frontend_lib.build_frontend(make_config(frontend="pcen", normalization="none"))
+    assert isinstance(layer, frontend_lib.PCENFrontend)
     assert (layer.gain, layer.bias, layer.power, layer.eps) == (0.98, 2.0, 0.5, 1e-6)
     assert layer.b == pytest.approx(b) and layer.input_scale == 2.0 ** 31
     assert torch.equal(layer(x), image)
@@ -238,7 +240,7 @@ def test_pcen_parameters_change_the_output(change):
     assert (changed - default).abs().max() > 1e-2 * default.abs().max(), change
     # the config keys reach the frontend
     key, value = next(iter(change.items()))
-    built = model_lib.build_frontend(make_config(frontend="pcen", normalization="none", **{f"pcen_{key}": value}))
+    built = frontend_lib.build_frontend(make_config(frontend="pcen", normalization="none", **{f"pcen_{key}": value}))
     torch.testing.assert_close(built(x), changed, atol=0, rtol=0)
 
 
@@ -252,20 +254,20 @@ def test_pcen_and_frontend_reject_bad_settings():
     with pytest.raises(ValueError, match="frontend"):
         model_lib.BirdCallModel(make_config(frontend="cqt"))
     with pytest.raises(ValueError, match="Nyquist"):
-        model_lib.build_frontend(make_config(frontend="pcen", fmax=9000.0))
+        frontend_lib.build_frontend(make_config(frontend="pcen", fmax=9000.0))
 
 
 # ----------------------------------------------------------------------------- img_size
 
-@pytest.mark.parametrize("frontend", model_lib.FRONTENDS)
+@pytest.mark.parametrize("frontend", frontend_lib.FRONTENDS)
 @pytest.mark.parametrize("img_size", [[64, 40], [256, 157], [256, 256], (16, 300)])
 def test_img_size_gives_exactly_h_by_w(frontend, img_size):
     x = signal(2)
-    layer = model_lib.build_frontend(make_config(frontend=frontend, img_size=img_size))
+    layer = frontend_lib.build_frontend(make_config(frontend=frontend, img_size=img_size))
     image = layer(x)
     assert image.shape == (2, 1, img_size[0], img_size[1]) and image.dtype == torch.float32
     # the resize is a bilinear interpolation of the un-resized (normalised) image
-    plain = model_lib.build_frontend(make_config(frontend=frontend))(x)
+    plain = frontend_lib.build_frontend(make_config(frontend=frontend))(x)
     expected = F.interpolate(plain, size=tuple(img_size), mode="bilinear", align_corners=False)
     torch.testing.assert_close(image, expected, atol=1e-6, rtol=0)
 
@@ -279,7 +281,7 @@ def test_img_size_is_part_of_the_frontend_and_validated():
         torch.testing.assert_close(net(x), net.classify(net.frontend(x)), atol=0, rtol=0)
     for bad in ([64], [64, 0], [64.0, 96], "64x96", [64, 96, 1]):
         with pytest.raises(ValueError, match="img_size"):
-            model_lib.build_frontend(make_config(img_size=bad))
+            frontend_lib.build_frontend(make_config(img_size=bad))
 
 
 # ----------------------------------------------------------------------------- heads
@@ -414,7 +416,7 @@ def test_old_config_builds_the_old_model_and_loads_an_old_state_dict():
     assert not {"frontend", "head", "img_size"} & set(old_config)
     torch.manual_seed(4)
     old = model_lib.BirdCallModel(old_config).eval()
-    assert type(old.frontend) is model_lib.MelFrontend and old.frontend.img_size is None
+    assert type(old.frontend) is frontend_lib.MelFrontend and old.frontend.img_size is None
     assert isinstance(old.head, nn.Linear) and old.head_type == "linear"
     assert {k for k in old.state_dict() if not k.startswith("backbone.")} == OLD_HEAD_AND_FRONTEND_KEYS
     assert old.config == old_config, "the config must not be rewritten"
@@ -432,13 +434,69 @@ def test_old_config_builds_the_old_model_and_loads_an_old_state_dict():
         torch.testing.assert_close(old(x), expected, atol=1e-6, rtol=1e-6)
 
 
+class ModelBeforeBackboneFitting(nn.Module):
+    """BirdCallModel as it was before backbones were fitted to the image (issue 18), re-derived: the head
+    on `num_features` channels, built right after the backbone, and no padding."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.frontend = frontend_lib.build_frontend(config)
+        self.backbone = model_lib.create_backbone(config["backbone"], pretrained=False, pretrained_file=None)
+        channels, n_classes = self.backbone.num_features, len(config["labels"])
+        self.head_type = config.get("head", "linear")
+        self.dropout = nn.Dropout(config["dropout"])
+        if self.head_type == "linear":
+            self.head = nn.Linear(channels, n_classes)
+        elif self.head_type == "mlp":
+            self.head = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(), nn.Dropout(config["dropout"]),
+                                      nn.Linear(channels, n_classes))
+        else:
+            self.head = model_lib.SEDHead(channels, n_classes, config["dropout"])
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(self.frontend(waveform))                    # (B, C, H/32, W/32)
+        if self.head_type == "sed":
+            return self.head(features)
+        if self.head_type == "mlp":
+            return self.head(features.mean(dim=(2, 3)))
+        return self.head(self.dropout(features.mean(dim=(2, 3))))
+
+
+@pytest.mark.parametrize("head", model_lib.HEADS)
+def test_a_checkpoint_from_before_backbone_fitting_loads_and_scores_bit_for_bit(head, tmp_path):
+    """Same parameter names and shapes, same random draws when built, same logits to the last bit."""
+    config = make_config(dropout=0.2) if head == "linear" else make_config(head=head, dropout=0.2)
+    torch.manual_seed(11)
+    old = ModelBeforeBackboneFitting(config)
+    initial, rng_after_build = copy.deepcopy(old.state_dict()), torch.random.get_rng_state()
+    with torch.no_grad():
+        old(signal(4, seed=5))                     # training mode: BatchNorm statistics move
+    old.eval()
+    path = tmp_path / "old.pt"
+    torch.save({"format": model_lib.CHECKPOINT_FORMAT, "model": old.state_dict(), "model_config": config,
+                "labels": config["labels"]}, path)
+    loaded = model_lib.load_model(path)
+    assert loaded.config == config and loaded.pad_multiple == (1, 1)
+    assert ([(name, tensor.shape) for name, tensor in loaded.state_dict().items()]
+            == [(name, tensor.shape) for name, tensor in old.state_dict().items()])
+    x = signal(3, seed=9)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), old(x))
+    # and today's model, from the same seed, draws the same weights (the probe forward draws nothing)
+    torch.manual_seed(11)
+    new = model_lib.BirdCallModel(config)
+    assert torch.equal(torch.random.get_rng_state(), rng_after_build)
+    assert all(torch.equal(tensor, initial[name]) for name, tensor in new.state_dict().items())
+    assert list(new.state_dict()) == list(initial)
+
+
 def test_model_config_writes_the_new_keys_with_defaults_when_flags_are_absent():
     args = argparse.Namespace(backbone="test_efficientnet", loss="bce", sample_rate=SAMPLE_RATE,
                               window_seconds=2.0, n_fft=N_FFT, hop=HOP, n_mels=N_MELS, fmin=FMIN,
                               fmax=FMAX, normalization="standard", dropout=0.1)
     config = model_lib.model_config(args, ["aaa1"])
     assert config["frontend"] == "mel" and config["head"] == "linear" and config["img_size"] is None
-    assert {k: config[k] for k in model_lib.PCEN_DEFAULTS} == model_lib.PCEN_DEFAULTS
+    assert {k: config[k] for k in frontend_lib.PCEN_DEFAULTS} == frontend_lib.PCEN_DEFAULTS
     args.frontend, args.head, args.img_size, args.pcen_gain = "pcen", "sed", (256, 157), 0.9
     config = model_lib.model_config(args, ["aaa1"])
     assert ((config["frontend"], config["head"], config["img_size"], config["pcen_gain"])
@@ -463,7 +521,7 @@ def test_checkpoint_round_trip_pcen_sed_img_size(tmp_path):
                 "model_config": original.config, "labels": original.labels}, path)
     loaded = model_lib.load_model(path)
     assert loaded.config == config
-    assert isinstance(loaded.frontend, model_lib.PCENFrontend) and isinstance(loaded.head, model_lib.SEDHead)
+    assert isinstance(loaded.frontend, frontend_lib.PCENFrontend) and isinstance(loaded.head, model_lib.SEDHead)
     assert loaded.frontend.img_size == (48, 160) and loaded.frontend.gain == 0.9
     x = signal(3, seed=8)
     with torch.no_grad():

@@ -7,8 +7,15 @@ rows as an uninterrupted one is test_train.py's test_resume_mid_epoch_equals_uni
 """
 from __future__ import annotations
 
+import argparse
+import csv
+import errno
+import os
 import shutil
+import subprocess
+import sys
 
+import pandas as pd
 import pytest
 import torch
 from conftest import read_rows
@@ -83,3 +90,127 @@ def test_truncate_log_drops_a_line_torn_by_a_kill(trained_run, tmp_path):
     assert len(read_rows(steps)) == len(whole) + 1
     runfolder.truncate_log(steps, "global_step", last=10)
     assert read_rows(steps) == whole
+
+
+# ----------------------------------------------------------------------------- what a person reads in the folder
+
+def test_metrics_png_shows_chance_levels_the_best_evaluation_and_fits_its_axis(trained_run, tmp_path):
+    metrics = pd.read_csv(trained_run / "metrics.csv")
+    assert "chance_cmap5" in metrics and metrics["chance_cmap5"].nunique() == 1     # stored in metrics.csv
+    shown = runfolder.plot_metrics(trained_run / "metrics.csv", tmp_path / "metrics.png")
+    assert "cmap5, random scores" in shown["labels"]
+    best = metrics.loc[metrics["cmap5"].idxmax()]
+    assert f"best cmap5, step {int(best['global_step'])}" in shown["labels"]
+    values = [*metrics[["cmap5", "cmap3", "macro_ap", "lrap"]].to_numpy().ravel(), metrics["chance_cmap5"].iloc[0]]
+    low, high = shown["limits"]
+    assert low <= min(values) and high >= max(values) and high - low < 1.2 * (max(values) - min(values)) + 0.03
+    assert (tmp_path / "metrics.png").stat().st_size > 10_000
+
+
+def test_train_log_holds_the_runs_lines(trained_run):
+    log_lines = (trained_run / "train.log").read_text().splitlines()
+    assert any("chance level on this validation set" in line for line in log_lines)
+    assert any("stopped: completed 1 epochs" in line for line in log_lines)
+
+
+# ----------------------------------------------------------------------------- one folder, one run (#17)
+
+def test_pruning_keeps_checkpoints_past_the_current_step(tmp_path):
+    # A resume from step 3 of a folder that also holds step 500 (a later branch, or a foreign file):
+    # pruning at step 4 may only choose among the checkpoints at or below 4.
+    for step in (2, 3, 500):
+        torch.save({"global_step": step}, tmp_path / f"checkpoint_step{step:08d}.pt")
+    runfolder.save_checkpoint(tmp_path, {"global_step": 4}, keep_last=1)
+    assert checkpoint_names(tmp_path) == ["checkpoint_step00000004.pt", "checkpoint_step00000500.pt"]
+    runfolder.prune_checkpoints(tmp_path, keep_last=0, step=4)          # at least one is always kept
+    assert checkpoint_names(tmp_path) == ["checkpoint_step00000004.pt", "checkpoint_step00000500.pt"]
+
+
+def test_a_folder_with_files_is_refused_and_overwrite_moves_them_aside(tmp_path):
+    out = tmp_path / "run"
+    runfolder.claim_folder(out, resuming=False, overwrite=False)        # missing: fine
+    out.mkdir()
+    (out / runfolder.LOCK).write_text("1")
+    runfolder.claim_folder(out, resuming=False, overwrite=False)        # only a lock: fine
+    (out / "metrics.csv").write_text("someone else's\n")
+    with pytest.raises(FileExistsError, match="already holds files.*metrics.csv.*--resume auto.*--overwrite"):
+        runfolder.claim_folder(out, resuming=False, overwrite=False)
+    runfolder.claim_folder(out, resuming=True, overwrite=False)         # a resume continues the run there
+    runfolder.claim_folder(out, resuming=False, overwrite=True, move_aside=False)   # torchrun's other ranks
+    assert (out / "metrics.csv").is_file()
+    for number in (1, 2):
+        (out.parent / "run").mkdir(exist_ok=True)
+        (out / "metrics.csv").write_text(f"run {number}\n")
+        runfolder.claim_folder(out, resuming=False, overwrite=True)
+        assert not out.exists()
+        assert (tmp_path / f"run.previous-{number}" / "metrics.csv").read_text() == f"run {number}\n"
+
+
+def test_a_lock_refuses_a_second_process_and_is_taken_over_from_a_dead_one(tmp_path):
+    with runfolder.locked(tmp_path):
+        assert (tmp_path / runfolder.LOCK).read_text() == str(os.getpid())
+    assert not (tmp_path / runfolder.LOCK).exists()
+    (tmp_path / runfolder.LOCK).write_text(str(os.getppid()))          # a live process holds it
+    with pytest.raises(FileExistsError, match=f"in use by another training process \\(pid {os.getppid()}\\)"):
+        with runfolder.locked(tmp_path):
+            pass
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    (tmp_path / runfolder.LOCK).write_text(finished.stdout.strip())     # left by a process that is gone
+    with runfolder.locked(tmp_path):
+        assert (tmp_path / runfolder.LOCK).read_text() == str(os.getpid())
+
+
+def test_resume_refuses_changed_settings_and_names_them(checkpoint):
+    saved = torch.load(checkpoint, weights_only=True)
+    args = argparse.Namespace(**saved["args"])
+    runfolder.check_resume_settings(saved, args)                        # the same settings
+    for name, value in (("epochs", 40), ("workers", 7), ("patience", 1), ("keep_last", 9), ("data_dir", ["x"])):
+        setattr(args, name, value)
+    runfolder.check_resume_settings(saved, args)                        # settings a resume may change
+    args.sample_rate, args.fmax, args.lr = 22050, 11025.0, 0.1
+    with pytest.raises(ValueError, match=r"--fmax 8000.0 -> 11025.0; --lr 0.0005 -> 0.1; --sample-rate 16000 -> "
+                                         r"22050\. Resume with the checkpoint's settings"):
+        runfolder.check_resume_settings(saved, args)
+    assert set(runfolder.CHANGEABLE_ON_RESUME) <= set(saved["args"]) | {"overwrite"}   # no stale names
+
+
+def test_log_writes_on_a_full_disk_name_the_file_and_a_cut_header_is_written_again(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.csv"
+    row = {name: 1 for name in runfolder.metric_columns(False)}
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(csv.DictWriter, "writeheader", no_space)
+    with pytest.raises(runfolder.CheckpointSaveError, match=r"could not write .*metrics.csv \(No space left on "
+                                                            r"device; [\d.]+ MB free on its disk\).*--resume auto"):
+        runfolder.append_metrics(path, row)
+    assert path.read_text() == ""                                       # left empty, as a full disk leaves it
+    monkeypatch.undo()
+    runfolder.append_metrics(path, row)                                 # after space was freed
+    assert list(pd.read_csv(path).columns) == runfolder.metric_columns(False)
+    steps = tmp_path / "steps.csv"
+    steps.write_text("global_st")                                       # a header cut by a full disk
+    runfolder.truncate_log(steps, "global_step", 10)                    # on resume: started again
+    runfolder.append_steps(steps, [(1, 0, 1, 0.5, 0.001)])
+    assert list(pd.read_csv(steps).columns) == runfolder.STEP_COLUMNS
+
+
+def test_torch_zip_writer_failures_become_one_clear_error(tmp_path, monkeypatch):
+    def torn_write(payload, handle, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4544 vs 4416")
+    monkeypatch.setattr(torch, "save", torn_write)
+    with pytest.raises(runfolder.CheckpointSaveError, match=r"checkpoint_step00000007.pt \(\[enforce fail.*; "
+                                                            r"0.0 MB needed, [\d.]+ MB free"):
+        runfolder.save_checkpoint(tmp_path, {"global_step": 7, "w": torch.zeros(10)}, keep_last=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_garbage_row_in_a_log_is_named_on_resume(trained_run, tmp_path):
+    shutil.copy(trained_run / "metrics.csv", tmp_path / "metrics.csv")
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    fields = lines[1].split(",")
+    fields[0] = "garbage"
+    (tmp_path / "metrics.csv").write_text("\n".join([lines[0], ",".join(fields), *lines[2:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.csv line 2: evaluation is 'garbage', not a number"):
+        runfolder.truncate_log(tmp_path / "metrics.csv", "evaluation", 5)

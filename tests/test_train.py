@@ -8,6 +8,8 @@ and interruptions: test_faults.py; what the run folder functions do: test_runfol
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -272,3 +274,23 @@ def test_parser_defaults_are_the_original_recipe():
     assert (args.mixup_alpha, args.evals_per_epoch, args.monitor, args.crop_policy) == (0.2, 2, "cmap5", "ends")
     assert args.pretrained and args.secondary_weight == 0.0
     assert not options.get_args_parser().parse_args(["--no-pretrained"]).pretrained
+
+
+def test_config_json_replays_a_run_and_the_command_line_overrides_it(tiny_data, trained_run, tmp_path):
+    replayed = options.parse_args(["--config", str(trained_run / "config.json"), "--out-dir", str(tmp_path / "again")])
+    original = options.parse_args([]).__dict__ | json.loads((trained_run / "config.json").read_text())
+    assert {k: v for k, v in vars(replayed).items() if k not in ("out_dir", "config")} == \
+           {k: v for k, v in original.items() if k not in ("out_dir", "config")}
+    train.main(replayed)
+    assert read_rows(tmp_path / "again" / "steps.csv") == read_rows(trained_run / "steps.csv")
+    assert options.parse_args(["--config", str(trained_run / "config.json"), "--lr", "0.5"]).lr == 0.5
+    (tmp_path / "bad.json").write_text(json.dumps({"not_a_flag": 1}))
+    with pytest.raises(ValueError, match="not_a_flag"):
+        options.parse_args(["--config", str(tmp_path / "bad.json")])
+
+
+def test_no_file_is_written_before_the_pretrained_weights_are_known_to_be_usable(tiny_data, tmp_path):
+    args = quick_args(tiny_data, tmp_path / "run", "--pretrained-file", str(tmp_path / "missing.safetensors"))
+    with pytest.raises(model_lib.PretrainedWeightsError, match="does not exist"):
+        train.main(args)
+    assert not (tmp_path / "run").exists()
