@@ -97,8 +97,8 @@ def create_backbone(name: str, pretrained: bool, pretrained_file: str | None) ->
         try:
             return timm.create_model(name, pretrained=True,
                                      pretrained_cfg_overlay=dict(file=str(path.resolve())), **kwargs)
-        except RuntimeError as error:   # load_state_dict's size mismatch / missing keys: ~100 lines
-            if "state_dict" not in str(error) and "size mismatch" not in str(error):
+        except (RuntimeError, KeyError) as error:   # load_state_dict's mismatches (~100 lines); older timm: KeyError
+            if isinstance(error, RuntimeError) and "state_dict" not in str(error) and "size mismatch" not in str(error):
                 raise
             guess = backbone_of_weights(path, name)
             raise PretrainedWeightsError(
