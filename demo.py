@@ -70,12 +70,12 @@ _TYPES = [["call"], ["song"], ["call"], ["song"], ["call", "song"], ["flight cal
 TRAIN_SR_CHOICES = (32000, 44100, 48000)
 SOUNDSCAPE_SR = 32000
 TEST_SOUNDSCAPES = 20          # 1 minute each, at the test site
-TEST_SNR_DB = (-6.0, 12.0)     # in-band SNR of a call at the test site (training recordings: 0 to 20 dB)
-TEST_DISTANCE_PROB = 0.5       # share of test-site calls from a distance: low-pass at 2-8 kHz and quieter by
+TEST_SNR_DB = (3.0, 18.0)      # in-band SNR of a call at the test site (training recordings: 0 to 20 dB)
+TEST_DISTANCE_PROB = 0.3       # share of test-site calls from a distance: low-pass at 2-8 kHz and quieter by
 TEST_DISTANCE_DB = (-10.0, 0.0)
-TEST_REVERB_PROB = 0.5         # share of test-site calls in a room (RT60 0.3-1.5 s)
-TEST_CALL_SECONDS = (0.5, 2.0) # seconds of calling per species in an active window
-UNKNOWN_BIRDS = 0.35           # share of test-site windows with a bird outside the vocabulary
+TEST_REVERB_PROB = 0.3         # share of test-site calls in a room (RT60 0.3-1.5 s)
+TEST_CALL_SECONDS = (1.0, 3.0) # seconds of calling per species in an active window
+UNKNOWN_BIRDS = 0.2            # share of test-site windows with a bird outside the vocabulary
 UNLABELED_SOUNDSCAPES = 4      # 1 minute each, the test site's sound without the vocabulary's species
 
 
@@ -271,8 +271,8 @@ def synth_soundscape(sc, species):
     """A 32 kHz test soundscape at the test site and its per-5-s-window labels.
 
     Harder than the training recordings on purpose: another background (stream, rain,
-    insects, hum), birds outside the vocabulary, calls at -6 to 12 dB in-band SNR, half
-    of them from a distance (low-pass at 2-8 kHz, 0 to 10 dB quieter) and half in a
+    insects, hum), birds outside the vocabulary, calls at 3 to 18 dB in-band SNR, 30 %
+    of them from a distance (low-pass at 2-8 kHz, 0 to 10 dB quieter) and 30 % in a
     room (RT60 0.3-1.5 s). A window's labels are the species with >= 0.3 s of dry call in it.
     """
     rng = np.random.default_rng(sc["seed"])
@@ -356,8 +356,8 @@ the full pipeline runs offline.
 * test_soundscapes: {nsc} one-minute soundscapes at 32 kHz, recorded at a "test
   site" that sounds unlike the training recordings: a stream, rain, an insect
   chorus, mains hum, and birds outside the vocabulary. Calls of the ten species
-  at -6 to 12 dB in-band SNR, half of them from a distance (low-passed, quieter),
-  half in a reverberant space. test_soundscapes_labels.csv (not part of Kaggle)
+  at 3 to 18 dB in-band SNR, 30 % of them from a distance (low-passed, quieter),
+  30 % in a reverberant space. test_soundscapes_labels.csv (not part of Kaggle)
   gives, per 5-s window, the species with >= 0.3 s of call sound in it (empty =
   no call; read it with pandas keep_default_na=False).
 * unlabeled_soundscapes: {nunl} one-minute recordings of the test site without the

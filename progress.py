@@ -21,11 +21,12 @@ LOG_EVERY_SECONDS = 30.0      # the default of --log-every
 
 class LogLines:
     """tqdm's interface, writing "desc: done/total (rate/s, about N s left)" to the log at most every
-    `every` seconds, and once at the end of a loop that wrote any (a short loop writes nothing)."""
+    `every` seconds, and at the end of a loop that wrote any unless its last line already said it
+    (a short loop writes nothing)."""
 
     def __init__(self, iterable, total: int | None, desc: str, unit: str, every: float):
         self.iterable, self.total, self.desc, self.unit, self.every = iterable, total, desc, unit, every
-        self.done, self.postfix, self.lines = 0, "", 0
+        self.done, self.postfix, self.lines, self.done_when_written = 0, "", 0, -1
 
     def __iter__(self):
         started = last = time.monotonic()
@@ -36,7 +37,7 @@ class LogLines:
             if now - last >= self.every:
                 last = now
                 self.write(now - started)
-        if self.lines:
+        if self.lines and self.done != self.done_when_written:
             self.write(time.monotonic() - started)
 
     def write(self, elapsed: float) -> None:
@@ -44,7 +45,7 @@ class LogLines:
         left = f", about {(self.total - self.done) / rate:.0f} s left" if self.total and rate > 0 else ""
         of = f"/{self.total}" if self.total else ""
         log.info("%s: %d%s %s (%.1f/s%s)%s", self.desc, self.done, of, self.unit, rate, left, self.postfix)
-        self.lines += 1
+        self.lines, self.done_when_written = self.lines + 1, self.done
 
     def set_postfix(self, **values) -> None:
         self.postfix = "  " + "  ".join(f"{key} {value}" for key, value in values.items())

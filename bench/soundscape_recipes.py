@@ -33,14 +33,17 @@ import options  # noqa: E402
 import train  # noqa: E402
 
 README_RECIPE = ["--no-pretrained", "--lr", "1e-3", "--batch-size", "16"]
+BED = ["--bg-dir", "{bg}", "--bg-prob", "0.5", "--bg-snr", "0", "15"]       # the test site's own sound
 SOUNDSCAPE_STYLE = ["--mix-prob", "0.5", "--distance-prob", "0.5", "--reverb-prob", "0.3", "--bg-dir", "{bg}",
                     "--bg-prob", "0.8", "--bg-snr", "-3", "12"]
 RECIPES = {
     "readme": [],
+    "bed": BED,
+    "mix": ["--mix-prob", "0.3"],
+    "bed-mix": BED + ["--mix-prob", "0.3"],
+    "bce": ["--loss", "bce"],
+    "bed-bce": BED + ["--loss", "bce"],
     "soundscape": SOUNDSCAPE_STYLE,
-    "soundscape-random-crops": SOUNDSCAPE_STYLE + ["--crop-policy", "random"],
-    "soundscape-sed": SOUNDSCAPE_STYLE + ["--head", "sed"],
-    "soundscape-noise-masks": SOUNDSCAPE_STYLE + ["--noise-prob", "0.3", "--freq-masks", "2", "--time-masks", "2"],
     "random-crops": ["--crop-policy", "random"],
 }
 
