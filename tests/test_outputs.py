@@ -163,6 +163,17 @@ def test_progress_in_a_log_is_a_line_every_few_seconds(caplog, monkeypatch):
     assert [line.split(" (")[0] for line in lines] == [f"scoring: {done}/5 file" for done in range(1, 6)]
 
 
+def test_progress_in_a_log_ends_with_a_line_for_the_last_items(caplog, monkeypatch):
+    """A clock that ticks 1 s per call, a line every 2.5 s: a line after item 3, then one for the end."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    ticks = iter(range(100))
+    monkeypatch.setattr(progress.time, "monotonic", lambda: float(next(ticks)))
+    with caplog.at_level(logging.INFO, logger="birdclef"):
+        list(progress.bar(range(5), total=5, desc="scoring", unit="file", every=2.5))
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("scoring")]
+    assert [line.split(" (")[0] for line in lines] == ["scoring: 3/5 file", "scoring: 5/5 file"]
+
+
 def test_the_checkout_imports_as_one_package_without_touching_a_users_own_modules(tmp_path):
     """As after `pip install -e .`: birdclef_pipeline.* are this project's modules, and a module of the
     user's own named `data` stays the one `import data` gives them."""
