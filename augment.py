@@ -187,7 +187,8 @@ def time_shift(waveforms: torch.Tensor, max_fraction: float = 0.5, probability: 
 
 def coloured_noise(waveforms: torch.Tensor, snr_db_range: tuple[float, float] = (3.0, 30.0),
                    probability: float = 0.0, rng: np.random.Generator | None = None,
-                   colours: tuple[str, ...] = ("white", "pink", "brown")) -> torch.Tensor:
+                   colours: tuple[str, ...] = ("white", "pink", "brown"),
+                   levels_db: np.ndarray | None = None) -> torch.Tensor:
     """Add white, pink or brown noise to each chosen example (with `probability`).
 
     The colour is drawn uniformly from `colours`, the SNR uniformly in dB from
@@ -195,7 +196,7 @@ def coloured_noise(waveforms: torch.Tensor, snr_db_range: tuple[float, float] = 
     that (see the module docstring). Noise is white Gaussian noise shaped in the
     rFFT domain: amplitude ∝ f ** (-exponent / 2), so power ∝ 1 / f ** exponent
     (exponent 0 white, 1 pink, 2 brown), with the DC bin zeroed so that no colour
-    adds an offset.
+    adds an offset. `levels_db` (B,), each example's distance gain, is added to its SNR.
     """
     _check_probability(probability)
     low, high = _check_range("snr_db_range", snr_db_range)
@@ -223,6 +224,8 @@ def coloured_noise(waveforms: torch.Tensor, snr_db_range: tuple[float, float] = 
     amplitude[:, 0] = 0.0                                             # DC bin: no offset, and 1/0 avoided
     noise = torch.fft.irfft(spectrum * amplitude, n=samples, dim=1)   # (K, samples)
 
+    if levels_db is not None:
+        snr_db = snr_db + levels_db
     rows = torch.from_numpy(chosen).to(device)
     snr_t = torch.from_numpy(snr_db[chosen].astype(np.float32)).to(device)
     return _add_at_snr(waveforms, rows, noise, snr_t)
@@ -292,10 +295,11 @@ class BackgroundBank:
 
 def background_noise(waveforms: torch.Tensor, bank: BackgroundBank,
                      snr_db_range: tuple[float, float] = (0.0, 2.0), probability: float = 0.0,
-                     rng: np.random.Generator | None = None) -> torch.Tensor:
+                     rng: np.random.Generator | None = None, levels_db: np.ndarray | None = None) -> torch.Tensor:
     """Add a random crop from `bank` to each chosen example (with `probability`) at an SNR
     drawn uniformly in dB from `snr_db_range` (exact, as defined in the module
-    docstring). A crop that is digital silence cannot reach an SNR and adds nothing.
+    docstring), plus the example's distance gain from `levels_db` (B,). A crop that is
+    digital silence cannot reach an SNR and adds nothing.
     """
     _check_probability(probability)
     low, high = _check_range("snr_db_range", snr_db_range)
@@ -311,6 +315,8 @@ def background_noise(waveforms: torch.Tensor, bank: BackgroundBank,
     if chosen.size == 0:
         return waveforms
     crops = bank.sample(chosen.size, rng).to(waveforms.device)        # (K, samples)
+    if levels_db is not None:
+        snr_db = snr_db + levels_db
     rows = torch.from_numpy(chosen).to(waveforms.device)
     snr_t = torch.from_numpy(snr_db[chosen].astype(np.float32)).to(waveforms.device)
     return _add_at_snr(waveforms, rows, crops, snr_t)
@@ -322,25 +328,38 @@ def distance(waveforms: torch.Tensor, gain_db_range: tuple[float, float], lowpas
              probability: float, rng: np.random.Generator | None, sample_rate: int) -> torch.Tensor:
     """A call heard from further away: each chosen example (with `probability`) is low-passed at a
     cutoff drawn log-uniformly from `lowpass_hz_range`, then multiplied by a gain drawn uniformly in dB
-    from `gain_db_range` (negative: quieter). The gain matters relative to what is added later: other
-    calls (mix_clips) and a fixed-level background."""
+    from `gain_db_range` (negative: quieter). See distance_with_levels for how the gain survives the
+    steps after it."""
+    return distance_with_levels(waveforms, gain_db_range, lowpass_hz_range, probability, rng, sample_rate)[0]
+
+
+def distance_with_levels(waveforms: torch.Tensor, gain_db_range: tuple[float, float],
+                         lowpass_hz_range: tuple[float, float], probability: float,
+                         rng: np.random.Generator | None, sample_rate: int) -> tuple[torch.Tensor, np.ndarray]:
+    """distance(), and each example's gain in dB (B,), 0 where it was not chosen. The gain alone would
+    be undone later: mix_clips and the noises set levels relative to the window's own power, and the
+    frontend normalises each example. So augment_waveforms hands these levels on: a partner is added
+    at its drawn power plus its own distance minus the example's, and noise or a bed at its drawn SNR
+    plus the example's distance gain -- a far call lies quieter under the same bed and beside near calls."""
     _check_probability(probability)
     low_gain, high_gain = _check_range("gain_db_range", gain_db_range)
     low_hz, high_hz = _check_range("lowpass_hz_range", lowpass_hz_range)
-    if probability <= 0:
-        return waveforms
-    rng = _require_rng(rng)
     batch = waveforms.shape[0]
+    levels = np.zeros(batch)                                                           # (B,) dB
+    if probability <= 0:
+        return waveforms, levels
+    rng = _require_rng(rng)
     gain_db = rng.uniform(low_gain, high_gain, size=batch)                             # (B,)
     cutoff = np.exp(rng.uniform(math.log(max(low_hz, 1.0)), math.log(max(high_hz, 1.0)), size=batch))   # (B,)
     chosen = np.flatnonzero(rng.random(batch) < probability)                           # (K,)
     if chosen.size == 0:
-        return waveforms
+        return waveforms, levels
+    levels[chosen] = gain_db[chosen]
     rows = torch.from_numpy(chosen).to(waveforms.device)
     factor = torch.from_numpy((10.0 ** (gain_db[chosen] / 20.0)).astype(np.float32)).to(waveforms.device)
     output = waveforms.clone()
     output[rows] = (audio.lowpass(waveforms[rows], cutoff[chosen], sample_rate) * factor[:, None]).to(waveforms.dtype)
-    return output
+    return output, levels
 
 
 def reverb(waveforms: torch.Tensor, rt60_range: tuple[float, float], probability: float,
@@ -365,14 +384,15 @@ def reverb(waveforms: torch.Tensor, rt60_range: tuple[float, float], probability
 
 
 def mix_clips(waveforms: torch.Tensor, targets: torch.Tensor, probability: float, max_clips: int,
-              gain_db_range: tuple[float, float], rng: np.random.Generator | None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              gain_db_range: tuple[float, float], rng: np.random.Generator | None,
+              levels_db: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Several calls in one window, as in a soundscape row: each chosen example (with `probability`)
     gets 1 to max_clips - 1 other examples of the batch added, each at a power drawn uniformly in dB
     from `gain_db_range` relative to the example's own power; its targets become the element-wise
     maximum of all of theirs (the union of the species). Unlike mixup, the example keeps its full
     level and its full target. Partners come from the batch as it was before any mixing; a partner
-    or an example of zero power adds nothing (and no target)."""
+    or an example of zero power adds nothing (and no target). `levels_db` (B,): each example's distance
+    gain (distance_with_levels), added to the drawn power of a partner and taken off for the example."""
     _check_probability(probability)
     low, high = _check_range("gain_db_range", gain_db_range)
     batch = waveforms.shape[0]
@@ -390,7 +410,8 @@ def mix_clips(waveforms: torch.Tensor, targets: torch.Tensor, probability: float
             partner = int(partners[row, slot])
             if power[row] <= 0 or power[partner] <= 0:
                 continue
-            scale = torch.sqrt(power[row] * 10.0 ** (gain_db[row, slot] / 10.0) / power[partner])
+            relative_db = gain_db[row, slot] + (levels_db[partner] - levels_db[row] if levels_db is not None else 0.0)
+            scale = torch.sqrt(power[row] * 10.0 ** (relative_db / 10.0) / power[partner])
             mixed_waveforms[row] += scale * waveforms[partner].float()
             mixed_targets[row] = torch.maximum(mixed_targets[row], targets[partner])
     return mixed_waveforms.to(waveforms.dtype), mixed_targets
@@ -540,12 +561,15 @@ def augment_waveforms(waveforms: torch.Tensor, targets: torch.Tensor, settings: 
     waveforms = random_gain(waveforms, (-settings.gain_db, settings.gain_db), settings.gain_prob, rng)
     waveforms = time_shift(waveforms, settings.shift_max, settings.shift_prob, rng)
     waveforms = reverb(waveforms, settings.reverb_rt60, settings.reverb_prob, rng, settings.sample_rate)
-    waveforms = distance(waveforms, settings.distance_db, settings.distance_lowpass_hz, settings.distance_prob,
-                         rng, settings.sample_rate)
-    waveforms, targets = mix_clips(waveforms, targets, settings.mix_prob, settings.mix_clips, settings.mix_gain_db, rng)
-    waveforms = coloured_noise(waveforms, settings.noise_snr, settings.noise_prob, rng, settings.noise_colours)
+    # the distance gains travel on as levels: every later step sets levels relative to the window itself
+    waveforms, levels_db = distance_with_levels(waveforms, settings.distance_db, settings.distance_lowpass_hz,
+                                                settings.distance_prob, rng, settings.sample_rate)
+    waveforms, targets = mix_clips(waveforms, targets, settings.mix_prob, settings.mix_clips, settings.mix_gain_db, rng,
+                                   levels_db)
+    waveforms = coloured_noise(waveforms, settings.noise_snr, settings.noise_prob, rng, settings.noise_colours,
+                               levels_db)
     if bank is not None and settings.bg_prob > 0:
-        waveforms = background_noise(waveforms, bank, settings.bg_snr, settings.bg_prob, rng)
+        waveforms = background_noise(waveforms, bank, settings.bg_snr, settings.bg_prob, rng, levels_db)
     return cutmix_time(waveforms, targets, settings.cutmix_alpha, settings.cutmix_prob, rng)
 
 

@@ -501,7 +501,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Data tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     formatter = argparse.ArgumentDefaultsHelpFormatter
-    demo_parser = commands.add_parser("demo", help="write the synthetic demo data set (BirdCLEF 2023 layout)",
+    demo_parser = commands.add_parser("demo", help="write the synthetic demo data set (BirdCLEF 2024 layout)",
                                       formatter_class=formatter)
     demo_parser.add_argument("--out", default=str(DEMO_DIR), help="folder to write")
     demo_parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")

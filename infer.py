@@ -170,6 +170,8 @@ def check_options(args) -> None:
                              f"positive sum (each row is their weighted mean)")
     if not 0 <= args.file_prior <= 1:
         raise ValueError(f"--file-prior {args.file_prior}: a weight between 0 and 1")
+    if not 0 < args.hop <= soundscapes.ROW_SECONDS:     # a longer hop would leave rows without a window
+        raise ValueError(f"--hop {args.hop}: seconds between windows, above 0 and at most {soundscapes.ROW_SECONDS:g}")
 
 
 def load_members(paths, average_weights: bool, ema: bool = False) -> list[Member]:
@@ -397,11 +399,12 @@ class Predictor:
 
 
 def finite_rows(key, rows: np.ndarray) -> tuple[np.ndarray, str | None]:
-    """A file's rows, or zeros with a problem line when any score is NaN or infinite (NaN samples in a
-    float WAV, a broken checkpoint): non-finite numbers never reach a submission."""
+    """A file's rows, or zeros with a problem line when any score is NaN or infinite: the last guard
+    (NaN samples are zeroed when decoded, non-finite logits stop the job, --hop and --smooth are
+    checked), so that non-finite numbers never reach a submission whatever changes upstream."""
     if np.isfinite(rows).all():
         return rows, None
-    log.warning("%s: non-finite scores (NaN or inf in the audio or the model); writing rows of zeros", key)
+    log.warning("%s: non-finite scores; writing rows of zeros", key)
     return np.zeros_like(rows), f"{key}: non-finite scores; {len(rows)} row(s) of zeros"
 
 
@@ -438,8 +441,12 @@ def infer(args) -> dict:
         outputs.check_unique_names(files)
     predictor = Predictor(args.ckpts, **{key: value for key, value in vars(args).items() if key != "ckpts"})
     if not files:  # Kaggle's visible run: an empty test folder still needs a valid submission
-        outputs.header_only_submission(predictor.columns, out)
-        log.warning("no audio to score in %s: wrote %s with the header only", args.soundscapes, out)
+        if args.format == "raven" and not detections_mode:
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            outputs.header_only_submission(predictor.columns, out, "kaggle" if detections_mode else args.format)
+        log.warning("no audio to score in %s: wrote %s with %s only", args.file_list or args.soundscapes, out,
+                    "no table" if args.format == "raven" and not detections_mode else "the header")
         return {"rows": 0, "problems": [], "audio_seconds": 0.0, "wall_seconds": 0.0, "realtime_factor": 0.0}
     rank, world_size = distributed.rank_and_world_size()
     store = outputs.PartStore(Path(f"{out}.parts"), job_settings(args, predictor), args.skip_existing,
@@ -505,8 +512,9 @@ def job_settings(args, predictor: Predictor) -> dict:
     checkpoints = [[str(checkpoint_path(path).resolve()), checkpoint_path(path).stat().st_size,
                     checkpoint_path(path).stat().st_mtime_ns] for path in args.ckpts]
     return {"checkpoints": checkpoints, "columns": predictor.columns,
+            "bf16": predictor.bf16,
             **{key: getattr(args, key) for key in ("ema", "average_weights", "hop", "smooth", "file_prior", "combine",
-                                                   "power", "nocall_gate")}}
+                                                   "power", "nocall_gate", "backend", "device")}}
 
 
 def write_outputs(args, predictor: Predictor, files: list[Path], store, out: Path, detections_mode: bool) -> dict:
@@ -550,7 +558,9 @@ def report(summary: dict, args, detections_mode: bool) -> None:
     for line in summary["problems"]:
         log.warning("problem: %s", line)
     if args.labels and not detections_mode:
-        scores = soundscapes.score_submission(summary["submission"], args.labels, args.soundscapes)
+        # with --file-list, the label table's own audio folder (2021: train_soundscapes/ beside it)
+        scores = soundscapes.score_submission(summary["submission"], args.labels,
+                                              None if args.file_list else args.soundscapes)
         log.info("scored %d labelled rows: cmAP5 %.4f  cmAP3 %.4f  macro AP %.4f  LRAP %.4f",
                  scores["rows"], scores["cmap5"], scores["cmap3"], scores["macro_ap"], scores["lrap"])
         summary["scores"] = scores

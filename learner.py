@@ -240,11 +240,12 @@ def frozen_parts(args, epoch: int) -> tuple[bool, bool]:
     return epoch < args.freeze_backbone_epochs, epoch < args.freeze_head_epochs
 
 
-
 def restore_learner(learner: Learner, checkpoint: dict) -> None:
+    """Weights, optimiser, loss scaler and EMA from a checkpoint, for --resume."""
     learner.model.load_state_dict(checkpoint["model"])
     learner.optimizer.load_state_dict(checkpoint["optimizer"])
-    learner.scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["scaler"]:   # empty when saved without fp16 (CPU, bf16); --amp may change on resume
+        learner.scaler.load_state_dict(checkpoint["scaler"])
     if learner.ema is not None:
         if "model_ema" not in checkpoint:
             raise ValueError("--ema was given but the checkpoint has no EMA weights to resume")

@@ -43,9 +43,14 @@ def find_learning_rate(learner: learner_lib.Learner, train_set, args, out_dir: P
         best = min(best, smoothed_losses[-1])
         if not math.isfinite(smoothed_losses[-1]) or smoothed_losses[-1] > 4 * best:
             break  # diverged: higher rates say nothing more
-    slopes = (np.gradient(np.asarray(smoothed_losses), np.log10(rates)) if len(rates) > 2
-              else np.zeros(len(rates)))
-    suggestion = float(rates[int(np.argmin(slopes))])
+    # the slope only where the loss is finite: a NaN at the divergence would otherwise win argmin
+    finite = np.isfinite(smoothed_losses)
+    if not finite.any():
+        raise RuntimeError(f"--lr-find: the loss was not finite even at {LOWEST_RATE:g}: check the data and the loss")
+    kept_rates, kept_losses = np.asarray(rates)[finite], np.asarray(smoothed_losses)[finite]
+    slopes = (np.gradient(kept_losses, np.log10(kept_rates)) if len(kept_rates) > 2
+              else np.zeros(len(kept_rates)))
+    suggestion = float(kept_rates[int(np.argmin(slopes))])
     write_curve(rates, smoothed_losses, suggestion, out_dir)
     log.info("learning-rate range test over %d steps: steepest descent at %.2e -> try --lr %.2e "
              "(curve in %s)", len(rates), suggestion, suggestion, out_dir / "lr_find.png")

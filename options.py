@@ -277,8 +277,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="without a terminal (nohup, pipes, Kaggle's saved runs): a progress line every this "
                             "many seconds instead of a bar")
     group.add_argument("--config", default=None,
-                       help="a run's config.json: its arguments become the defaults, so the run is replayed; "
-                            "flags given on the command line override them")
+                       help="a run's config.json: its arguments (but --resume and --overwrite) become the defaults, "
+                            "so the run is replayed; flags given on the command line override them")
     return parser
 
 
@@ -291,7 +291,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         unknown = sorted(set(replayed) - set(vars(known)))
         if unknown:
             raise ValueError(f"--config {known.config}: {unknown} are no flags of train.py")
-        parser.set_defaults(**{key: value for key, value in replayed.items() if key != "config"})
+        # config.json holds the resolved --resume of a resumed run: replaying it must start a run, not
+        # continue (and append to) that one
+        parser.set_defaults(**{key: value for key, value in replayed.items()
+                               if key not in ("config", "resume", "overwrite")})
     return parser.parse_args(argv)
 
 

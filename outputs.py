@@ -102,7 +102,9 @@ def check_unique_names(files: list[Path]) -> None:
     """Row ids (<stem>_<end s>) and Raven tables (<stem>.selections.txt) are named by each file's stem:
     two files with one stem (a.wav and a.flac, or site1/a.ogg and site2/a.ogg) are refused, not merged."""
     first = {}
-    for path in files:
+    for number, path in enumerate(files):
+        if path in files[:number]:
+            raise ValueError(f"{path} is listed twice: its rows would be written twice")
         other = first.setdefault(Path(path).stem, path)
         if other != path:
             raise ValueError(f"{other} and {path} have the same name {Path(path).stem!r}: their rows would share "
@@ -136,9 +138,10 @@ def write_submission(table: pd.DataFrame, out: Path, kind: str) -> None:
     write_atomic(out, lambda path: table[columns + species].to_csv(path, index=False))
 
 
-def header_only_submission(columns: list[str], out: Path) -> None:
-    """A valid submission with no rows (Kaggle's visible run has no test soundscapes)."""
-    write_atomic(out, lambda path: pd.DataFrame(columns=["row_id", *columns]).to_csv(path, index=False))
+def header_only_submission(columns: list[str], out: Path, kind: str = "kaggle") -> None:
+    """A valid submission with no rows (Kaggle's visible run has no test soundscapes); kind as write_submission."""
+    first = ["row_id"] if kind == "kaggle" else ["file", "start_s", "end_s"]
+    write_atomic(out, lambda path: pd.DataFrame(columns=[*first, *columns]).to_csv(path, index=False))
 
 
 # ----------------------------------------------------------------------------- Raven selection tables

@@ -42,6 +42,7 @@ log = logging.getLogger("birdclef")
 BIRD_BAND_HZ = (1000.0, 12000.0)    # where "the energy is" when no detections table says where calls are
 CANDIDATES_PER_RECORDING = 3         # pieces of each recording that may supply a call
 BED_NOISE_RMS = 0.01                 # level of the coloured-noise bed (the last resort)
+BED_MAX_SCORE = 0.05                 # a detections window is a bed only below this score (train.py --nocall-max-score)
 
 
 @dataclass
@@ -121,7 +122,8 @@ def background_beds(settings: PlacementSettings, bg_dir=None, detections: pd.Dat
             raise ValueError(f"--bg-dir {bg_dir} holds no ogg/mp3/flac/wav file")
         return [audio.read_audio(path, rate) for path in files], f"{len(files)} file(s) of {bg_dir}"
     if detections is not None and "top1_score" in detections.columns and recordings_by_name:
-        quiet = extras_lib.select_nocall_detections(detections, max_score=1.0, per_recording=1)
+        # only windows the detector calls empty: a quieter window may still hold an (unlabelled) call
+        quiet = extras_lib.select_nocall_detections(detections, max_score=BED_MAX_SCORE, per_recording=1)
         quiet = quiet[quiet["filename"].isin(list(recordings_by_name))]
         if len(quiet):
             pieces = [audio.read_window(recordings_by_name[name], start, soundscapes.ROW_SECONDS, rate)
@@ -223,6 +225,9 @@ def build(recordings: pd.DataFrame, out_dir, settings: PlacementSettings, bg_dir
           detections: pd.DataFrame | None = None) -> pd.DataFrame:
     """Write settings.count pseudo-soundscapes of `recordings` (the validation split: name, path,
     duration, primary_label) to out_dir with labels.csv, placements.csv and README.txt -> labels."""
+    if not 0 < settings.call_seconds <= soundscapes.ROW_SECONDS or settings.max_calls < 1:
+        raise ValueError(f"--call-seconds {settings.call_seconds} must lie in (0, {soundscapes.ROW_SECONDS:g}] "
+                         f"(a call stays inside its row) and --max-calls {settings.max_calls} be at least 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pieces = call_pieces(recordings, settings, detections)

@@ -34,12 +34,13 @@ import data
 import evaluation
 import loader
 import model as model_lib
+import options
 
 log = logging.getLogger("birdclef")
 
-IGNORED_FLAGS = {"out_dir", "resume", "workers", "device", "audit_sampling", "lr_find"}   # say nothing of the recipe
-MONITORED_METRICS = ("cmap5", "cmap3", "macro_ap", "lrap", "val_loss", "soundscape_cmap5", "soundscape_cmap3",
-                     "soundscape_macro_ap", "soundscape_lrap", "ema_cmap5", "test_cmap5")
+IGNORED_FLAGS = {"out_dir", "resume", "overwrite", "config", "workers", "device", "audit_sampling", "lr_find",
+                 "log_every", "keep_last", "val_soundscape_audio", "test_soundscape_audio"}  # say nothing of the recipe
+MONITORED_METRICS = (*options.MONITORED, "test_cmap5")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -160,6 +161,9 @@ def leaderboard_correlations(runs: list[dict], leaderboard: pd.DataFrame) -> pd.
             raise ValueError(f"leaderboard run {run_name!r} is not among the runs given")
         rows.append(checkpoint_row(by_name[str(run_name)], checkpoint))
     table = pd.DataFrame(rows).reset_index(drop=True)
+    if len(table) < 3:
+        log.warning("%d submission(s) in the leaderboard: a rank correlation needs 3 or more to say anything",
+                    len(table))
     results = []
     for metric in MONITORED_METRICS:
         if metric in table and table[metric].notna().all():

@@ -170,11 +170,24 @@ def check_resume_settings(checkpoint: dict, args, world_size: int = 1) -> None:
                          f"has {world_size}: a step there is another number of examples, so resume with "
                          f"--nproc_per_node {checkpoint.get('world_size', 1)}")
     saved, now = checkpoint.get("args", {}), plain_args(args)
-    differences = [f"--{name.replace('_', '-')} {saved[name]!r} -> {now[name]!r}" for name in sorted(now)
-                   if name in saved and name not in CHANGEABLE_ON_RESUME and not _same(saved[name], now[name])]
+    # without --schedule-epochs the schedule's length is --epochs, which may change on resume: the length
+    # the run's curve was made with is kept (given again, it must be that length)
+    kept_schedule = saved.get("schedule_epochs") or saved.get("epochs")
+    shown = saved | {"schedule_epochs": kept_schedule}
+
+    def differs(name: str) -> bool:
+        if name == "schedule_epochs":
+            return now[name] is not None and now[name] != kept_schedule
+        return not _same(saved[name], now[name])
+    differences = [f"--{name.replace('_', '-')} {shown[name]!r} -> {now[name]!r}" for name in sorted(now)
+                   if name in saved and name not in CHANGEABLE_ON_RESUME and differs(name)]
     if differences:
         raise ValueError(f"{args.resume} was trained with other settings: {'; '.join(differences)}. Resume with the "
                          f"checkpoint's settings (its config.json), or start a new run in another --out-dir")
+    if "schedule_epochs" in saved and getattr(args, "schedule_epochs", None) is None and kept_schedule != args.epochs:
+        args.schedule_epochs = kept_schedule
+        log.info("--epochs %s on resume: the learning-rate schedule keeps its length of %s epochs "
+                 "(--schedule-epochs %s)", args.epochs, kept_schedule, kept_schedule)
 
 
 def _same(saved, now) -> bool:
@@ -287,7 +300,7 @@ def write_evaluation(out_dir: Path, row: dict, step_rows: list[tuple], checkpoin
     append_metrics(out_dir / "metrics.csv", row)
     append_steps(out_dir / "steps.csv", step_rows)
     with writing(out_dir / "metrics.png"):
-        plot_metrics(out_dir / "metrics.csv", out_dir / "metrics.png")
+        plot_metrics(out_dir / "metrics.csv", out_dir / "metrics.png", args.monitor)
     if args.keep_best:
         keep_best(out_dir, checkpoint, args.monitor, args.keep_best)
     save_checkpoint(out_dir, checkpoint, args.keep_last, best=improved)
@@ -355,10 +368,11 @@ def is_complete_row(row: dict, fieldnames: list[str]) -> bool:
     return None not in row and all(row.get(name) not in (None, "") for name in fieldnames)
 
 
-def plot_metrics(csv_path: Path, png_path: Path) -> dict:
-    """Losses (left), scores with their chance levels and the best evaluation marked (middle), and the
+def plot_metrics(csv_path: Path, png_path: Path, monitor: str = "cmap5") -> dict:
+    """Losses (left), scores with their chance levels and the best evaluation by `monitor` marked (middle
+    for scores, left for losses: the evaluation best.pt holds), and the
     learning rate (right), against the epoch; score axes fitted to the data, not fixed at 0-1.
-    -> what the score panel shows: its legend's labels and its y limits."""
+    -> what the panels show: the score panel's legend labels and y limits, the loss panel's labels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -368,7 +382,6 @@ def plot_metrics(csv_path: Path, png_path: Path) -> dict:
     loss_axis.plot(table["epoch"], table["train_loss"], marker=".", label="train loss")
     loss_axis.plot(table["epoch"], table["val_loss"], marker=".", label="validation loss")
     loss_axis.set_xlabel("epoch")
-    loss_axis.legend()
     levels = []
     for index, column in enumerate(("cmap5", "cmap3", "macro_ap", "lrap", "soundscape_cmap5", "soundscape_macro_ap",
                                     "test_cmap5")):
@@ -381,22 +394,25 @@ def plot_metrics(csv_path: Path, png_path: Path) -> dict:
                 score_axis.axhline(table[chance].iloc[-1], color=f"C{index}", linestyle=":", linewidth=1,
                                    label=f"{column}, random scores")
                 levels.append(table[chance].iloc[-1])
-    best = table.loc[table["cmap5"].idxmax()] if "cmap5" in table else None
-    if best is not None:
-        score_axis.axvline(best["epoch"], color="grey", linestyle="--", linewidth=1,
-                           label=f"best cmap5, step {int(best['global_step'])}")
+    if monitor in table and table[monitor].notna().any():
+        best = table.loc[table[monitor].idxmin() if monitor.endswith("val_loss") else table[monitor].idxmax()]
+        axis = loss_axis if monitor.endswith("val_loss") else score_axis
+        axis.axvline(best["epoch"], color="grey", linestyle="--", linewidth=1,
+                     label=f"best {monitor}, step {int(best['global_step'])}")
     if levels:
         low, high = min(levels), max(levels)
         margin = max((high - low) * 0.05, 0.01)
         score_axis.set_ylim(low - margin, high + margin)
     score_axis.set_xlabel("epoch")
     score_axis.legend(fontsize="x-small")
+    loss_axis.legend()
     lr_axis.plot(table["epoch"], table["lr"], marker=".")
     lr_axis.set_xlabel("epoch")
     lr_axis.set_ylabel("learning rate at the evaluation")
     figure.tight_layout()
     figure.savefig(png_path, dpi=100)
-    shown = {"labels": [line.get_label() for line in score_axis.get_lines()], "limits": score_axis.get_ylim()}
+    shown = {"labels": [line.get_label() for line in score_axis.get_lines()], "limits": score_axis.get_ylim(),
+             "loss_labels": [line.get_label() for line in loss_axis.get_lines()]}
     plt.close(figure)
     return shown
 

@@ -621,3 +621,28 @@ def test_mixup_respects_alpha_and_probability():
         mixed_lam = moved[moved < 1.0]
         assert mixed_lam.var() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.1)
     assert augment.mixup(waveforms, targets, 0.0, 1.0, np.random.default_rng(0))[1] is targets   # alpha 0: off
+
+
+def test_a_distant_call_lies_quieter_under_the_same_bed_and_beside_near_calls(noise_bank):
+    """The distance gain must survive the steps after it (each sets levels relative to the window, and
+    the frontend normalises each example): the bed's SNR and a partner's level move by the gains."""
+    waveforms, targets = signals(16), torch.eye(16)
+    settings = AugmentSettings(distance_prob=0.5, distance_db=(-12.0, -12.0), distance_lowpass_hz=(7000.0, 7900.0),
+                               bg_prob=1.0, bg_snr=(4.0, 4.0), sample_rate=16000)
+    out, _ = augment.augment_waveforms(waveforms, targets, settings, np.random.default_rng(5), noise_bank)
+    distanced, levels = augment.distance_with_levels(waveforms, (-12.0, -12.0), (7000.0, 7900.0), 0.5,
+                                                     np.random.default_rng(5), 16000)
+    assert set(np.unique(levels)) == {0.0, -12.0}
+    np.testing.assert_allclose(measured_snr_db(distanced, out), 4.0 + levels, atol=0.5)   # far: -8 dB, near: 4 dB
+
+    rng = np.random.default_rng(2)
+    mixed, _ = augment.mix_clips(distanced, targets, 1.0, 2, (0.0, 0.0), rng, levels)
+    replay = np.random.default_rng(2)
+    replay.integers(1, 2, size=16)
+    replay.random(16)
+    partners = (np.arange(16)[:, None] + replay.integers(1, 16, size=(16, 1))) % 16
+    for row in range(16):
+        partner = int(partners[row, 0])
+        added = (mixed[row] - distanced[row]).double()
+        level = 10 * np.log10(added.square().mean().item() / distanced[row].double().square().mean().item())
+        assert level == pytest.approx(levels[partner] - levels[row], abs=0.5)

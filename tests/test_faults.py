@@ -360,6 +360,9 @@ def test_output_names_are_unique_and_columns_and_labels_unrepeated(checkpoint, t
     with pytest.raises(ValueError, match="same name 'a'"):
         run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "sub.csv")
     shutil.rmtree(folder / "site2")
+    (tmp_path / "twice.txt").write_text(f"{folder / 'a.wav'}\n{folder / 'a.wav'}\n")
+    with pytest.raises(ValueError, match="a.wav is listed twice"):
+        run_infer("--ckpts", checkpoint, "--file-list", tmp_path / "twice.txt", "--out", tmp_path / "sub.csv")
     labels = torch.load(checkpoint, weights_only=True)["labels"]
     (tmp_path / "sample.csv").write_text(",".join(["row_id", labels[0], labels[1], labels[0]]) + "\n")
     with pytest.raises(ValueError, match=rf"sample.csv has the column\(s\) \['{labels[0]}'\] more than once"):
@@ -380,6 +383,8 @@ def test_output_names_are_unique_and_columns_and_labels_unrepeated(checkpoint, t
     (["--smooth=a,b,c"], "comma-separated numbers"),
     (["--combine", "power", "--power", "0"], "--power 0.0: .* must be positive"),
     (["--file-prior", "1.5"], "between 0 and 1"),
+    (["--hop", "10"], "--hop 10.0: .* at most 5"),      # rows without a window would be NaN
+    (["--hop", "0"], "above 0"),
 ])
 def test_options_that_would_write_non_finite_scores_are_refused(checkpoint, tmp_path, flags, message):
     folder = tmp_path / "s"

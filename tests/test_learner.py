@@ -188,3 +188,20 @@ def test_head_init_extend_keeps_the_head_adds_a_layer_of_ones_and_trains_only_th
                                                                                          train.TrainingState()))
     for name, tensor in model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], tensor), name
+
+
+def test_resume_with_fp16_from_a_checkpoint_saved_without_a_loss_scaler():
+    """--amp may change on resume: a CPU or bf16 checkpoint holds an empty scaler state, which an enabled
+    fp16 GradScaler refuses to load; the scaler then starts fresh instead of the resume failing."""
+    import types
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict()}
+    assert saved["scaler"] == {}
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    with pytest.raises(RuntimeError):
+        scaler.load_state_dict(saved["scaler"])                      # what the resume did before
+    learner = types.SimpleNamespace(model=model, optimizer=optimizer, scaler=scaler, ema=None)
+    learner_lib.restore_learner(learner, saved)
+    assert scaler.get_scale() == torch.amp.GradScaler("cpu", enabled=True).get_scale()

@@ -97,6 +97,12 @@ def test_an_empty_or_missing_test_folder_writes_a_header_only_submission(checkpo
                                 "--sample-submission", sample)
         assert summary["rows"] == 0 and "header only" in caplog.text
         assert out.read_text().strip() == "row_id,zzz,aaabbb1"
+    run_infer("--ckpts", checkpoint, "--soundscapes", tmp_path / "empty", "--out", tmp_path / "rows.csv",
+              "--sample-submission", sample, "--format", "csv")
+    assert (tmp_path / "rows.csv").read_text().strip() == "file,start_s,end_s,zzz,aaabbb1"
+    run_infer("--ckpts", checkpoint, "--soundscapes", tmp_path / "empty", "--out", tmp_path / "tables",
+              "--format", "raven")
+    assert (tmp_path / "tables").is_dir() and not any((tmp_path / "tables").iterdir())   # a folder, as raven writes
 
 
 def test_run_folders_stand_for_best_pt_and_average_weights_names_the_difference(checkpoint, trained_run, tmp_path):

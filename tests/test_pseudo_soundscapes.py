@@ -128,3 +128,27 @@ def test_soundscape_style_training_with_extras_validates_on_the_pseudo_soundscap
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert len(metrics) == 2 and metrics["soundscape_cmap5"].between(0, 1).all()
     assert state.best_metric == metrics["soundscape_cmap5"].max()
+
+
+def test_a_detections_bed_takes_only_windows_the_detector_calls_empty(tmp_path):
+    """The quietest window of a recording is a bed only if its best score is below BED_MAX_SCORE: else it
+    may hold an unlabelled call, and the bed falls back to coloured noise."""
+    rate = 16000
+    for name, seed in (("a.wav", 1), ("b.wav", 2)):
+        sf.write(tmp_path / name, tone_recording(2000.0, 12.0, rate, np.random.default_rng(seed)), rate)
+    paths = {"a.wav": tmp_path / "a.wav", "b.wav": tmp_path / "b.wav"}
+    detections = pd.DataFrame({"filename": ["a.wav", "a.wav", "b.wav", "b.wav"], "start_s": [0.0, 5.0, 0.0, 5.0],
+                               "top1_score": [0.9, 0.01, 0.6, 0.3]})
+    settings = pseudo_soundscapes.PlacementSettings(sample_rate=rate)
+    beds, source = pseudo_soundscapes.background_beds(settings, None, detections, paths)
+    assert source.startswith("the quietest window of 1 recording")            # a.wav at 5 s; b.wav has none
+    assert len(beds) == 1 and len(beds[0]) == 5 * rate
+    beds, source = pseudo_soundscapes.background_beds(settings, None, detections[detections["filename"] == "b.wav"],
+                                                      paths)
+    assert beds == [] and source.startswith("coloured noise")
+
+
+@pytest.mark.parametrize("settings", [{"call_seconds": 6.0}, {"call_seconds": 0.0}, {"max_calls": 0}])
+def test_calls_that_cannot_stay_in_their_row_are_refused(tmp_path, settings):
+    with pytest.raises(ValueError, match="--call-seconds"):
+        pseudo_soundscapes.build(pd.DataFrame(), tmp_path, pseudo_soundscapes.PlacementSettings(**settings))

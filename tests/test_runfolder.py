@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import read_rows
 
+import options
 import runfolder
 
 LOGS = ("metrics.csv", "steps.csv", "drawn_counts.csv")
@@ -105,6 +106,10 @@ def test_metrics_png_shows_chance_levels_the_best_evaluation_and_fits_its_axis(t
     low, high = shown["limits"]
     assert low <= min(values) and high >= max(values) and high - low < 1.2 * (max(values) - min(values)) + 0.03
     assert (tmp_path / "metrics.png").stat().st_size > 10_000
+    by_loss = runfolder.plot_metrics(trained_run / "metrics.csv", tmp_path / "by_loss.png", monitor="val_loss")
+    lowest = metrics.loc[metrics["val_loss"].idxmin()]                 # the evaluation best.pt holds then
+    assert not any(label.startswith("best") for label in by_loss["labels"])
+    assert f"best val_loss, step {int(lowest['global_step'])}" in by_loss["loss_labels"]
 
 
 def test_train_log_holds_the_runs_lines(trained_run):
@@ -214,3 +219,22 @@ def test_a_garbage_row_in_a_log_is_named_on_resume(trained_run, tmp_path):
     (tmp_path / "metrics.csv").write_text("\n".join([lines[0], ",".join(fields), *lines[2:]]) + "\n")
     with pytest.raises(ValueError, match=r"metrics.csv line 2: evaluation is 'garbage', not a number"):
         runfolder.truncate_log(tmp_path / "metrics.csv", "evaluation", 5)
+
+
+def test_more_epochs_on_resume_keep_the_learning_rate_curve_the_run_started_on():
+    """Without --schedule-epochs the schedule's length is --epochs, which may change on resume: the resumed
+    run keeps the first part's length (and a later resume keeps it again) instead of jumping curves."""
+    first = options.get_args_parser().parse_args(["--epochs", "2"])
+    checkpoint = {"args": runfolder.plain_args(first)}
+    resumed = options.get_args_parser().parse_args(["--epochs", "4", "--resume", "x.pt"])
+    runfolder.check_resume_settings(checkpoint, resumed)
+    assert resumed.schedule_epochs == 2
+    again = options.get_args_parser().parse_args(["--epochs", "6", "--resume", "y.pt"])
+    runfolder.check_resume_settings({"args": runfolder.plain_args(resumed)}, again)
+    assert again.schedule_epochs == 2
+    same = options.get_args_parser().parse_args(["--epochs", "2", "--resume", "x.pt"])
+    runfolder.check_resume_settings(checkpoint, same)
+    assert same.schedule_epochs is None                              # nothing changed, nothing set
+    with pytest.raises(ValueError, match="--schedule-epochs 2 -> 3"):
+        runfolder.check_resume_settings({"args": runfolder.plain_args(resumed)},
+                                        options.get_args_parser().parse_args(["--schedule-epochs", "3"]))

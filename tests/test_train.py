@@ -281,6 +281,10 @@ def test_config_json_replays_a_run_and_the_command_line_overrides_it(tiny_data, 
     original = options.parse_args([]).__dict__ | json.loads((trained_run / "config.json").read_text())
     assert {k: v for k, v in vars(replayed).items() if k not in ("out_dir", "config")} == \
            {k: v for k, v in original.items() if k not in ("out_dir", "config")}
+    resumed = json.loads((trained_run / "config.json").read_text()) | {"resume": "x/checkpoint.pt", "overwrite": True}
+    (tmp_path / "resumed.json").write_text(json.dumps(resumed))
+    again = options.parse_args(["--config", str(tmp_path / "resumed.json")])   # a resumed run's config.json
+    assert again.resume is None and again.overwrite is False
     train.main(replayed)
     assert read_rows(tmp_path / "again" / "steps.csv") == read_rows(trained_run / "steps.csv")
     assert options.parse_args(["--config", str(trained_run / "config.json"), "--lr", "0.5"]).lr == 0.5
