@@ -399,6 +399,7 @@ def mix_clips(waveforms: torch.Tensor, targets: torch.Tensor, probability: float
     if probability <= 0 or max_clips < 2 or batch < 2:
         return waveforms, targets
     rng = _require_rng(rng)
+    levels_db = np.zeros(batch) if levels_db is None else levels_db                    # (B,) dB
     extra = rng.integers(1, max_clips, size=batch)                                     # (B,) partners per example
     chosen = rng.random(batch) < probability                                           # (B,)
     partners = (np.arange(batch)[:, None] + rng.integers(1, batch, size=(batch, max_clips - 1))) % batch  # never itself
@@ -410,7 +411,7 @@ def mix_clips(waveforms: torch.Tensor, targets: torch.Tensor, probability: float
             partner = int(partners[row, slot])
             if power[row] <= 0 or power[partner] <= 0:
                 continue
-            relative_db = gain_db[row, slot] + (levels_db[partner] - levels_db[row] if levels_db is not None else 0.0)
+            relative_db = gain_db[row, slot] + levels_db[partner] - levels_db[row]
             scale = torch.sqrt(power[row] * 10.0 ** (relative_db / 10.0) / power[partner])
             mixed_waveforms[row] += scale * waveforms[partner].float()
             mixed_targets[row] = torch.maximum(mixed_targets[row], targets[partner])

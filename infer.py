@@ -441,12 +441,13 @@ def infer(args) -> dict:
         outputs.check_unique_names(files)
     predictor = Predictor(args.ckpts, **{key: value for key, value in vars(args).items() if key != "ckpts"})
     if not files:  # Kaggle's visible run: an empty test folder still needs a valid submission
-        if args.format == "raven" and not detections_mode:
+        kind = "kaggle" if detections_mode else args.format
+        if kind == "raven":
             out.mkdir(parents=True, exist_ok=True)
         else:
-            outputs.header_only_submission(predictor.columns, out, "kaggle" if detections_mode else args.format)
+            outputs.header_only_submission(predictor.columns, out, kind)
         log.warning("no audio to score in %s: wrote %s with %s only", args.file_list or args.soundscapes, out,
-                    "no table" if args.format == "raven" and not detections_mode else "the header")
+                    "no table" if kind == "raven" else "the header")
         return {"rows": 0, "problems": [], "audio_seconds": 0.0, "wall_seconds": 0.0, "realtime_factor": 0.0}
     rank, world_size = distributed.rank_and_world_size()
     store = outputs.PartStore(Path(f"{out}.parts"), job_settings(args, predictor), args.skip_existing,

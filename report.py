@@ -35,6 +35,7 @@ import evaluation
 import loader
 import model as model_lib
 import options
+import runfolder
 
 log = logging.getLogger("birdclef")
 
@@ -84,20 +85,12 @@ def format_value(value) -> str:
     return str(value)
 
 
-def best_row(metrics: pd.DataFrame, column: str) -> pd.Series | None:
-    """The evaluation with the best value of `column` (lowest for losses; the first of equals)."""
-    if column not in metrics or metrics[column].isna().all():
-        return None
-    values = metrics[column]
-    return metrics.loc[values.idxmin() if column.endswith("val_loss") else values.idxmax()]
-
-
 def summary_table(runs: list[dict]) -> pd.DataFrame:
     """One row per run: the differing flags, clip and soundscape scores, steps, minutes."""
     rows = []
     for run, flags in zip(runs, differing_flags([run["config"] for run in runs])):
         metrics = run["metrics"]
-        by_clip, by_soundscape = best_row(metrics, "cmap5"), best_row(metrics, "soundscape_cmap5")
+        by_clip, by_soundscape = runfolder.best_row(metrics, "cmap5"), runfolder.best_row(metrics, "soundscape_cmap5")
         rows.append({
             "run": run["name"], "flags": flags,
             "best_clip_cmap5": by_clip["cmap5"], "at_step": int(by_clip["global_step"]),

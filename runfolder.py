@@ -173,14 +173,11 @@ def check_resume_settings(checkpoint: dict, args, world_size: int = 1) -> None:
     # without --schedule-epochs the schedule's length is --epochs, which may change on resume: the length
     # the run's curve was made with is kept (given again, it must be that length)
     kept_schedule = saved.get("schedule_epochs") or saved.get("epochs")
-    shown = saved | {"schedule_epochs": kept_schedule}
-
-    def differs(name: str) -> bool:
-        if name == "schedule_epochs":
-            return now[name] is not None and now[name] != kept_schedule
-        return not _same(saved[name], now[name])
-    differences = [f"--{name.replace('_', '-')} {shown[name]!r} -> {now[name]!r}" for name in sorted(now)
-                   if name in saved and name not in CHANGEABLE_ON_RESUME and differs(name)]
+    if "schedule_epochs" in saved:
+        saved = saved | {"schedule_epochs": kept_schedule}
+        now["schedule_epochs"] = now.get("schedule_epochs") or kept_schedule
+    differences = [f"--{name.replace('_', '-')} {saved[name]!r} -> {now[name]!r}" for name in sorted(now)
+                   if name in saved and name not in CHANGEABLE_ON_RESUME and not _same(saved[name], now[name])]
     if differences:
         raise ValueError(f"{args.resume} was trained with other settings: {'; '.join(differences)}. Resume with the "
                          f"checkpoint's settings (its config.json), or start a new run in another --out-dir")
@@ -368,6 +365,14 @@ def is_complete_row(row: dict, fieldnames: list[str]) -> bool:
     return None not in row and all(row.get(name) not in (None, "") for name in fieldnames)
 
 
+def best_row(metrics: pd.DataFrame, column: str) -> pd.Series | None:
+    """The evaluation with the best value of `column` (lowest for losses; the first of equals)."""
+    if column not in metrics or metrics[column].isna().all():
+        return None
+    values = metrics[column]
+    return metrics.loc[values.idxmin() if column.endswith("val_loss") else values.idxmax()]
+
+
 def plot_metrics(csv_path: Path, png_path: Path, monitor: str = "cmap5") -> dict:
     """Losses (left), scores with their chance levels and the best evaluation by `monitor` marked (middle
     for scores, left for losses: the evaluation best.pt holds), and the
@@ -394,8 +399,8 @@ def plot_metrics(csv_path: Path, png_path: Path, monitor: str = "cmap5") -> dict
                 score_axis.axhline(table[chance].iloc[-1], color=f"C{index}", linestyle=":", linewidth=1,
                                    label=f"{column}, random scores")
                 levels.append(table[chance].iloc[-1])
-    if monitor in table and table[monitor].notna().any():
-        best = table.loc[table[monitor].idxmin() if monitor.endswith("val_loss") else table[monitor].idxmax()]
+    best = best_row(table, monitor)
+    if best is not None:
         axis = loss_axis if monitor.endswith("val_loss") else score_axis
         axis.axvline(best["epoch"], color="grey", linestyle="--", linewidth=1,
                      label=f"best {monitor}, step {int(best['global_step'])}")

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import report  # noqa: E402
+import runfolder  # noqa: E402
 import options  # noqa: E402
 import train  # noqa: E402
 
@@ -73,7 +74,7 @@ def train_recipe(name: str, seed: int, args, work: Path) -> Path:
 
 def run_row(name: str, seed: int, folder: Path) -> dict:
     metrics = pd.read_csv(folder / "metrics.csv")
-    by_clip, by_pseudo = report.best_row(metrics, "cmap5"), report.best_row(metrics, "soundscape_cmap5")
+    by_clip, by_pseudo = runfolder.best_row(metrics, "cmap5"), runfolder.best_row(metrics, "soundscape_cmap5")
     return {"recipe": name, "seed": seed, "best_clip_cmap5": by_clip["cmap5"], "test_at_best_clip": by_clip["test_cmap5"],
             "best_pseudo_cmap5": by_pseudo["soundscape_cmap5"], "test_at_best_pseudo": by_pseudo["test_cmap5"],
             "best_test_cmap5": metrics["test_cmap5"].max(), "final_test_cmap5": metrics["test_cmap5"].iloc[-1],
