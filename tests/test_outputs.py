@@ -38,7 +38,15 @@ def test_a_killed_job_continues_with_skip_existing_to_the_same_output(checkpoint
     out = tmp_path / "killed.csv"
     command = [sys.executable, str(ROOT / "infer.py"), "--ckpts", str(checkpoint), "--soundscapes",
                str(soundscape_tree), "--out", str(out), "--workers", "0", "--batch-size", "1", "--streams", "1"]
-    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the tiny model scores all 8 files within one poll on a fast machine, so the job to kill pauses
+    # 0.3 s after each saved part (infer.py run unchanged otherwise): the kill lands part-way every time
+    slowed = ("import runpy, sys, time, outputs\n"
+              "save = outputs.PartStore.save\n"
+              "outputs.PartStore.save = lambda self, *a: (save(self, *a), time.sleep(0.3))[0]\n"
+              "sys.argv = sys.argv[1:]\n"
+              "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    job = subprocess.Popen([sys.executable, "-c", slowed, *command[1:]], cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
     parts = tmp_path / "killed.csv.parts"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(parts.glob("*.npz"))) < 3 and job.poll() is None:
