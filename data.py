@@ -333,6 +333,7 @@ def build_datasets(args, out_dir: Path) -> tuple[list[str], loader.RecordingData
     train_index, val_index = split_usable_recordings(table, args)
     targets = make_targets(table, labels, args.secondary_weight)
     windows = training_windows(args, table, train_index, out_dir)
+    warn_if_training_hears_the_bed(args)
     train_targets = np.zeros((len(windows), len(labels)), dtype=np.float32)       # (N, C)
     known = (windows["record"] >= 0).to_numpy()
     train_targets[known] = targets[windows["record"].to_numpy()[known]]          # a recording's own targets
@@ -340,7 +341,8 @@ def build_datasets(args, out_dir: Path) -> tuple[list[str], loader.RecordingData
         train_targets[~known, labels.index(soundscapes.NOCALL)] = 1.0
     train_set = loader.RecordingDataset(windows["path"], windows["duration"], train_targets, crop, args.seed,
                                         windows["primary_label"], windows["start_s"], cache, windows["cache_row"],
-                                        chunks=np.where(windows["kind"] == "extra", args.extras_chunk, 0.0))
+                                        chunks=np.where(windows["kind"] == "extra", args.extras_chunk, 0.0),
+                                        anywhere=(windows["kind"] == "nocall").to_numpy())
     train_set.extras = (windows["kind"] == "extra").to_numpy()
     val = table.iloc[val_index]
     val_set = loader.RecordingDataset(val["path"], val["duration"], targets[val_index], crop, args.seed,
@@ -445,7 +447,7 @@ def extra_windows(extras_path, table: pd.DataFrame, train_index) -> tuple[list[i
 def nocall_windows(args, table: pd.DataFrame, train_index, out_dir: Path) -> pd.DataFrame:
     """Background windows for the nocall class -> path, start_s (NaN: crop by policy), duration."""
     parts = []
-    if args.bg_dir:  # whole files of background audio, cropped like recordings
+    if args.bg_dir:  # whole files of background audio, cropped anywhere (a bed has no calls at its ends)
         files = [str(path) for path in audio.audio_files(args.bg_dir)]
         parts.append(pd.DataFrame({"path": files, "start_s": np.nan, "source": "--bg-dir"}))
     if args.nocall_soundscapes:
@@ -470,6 +472,26 @@ def nocall_windows(args, table: pd.DataFrame, train_index, out_dir: Path) -> pd.
     for source, count in windows.groupby("source", sort=False).size().items():
         log.info("nocall class: %d window(s) from %s", count, source)
     return windows
+
+
+def warn_if_training_hears_the_bed(args) -> list[str]:
+    """--bg-dir / --nocall-soundscapes audio that is also the bed of the --val-soundscapes pseudo-soundscapes
+    (their beds.txt) -> those files, with a warning: a model that learnt the very bed scores better on
+    them without scoring better in the field, so the pseudo-soundscape metric would flatter it."""
+    beds_file = Path(args.val_soundscapes).parent / pseudo_soundscapes.BEDS_FILE if args.val_soundscapes else None
+    if beds_file is None or not beds_file.is_file():
+        return []
+    beds = set(beds_file.read_text().split("\n")) - {""}
+    heard = [str(path) for path in audio.audio_files(args.bg_dir)] if args.bg_dir else []
+    if args.nocall and args.nocall_soundscapes:
+        heard += list(soundscapes.nocall_soundscape_rows(args.nocall_soundscapes)["path"].unique())
+    shared = sorted({str(Path(path).resolve()) for path in heard} & beds)
+    if shared:
+        log.warning("%d background file(s) that training hears (--bg-dir, --nocall-soundscapes) are the bed of the "
+                    "pseudo-soundscapes in %s (e.g. %s): their score will flatter this run. Build the "
+                    "pseudo-soundscapes over other files (split the folder)", len(shared), beds_file.parent,
+                    Path(shared[0]).name)
+    return shared
 
 
 def data_fingerprint(labels, train_set, val_set) -> str:

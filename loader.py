@@ -36,7 +36,7 @@ class RecordingDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths, durations, targets: np.ndarray, crop: audio.CropSettings, seed: int = 0,
-                 primary_labels=None, starts=None, cache=None, cache_rows=None, chunks=None):
+                 primary_labels=None, starts=None, cache=None, cache_rows=None, chunks=None, anywhere=None):
         self.paths = list(paths)
         self.durations = list(durations)
         self.targets = targets
@@ -49,6 +49,8 @@ class RecordingDataset(torch.utils.data.Dataset):
             raise ValueError(f"{len(self.starts)} starts for {len(self.paths)} recordings")
         # seconds of a chunk centred on a fixed window that training crops randomly inside (--extras-chunk); 0: none
         self.chunks = np.zeros(len(self.paths)) if chunks is None else np.asarray(chunks, dtype=np.float64)
+        # files cropped anywhere whatever the policy (--nocall --bg-dir beds: no calls at the ends to prefer)
+        self.anywhere = np.zeros(len(self.paths), bool) if anywhere is None else np.asarray(anywhere, dtype=bool)
         self.cache = cache  # decoded crops (python data.py cache); row -1: not in the cache
         self.cache_rows = np.full(len(self.paths), -1) if cache_rows is None else np.asarray(cache_rows)
         self.ring = None  # set for loader workers by `RingDataLoader`
@@ -69,7 +71,8 @@ class RecordingDataset(torch.utils.data.Dataset):
             index, rng = item, None
         duration, window, chunk = self.durations[index], self.crop.window_seconds, self.chunks[index]
         if np.isnan(self.starts[index]):
-            return index, audio.choose_crop_start(duration, window, self.crop.policy, self.crop.ends_seconds, rng)
+            policy = "random" if self.anywhere[index] else self.crop.policy
+            return index, audio.choose_crop_start(duration, window, policy, self.crop.ends_seconds, rng)
         if rng is None or chunk <= window:
             return index, soundscapes.fixed_window_start(self.starts[index], duration, window)
         chunk_start = soundscapes.fixed_window_start(self.starts[index], duration, chunk)   # inside the recording

@@ -20,6 +20,11 @@ that its SNR over the bed where it lies is the drawn --snr plus the distance gai
 The bed: files of --bg-dir (e.g. 2024's unlabeled_soundscapes/), else the quietest
 windows of the --detections table, else coloured noise (the last resort; the log
 and README.txt say so). Everything is drawn from generators seeded by --placement-seed.
+
+Keep the bed apart from what training hears: the bed files are listed in beds.txt,
+and train.py warns when its --bg-dir or --nocall-soundscapes audio is among them (a
+model that learnt those very files scores better here without scoring better in
+the field). Split the background folder instead, e.g. half for each.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ log = logging.getLogger("birdclef")
 BIRD_BAND_HZ = (1000.0, 12000.0)    # where "the energy is" when no detections table says where calls are
 CANDIDATES_PER_RECORDING = 3         # pieces of each recording that may supply a call
 BED_NOISE_RMS = 0.01                 # level of the coloured-noise bed (the last resort)
+BEDS_FILE = "beds.txt"              # the bed's audio files, one resolved path a line (train.py checks them)
 BED_MAX_SCORE = 0.05                 # a detections window is a bed only below this score (train.py --nocall-max-score)
 
 
@@ -114,13 +120,13 @@ def loudest_pieces(waveform: np.ndarray, sample_rate: int, seconds: float) -> li
 
 def background_beds(settings: PlacementSettings, bg_dir=None, detections: pd.DataFrame | None = None,
                     recordings_by_name: dict | None = None) -> tuple[list[np.ndarray], str]:
-    """The audio soundscapes are laid over -> (beds, where they came from)."""
+    """The audio soundscapes are laid over -> (beds, where they came from, --bg-dir files used or [])."""
     rate = settings.sample_rate
     if bg_dir:
         files = audio.audio_files(bg_dir)
         if not files:
             raise ValueError(f"--bg-dir {bg_dir} holds no ogg/mp3/flac/wav file")
-        return [audio.read_audio(path, rate) for path in files], f"{len(files)} file(s) of {bg_dir}"
+        return [audio.read_audio(path, rate) for path in files], f"{len(files)} file(s) of {bg_dir}", files
     if detections is not None and "top1_score" in detections.columns and recordings_by_name:
         # only windows the detector calls empty: a quieter window may still hold an (unlabelled) call
         quiet = extras_lib.select_nocall_detections(detections, max_score=BED_MAX_SCORE, per_recording=1)
@@ -128,10 +134,11 @@ def background_beds(settings: PlacementSettings, bg_dir=None, detections: pd.Dat
         if len(quiet):
             pieces = [audio.read_window(recordings_by_name[name], start, soundscapes.ROW_SECONDS, rate)
                       for name, start in zip(quiet["filename"], quiet["start_s"])]
-            return [np.concatenate(pieces)], f"the quietest window of {len(pieces)} recording(s) in the detections"
+            # validation recordings: training never hears them, so no file to keep out of its --bg-dir
+            return [np.concatenate(pieces)], f"the quietest window of {len(pieces)} recording(s) in the detections", []
     log.warning("pseudo-soundscapes over coloured noise: give --bg-dir (e.g. unlabeled soundscapes) or "
                 "--detections for a bed that sounds like the field")
-    return [], "coloured noise (no --bg-dir or --detections given)"
+    return [], "coloured noise (no --bg-dir or --detections given)", []
 
 
 def bed_for(beds: list[np.ndarray], samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -238,7 +245,7 @@ def build(recordings: pd.DataFrame, out_dir, settings: PlacementSettings, bg_dir
     if not species_pieces:
         raise ValueError("no validation recording has a piece to place")
     paths = dict(zip(recordings["name"], recordings["path"]))
-    beds, bed_source = background_beds(settings, bg_dir, detections, paths)
+    beds, bed_source, bed_files = background_beds(settings, bg_dir, detections, paths)
     label_rows, placement_rows = [], []
     for index in range(settings.count):
         name = f"pseudo_{index:03d}.ogg"
@@ -254,6 +261,7 @@ def build(recordings: pd.DataFrame, out_dir, settings: PlacementSettings, bg_dir
     labels.to_csv(out_dir / "labels.csv", index=False)
     pd.DataFrame(placement_rows).drop(columns=["room_seed"], errors="ignore").to_csv(out_dir / "placements.csv",
                                                                                     index=False)
+    (out_dir / BEDS_FILE).write_text("".join(f"{Path(path).resolve()}\n" for path in bed_files))
     write_readme(out_dir, settings, recordings, species_pieces, bed_source, detections is not None)
     log.info("%d pseudo-soundscapes (%d rows, %d empty) from %d validation recordings of %d species over %s -> %s",
              settings.count, len(labels), int((labels["labels"] == "").sum()), len(pieces), len(species_pieces),
@@ -276,7 +284,7 @@ def write_readme(out_dir: Path, settings: PlacementSettings, recordings, species
         f"({len(species_pieces)} species), only the validation split: no training recording is used.",
         "Which piece: " + ("the best-scoring windows of the --detections table." if from_detections else
                            f"the loudest pieces in {BIRD_BAND_HZ[0]:g}-{BIRD_BAND_HZ[1]:g} Hz of each recording."),
-        f"Bed: {bed_source}.",
+        f"Bed: {bed_source} (files listed in {BEDS_FILE}; keep them out of training's --bg-dir).",
         "labels.csv: file,start_s,end_s,labels (space-separated species; empty = no call), for train.py "
         "--val-soundscapes. placements.csv: every call with its source recording, offset in the row, SNR, "
         "distance gain and low-pass cutoff, and RT60 (0 = none).",

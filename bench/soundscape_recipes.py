@@ -3,8 +3,10 @@
     python bench/soundscape_recipes.py [--seeds 42 7] [--epochs 20] [--recipes readme soundscape ...]
 
 On the demo data, for each seed: pseudo-soundscapes are built from that seed's
-validation split (`python data.py soundscapes`, bed: demo_data/unlabeled_soundscapes),
-then every recipe trains from random weights with the README's budget, scoring
+validation split (`python data.py soundscapes`) over half of demo_data/unlabeled_soundscapes
+(--work-dir/bed_pseudo); the recipes that train on the test site's sound get the other
+half (--work-dir/bed_train), so the pseudo-soundscapes never hold a bed a model has
+learnt. Every recipe trains from random weights with the README's budget, scoring
 at every evaluation the clip validation (cmap5), the pseudo-soundscapes
 (soundscape_cmap5) and, for the record only, the demo test soundscapes
 (test_cmap5, never used for selection). Printed and written to --work-dir:
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,11 +38,15 @@ import train  # noqa: E402
 
 README_RECIPE = ["--no-pretrained", "--lr", "1e-3", "--batch-size", "16"]
 BED = ["--bg-dir", "{bg}", "--bg-prob", "0.5", "--bg-snr", "0", "15"]       # the test site's own sound
+NOCALL = ["--nocall", "--nocall-soundscapes", "{nocall}"]                 # every 5-s row of the training bed
 SOUNDSCAPE_STYLE = ["--mix-prob", "0.5", "--distance-prob", "0.5", "--reverb-prob", "0.3", "--bg-dir", "{bg}",
                     "--bg-prob", "0.8", "--bg-snr", "-3", "12"]
 RECIPES = {
     "readme": [],
     "bed": BED,
+    "nocall-bed": NOCALL + BED,
+    "nocall-bed-bce": NOCALL + BED + ["--loss", "bce"],
+    "nocall-soundscape": NOCALL + SOUNDSCAPE_STYLE,
     "mix": ["--mix-prob", "0.3"],
     "bed-mix": BED + ["--mix-prob", "0.3"],
     "bce": ["--loss", "bce"],
@@ -49,12 +56,32 @@ RECIPES = {
 }
 
 
+def split_bed(data_dir: Path, work: Path) -> tuple[Path, Path]:
+    """unlabeled_soundscapes/ -> (bed_pseudo, bed_train): alternate files linked into two folders, and in
+    bed_train a table of its 5-s rows, all without a call (for --nocall-soundscapes)."""
+    files = sorted(path for path in (data_dir / "unlabeled_soundscapes").iterdir() if path.suffix == ".ogg")
+    if len(files) < 2:
+        raise SystemExit(f"{data_dir}/unlabeled_soundscapes needs at least 2 files to split")
+    folders = work / "bed_pseudo", work / "bed_train"
+    rows = []
+    for index, path in enumerate(files):
+        folder = folders[index % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / path.name).exists():
+            (folder / path.name).symlink_to(path.resolve())
+        if folder == folders[1]:
+            rows += [{"file": path.name, "start_s": start, "end_s": start + 5, "labels": ""}
+                     for start in range(0, int(sf.info(path).duration) - 4, 5)]
+    pd.DataFrame(rows).to_csv(folders[1] / "nocall.csv", index=False)
+    return folders
+
+
 def pseudo_soundscapes(data_dir: Path, seed: int, work: Path) -> Path:
-    """This seed's pseudo-soundscapes (built once) -> their labels.csv."""
+    """This seed's pseudo-soundscapes (built once, over bed_pseudo) -> their labels.csv."""
     out = work / f"pseudo_seed{seed}"
     if not (out / "labels.csv").is_file():
         data.main(["soundscapes", "--data-dir", str(data_dir), "--out", str(out), "--seed", str(seed),
-                   "--bg-dir", str(data_dir / "unlabeled_soundscapes")])
+                   "--bg-dir", str(work / "bed_pseudo")])
     return out / "labels.csv"
 
 
@@ -63,7 +90,7 @@ def train_recipe(name: str, seed: int, args, work: Path) -> Path:
     out = work / f"{name}_seed{seed}"
     if (out / "metrics.csv").is_file() and len(pd.read_csv(out / "metrics.csv")) >= 2 * args.epochs:
         return out
-    flags = [flag.format(bg=args.data_dir / "unlabeled_soundscapes") for flag in RECIPES[name]]
+    flags = [flag.format(bg=work / "bed_train", nocall=work / "bed_train" / "nocall.csv") for flag in RECIPES[name]]
     train.main(options.get_args_parser().parse_args([
         "--data-dir", str(args.data_dir), *README_RECIPE, "--epochs", str(args.epochs), "--patience", "0",
         "--seed", str(seed), "--out-dir", str(out), "--keep-last", "1",
@@ -103,6 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     data.ensure_demo_data(args.data_dir)
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    split_bed(args.data_dir, args.work_dir)
     rows, evaluations = [], []
     for seed in args.seeds:
         for name in args.recipes:

@@ -8,8 +8,10 @@ import pytest
 import soundfile as sf
 from conftest import TINY_SPECIES, quick_args, run_infer
 
+import audio
 import data
 import infer
+import loader
 import model as model_lib
 import train
 
@@ -55,9 +57,22 @@ def test_nocall_windows_from_each_source(tiny_data, nocall_sources, tmp_path):
     assert (train_set.targets[:n, -1] == 0).all()                    # species recordings are not no-call
     starts = train_set.starts[nocall]
     assert np.isnan(starts[:2]).all() and starts[2:4].tolist() == [0.0, 10.0]
+    assert train_set.anywhere[nocall].all() and not train_set.anywhere[:n].any()
     assert starts[4:].tolist() == [5.0] * n                          # the quietest window of each recording
     assert train_set.paths[n + 4:] == plain_train.paths               # training recordings only, never validation
     assert val_set.targets.shape[1] == len(labels) and (val_set.targets[:, -1] == 0).all()
+
+
+def test_background_files_are_cropped_anywhere_whatever_the_crop_policy():
+    """A --bg-dir file of the nocall class has no calls at its ends to prefer: its crops cover the whole
+    file, while a recording under --crop-policy ends keeps to its first and last --ends-seconds."""
+    crop = audio.CropSettings(32000, 5.0, "ends", 8.0, "zero")
+    dataset = loader.RecordingDataset(["recording.ogg", "bed.ogg"], [60.0, 60.0], np.zeros((2, 1), np.float32),
+                                      crop, seed=3, anywhere=[False, True])
+    starts = {index: np.array([dataset.crop_start((index, epoch, 0))[1] for epoch in range(400)])
+              for index in (0, 1)}
+    assert ((starts[0] <= 3.0) | (starts[0] >= 52.0)).all()               # inside 0-8 s or 52-60 s
+    assert starts[1].min() < 5.0 and starts[1].max() > 50.0 and ((starts[1] > 10) & (starts[1] < 45)).mean() > 0.5
 
 
 def test_nocall_without_a_source_is_refused(tiny_data, tmp_path):

@@ -140,11 +140,11 @@ def test_a_detections_bed_takes_only_windows_the_detector_calls_empty(tmp_path):
     detections = pd.DataFrame({"filename": ["a.wav", "a.wav", "b.wav", "b.wav"], "start_s": [0.0, 5.0, 0.0, 5.0],
                                "top1_score": [0.9, 0.01, 0.6, 0.3]})
     settings = pseudo_soundscapes.PlacementSettings(sample_rate=rate)
-    beds, source = pseudo_soundscapes.background_beds(settings, None, detections, paths)
-    assert source.startswith("the quietest window of 1 recording")            # a.wav at 5 s; b.wav has none
+    beds, source, files = pseudo_soundscapes.background_beds(settings, None, detections, paths)
+    assert files == [] and source.startswith("the quietest window of 1 recording")            # a.wav at 5 s; b.wav has none
     assert len(beds) == 1 and len(beds[0]) == 5 * rate
-    beds, source = pseudo_soundscapes.background_beds(settings, None, detections[detections["filename"] == "b.wav"],
-                                                      paths)
+    beds, source, _ = pseudo_soundscapes.background_beds(settings, None,
+                                                         detections[detections["filename"] == "b.wav"], paths)
     assert beds == [] and source.startswith("coloured noise")
 
 
@@ -152,3 +152,25 @@ def test_a_detections_bed_takes_only_windows_the_detector_calls_empty(tmp_path):
 def test_calls_that_cannot_stay_in_their_row_are_refused(tmp_path, settings):
     with pytest.raises(ValueError, match="--call-seconds"):
         pseudo_soundscapes.build(pd.DataFrame(), tmp_path, pseudo_soundscapes.PlacementSettings(**settings))
+
+
+def test_training_on_the_pseudo_soundscapes_bed_is_warned_about(tiny_data, tmp_path, caplog):
+    """beds.txt lists the --bg-dir files laid under the calls; a run whose --bg-dir or --nocall-soundscapes
+    audio is among them is warned (its pseudo-soundscape score would flatter it); a split folder is not."""
+    beds, other = tmp_path / "beds", tmp_path / "other"
+    for folder, seed in ((beds, 1), (other, 2)):
+        folder.mkdir()
+        sf.write(folder / "site.wav", 0.05 * np.random.default_rng(seed).standard_normal(16000 * 10).astype("float32"),
+                 16000)
+    out = tmp_path / "pseudo"
+    build(tiny_data, out, "--bg-dir", str(beds))
+    assert (out / "beds.txt").read_text().split() == [str((beds / "site.wav").resolve())]
+    pd.DataFrame({"file": ["site.wav"], "start_s": [0], "end_s": [5], "labels": [""]}).to_csv(beds / "rows.csv",
+                                                                                              index=False)
+    cases = {("--bg-dir", beds): 1, ("--bg-dir", other): 0,
+             ("--bg-dir", other, "--nocall", "--nocall-soundscapes", beds / "rows.csv"): 1}
+    for flags, warned in cases.items():
+        caplog.clear()
+        args = quick_args(tiny_data, tmp_path / "run", "--val-soundscapes", str(out / "labels.csv"), *map(str, flags))
+        data.build_datasets(args, tmp_path)
+        assert len([r for r in caplog.records if "bed of the pseudo-soundscapes" in r.getMessage()]) == warned, flags
