@@ -67,11 +67,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="train on random --window-seconds crops inside a chunk of this many seconds centred on "
                             "each --extras window (the log wrote 8-s chunks); 0: the window itself")
     group.add_argument("--nocall", action="store_true",
-                       help="add a 'nocall' class trained on background windows: --bg-dir audio, "
-                            "--nocall-soundscapes rows and --nocall-detections windows")
+                       help="add a 'nocall' class trained on background windows: --bg-dir audio (a crop "
+                            "anywhere in each file per epoch), --nocall-soundscapes rows and --nocall-detections windows")
     group.add_argument("--nocall-soundscapes", default=None,
                        help="labelled-soundscape table (file,start_s,end_s,labels or BirdCLEF 2021's "
-                            "train_soundscape_labels.csv) whose no-call rows train the nocall class")
+                            "train_soundscape_labels.csv) whose no-call rows train the nocall class; or a folder "
+                            "of recordings without the vocabulary's birds (e.g. unlabeled soundscapes): every 5-s "
+                            "row of each file, once per epoch")
     group.add_argument("--nocall-detections", default=None,
                        help="infer.py --detections table: windows whose best score is below "
                             "--nocall-max-score train the nocall class")

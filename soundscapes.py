@@ -171,7 +171,17 @@ def read_labels(path, columns: list[str], audio_dir=None) -> pd.DataFrame:
 
 
 def nocall_soundscape_rows(path, audio_dir=None) -> pd.DataFrame:
-    """5-s rows of a labelled-soundscape table with no species ("nocall" or empty) -> path, start_s."""
+    """5-s rows of a labelled-soundscape table with no species ("nocall" or empty) -> path, start_s.
+    A folder instead of a table: every row of each of its audio files (recordings without the
+    vocabulary's birds, e.g. unlabeled soundscapes), on the grid infer.py cuts."""
+    if Path(path).is_dir():
+        files = audio.audio_files(path)
+        headers, bad = audio.check_audio_files(files)
+        for name, reason in bad:
+            log.warning("no-call rows: skipping %s: %s", name, reason)
+        rows = [(str(file), ROW_SECONDS * row) for file, header in zip(files, headers) if header
+                for row in range(row_count(*header))]
+        return pd.DataFrame(rows, columns=["path", "start_s"]).astype({"start_s": float})
     table, audio_dir = read_soundscape_labels(path, audio_dir)
     empty = [set(str(labels).split()) <= {NOCALL} for labels in table["labels"]]
     rows = table[empty]

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,7 +37,7 @@ import train  # noqa: E402
 
 README_RECIPE = ["--no-pretrained", "--lr", "1e-3", "--batch-size", "16"]
 BED = ["--bg-dir", "{bg}", "--bg-prob", "0.5", "--bg-snr", "0", "15"]       # the test site's own sound
-NOCALL = ["--nocall", "--nocall-soundscapes", "{nocall}"]                 # every 5-s row of the training bed
+NOCALL = ["--nocall", "--nocall-soundscapes", "{bg}"]                     # every 5-s row of the training bed
 SOUNDSCAPE_STYLE = ["--mix-prob", "0.5", "--distance-prob", "0.5", "--reverb-prob", "0.3", "--bg-dir", "{bg}",
                     "--bg-prob", "0.8", "--bg-snr", "-3", "12"]
 RECIPES = {
@@ -47,6 +46,9 @@ RECIPES = {
     "nocall-bed": NOCALL + BED,
     "nocall-bed-bce": NOCALL + BED + ["--loss", "bce"],
     "nocall-soundscape": NOCALL + SOUNDSCAPE_STYLE,
+    "pcen": ["--frontend", "pcen"],
+    "pcen-bed": ["--frontend", "pcen"] + BED,
+    "pcen-nocall-bed": ["--frontend", "pcen"] + NOCALL + BED,
     "mix": ["--mix-prob", "0.3"],
     "bed-mix": BED + ["--mix-prob", "0.3"],
     "bce": ["--loss", "bce"],
@@ -57,22 +59,16 @@ RECIPES = {
 
 
 def split_bed(data_dir: Path, work: Path) -> tuple[Path, Path]:
-    """unlabeled_soundscapes/ -> (bed_pseudo, bed_train): alternate files linked into two folders, and in
-    bed_train a table of its 5-s rows, all without a call (for --nocall-soundscapes)."""
+    """unlabeled_soundscapes/ -> (bed_pseudo, bed_train): alternate files linked into two folders."""
     files = sorted(path for path in (data_dir / "unlabeled_soundscapes").iterdir() if path.suffix == ".ogg")
     if len(files) < 2:
         raise SystemExit(f"{data_dir}/unlabeled_soundscapes needs at least 2 files to split")
     folders = work / "bed_pseudo", work / "bed_train"
-    rows = []
     for index, path in enumerate(files):
         folder = folders[index % 2]
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / path.name).exists():
             (folder / path.name).symlink_to(path.resolve())
-        if folder == folders[1]:
-            rows += [{"file": path.name, "start_s": start, "end_s": start + 5, "labels": ""}
-                     for start in range(0, int(sf.info(path).duration) - 4, 5)]
-    pd.DataFrame(rows).to_csv(folders[1] / "nocall.csv", index=False)
     return folders
 
 
@@ -90,7 +86,7 @@ def train_recipe(name: str, seed: int, args, work: Path) -> Path:
     out = work / f"{name}_seed{seed}"
     if (out / "metrics.csv").is_file() and len(pd.read_csv(out / "metrics.csv")) >= 2 * args.epochs:
         return out
-    flags = [flag.format(bg=work / "bed_train", nocall=work / "bed_train" / "nocall.csv") for flag in RECIPES[name]]
+    flags = [flag.format(bg=work / "bed_train") for flag in RECIPES[name]]
     train.main(options.get_args_parser().parse_args([
         "--data-dir", str(args.data_dir), *README_RECIPE, "--epochs", str(args.epochs), "--patience", "0",
         "--seed", str(seed), "--out-dir", str(out), "--keep-last", "1",

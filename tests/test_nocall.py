@@ -2,6 +2,8 @@
 infer.py drops it from the submission and can gate the species by it."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +15,7 @@ import data
 import infer
 import loader
 import model as model_lib
+import soundscapes
 import train
 
 
@@ -73,6 +76,22 @@ def test_background_files_are_cropped_anywhere_whatever_the_crop_policy():
               for index in (0, 1)}
     assert ((starts[0] <= 3.0) | (starts[0] >= 52.0)).all()               # inside 0-8 s or 52-60 s
     assert starts[1].min() < 5.0 and starts[1].max() > 50.0 and ((starts[1] > 10) & (starts[1] < 45)).mean() > 0.5
+
+
+def test_a_folder_of_background_recordings_gives_each_of_its_rows(nocall_sources, tmp_path):
+    """--nocall-soundscapes DIR: every 5-s row of each file on infer.py's grid (a last row needs >= 1 s), the
+    same rows as a table listing them all as no-call; an unreadable file is skipped."""
+    folder = nocall_sources / "bg"
+    (folder / "broken.ogg").write_bytes(b"not audio")
+    rows = soundscapes.nocall_soundscape_rows(folder)
+    assert [(Path(path).name, start) for path, start in zip(rows["path"], rows["start_s"])] == [
+        ("a.ogg", 0.0), ("a.ogg", 5.0), ("b.wav", 0.0)]                 # 6 s: 5 + a 1-s last row; 3 s: one row
+    table = tmp_path / "rows.csv"
+    pd.DataFrame({"file": ["a.ogg", "a.ogg", "sub/b.wav"], "start_s": [0, 5, 0], "end_s": [5, 10, 5],
+                  "labels": ""}).to_csv(table, index=False)
+    from_table = soundscapes.nocall_soundscape_rows(table, audio_dir=folder)
+    assert [Path(p).resolve() for p in from_table["path"]] == [Path(p).resolve() for p in rows["path"]]
+    assert from_table["start_s"].tolist() == rows["start_s"].tolist()
 
 
 def test_nocall_without_a_source_is_refused(tiny_data, tmp_path):
