@@ -445,7 +445,7 @@ def extra_windows(extras_path, table: pd.DataFrame, train_index) -> tuple[list[i
 
 
 def nocall_windows(args, table: pd.DataFrame, train_index, out_dir: Path) -> pd.DataFrame:
-    """Background windows for the nocall class -> path, start_s (NaN: crop by policy), duration."""
+    """Background windows for the nocall class -> path, start_s (NaN: a crop anywhere, drawn per epoch), duration."""
     parts = []
     if args.bg_dir:  # whole files of background audio, cropped anywhere (a bed has no calls at its ends)
         files = [str(path) for path in audio.audio_files(args.bg_dir)]

@@ -119,7 +119,7 @@ def loudest_pieces(waveform: np.ndarray, sample_rate: int, seconds: float) -> li
 # ----------------------------------------------------------------------------- beds
 
 def background_beds(settings: PlacementSettings, bg_dir=None, detections: pd.DataFrame | None = None,
-                    recordings_by_name: dict | None = None) -> tuple[list[np.ndarray], str]:
+                    recordings_by_name: dict | None = None) -> tuple[list[np.ndarray], str, list]:
     """The audio soundscapes are laid over -> (beds, where they came from, --bg-dir files used or [])."""
     rate = settings.sample_rate
     if bg_dir:

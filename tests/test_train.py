@@ -9,6 +9,8 @@ and interruptions: test_faults.py; what the run folder functions do: test_runfol
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,6 +26,9 @@ import model as model_lib
 import runfolder
 import options
 import train
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def final_weights(out_dir):
@@ -274,6 +279,17 @@ def test_parser_defaults_are_the_original_recipe():
     assert (args.mixup_alpha, args.evals_per_epoch, args.monitor, args.crop_policy) == (0.2, 2, "cmap5", "ends")
     assert args.pretrained and args.secondary_weight == 0.0
     assert not options.get_args_parser().parse_args(["--no-pretrained"]).pretrained
+
+
+def test_the_readme_first_command_parses_to_the_recommended_recipe():
+    """The Quick start's train.py flags (what a fresh clone runs) are all known to the parser and are the
+    recipe bench/soundscape_recipes.py measured as pcen-nocall-bed (with the whole unlabeled folder)."""
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if "pip install -r requirements.txt" in line and "train.py" in line)
+    args = options.get_args_parser().parse_args(shlex.split(command.split("train.py", 1)[1]))
+    assert (args.frontend, args.nocall, args.bg_prob, args.bg_snr) == ("pcen", True, 0.5, [0.0, 15.0])
+    assert args.nocall_soundscapes == args.bg_dir == "demo_data/unlabeled_soundscapes"
+    assert (args.pretrained, args.lr, args.batch_size, args.epochs) == (False, 1e-3, 16, 20)
 
 
 def test_config_json_replays_a_run_and_the_command_line_overrides_it(tiny_data, trained_run, tmp_path):
