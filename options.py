@@ -313,6 +313,8 @@ def check_arguments(args) -> None:
     """Reject impossible combinations before any work is done."""
     if args.keep_last < 1:
         raise ValueError(f"--keep-last {args.keep_last}: keep at least 1 checkpoint, the one a resume needs")
+    if args.evals_per_epoch < 1:
+        raise ValueError(f"--evals-per-epoch {args.evals_per_epoch}: evaluate (and save) at least once an epoch")
     if args.folds > 1 and not 0 <= args.fold < args.folds:
         raise ValueError(f"--fold {args.fold} must be in [0, {args.folds})")
     if args.monitor.startswith("ema_") and not args.ema:

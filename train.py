@@ -186,7 +186,8 @@ def evaluate_and_save(learner: learner_lib.Learner, validation: evaluation.Valid
     row = {"evaluation": state.evaluations,
            "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
            "global_step": state.global_step,
-           "train_loss": state.train_loss_sum / max(state.train_loss_count, 1),
+           # NaN, not 0, when every step since the last evaluation was skipped (--skip-nonfinite)
+           "train_loss": state.train_loss_sum / state.train_loss_count if state.train_loss_count else float("nan"),
            "lr": learner.optimizer.param_groups[0]["lr"], **results, **evaluation.chance_columns(validation)}
     state.train_loss_sum, state.train_loss_count = 0.0, 0
     improved = state.update_best(results[args.monitor], args.monitor, args.min_delta)

@@ -197,6 +197,21 @@ def test_skip_nonfinite_skips_up_to_k_batches(tiny_data, tmp_path, monkeypatch, 
         train.main(quick_args(tiny_data, tmp_path / "run2", "--skip-nonfinite", "1"))
 
 
+def test_an_evaluation_after_only_skipped_steps_logs_no_training_loss(tiny_data, tmp_path, monkeypatch):
+    """3 steps an epoch, evaluated after steps 2 and 3: when step 3 is skipped, the second evaluation has no
+    training loss to report (NaN), not a loss of 0."""
+    real_loss, calls = losses.batch_loss, {"n": 0}
+
+    def third_is_nan(*args, **kwargs):
+        calls["n"] += 1
+        return real_loss(*args, **kwargs) * (float("nan") if calls["n"] == 3 else 1.0)
+    monkeypatch.setattr(losses, "batch_loss", third_is_nan)
+    train.main(quick_args(tiny_data, tmp_path / "run", "--skip-nonfinite", "1", "--epochs", "1"))
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert metrics["global_step"].tolist() == [2, 3]
+    assert metrics["train_loss"].iloc[0] > 0 and np.isnan(metrics["train_loss"].iloc[1])
+
+
 def test_non_finite_gradient_is_caught_like_a_loss(tiny_data, tmp_path, monkeypatch):
     real_check = train.check_gradients
 
@@ -290,6 +305,9 @@ def test_a_new_run_never_touches_a_folder_holding_another_run(trained_run, tiny_
     assert read_rows(out / "metrics.csv") == read_rows(trained_run / "metrics.csv")   # a fresh run of its own
     with pytest.raises(ValueError, match="--keep-last 0: keep at least 1"):
         train.main(quick_args(tiny_data, tmp_path / "other", "--keep-last", "0"))
+    with pytest.raises(ValueError, match="--evals-per-epoch 0: evaluate"):      # else nothing is ever saved
+        train.main(quick_args(tiny_data, tmp_path / "other", "--evals-per-epoch", "0"))
+    assert not (tmp_path / "other").exists()
 
 
 def test_resume_refuses_other_settings_or_other_data(trained_run, tiny_data, tmp_path):
