@@ -602,6 +602,9 @@ def add_soundscapes_parser(commands) -> None:
                         metavar=("LOW", "HIGH"), help="reverberation time range in seconds")
     parser.add_argument("--placement-seed", type=int, default=defaults.seed,
                         help="seed of every placement (the split has --seed)")
+    parser.add_argument("--denoise-calls", action="store_true",
+                        help="take each call piece's own noise floor out first (spectral subtraction), so a "
+                             "call does not bring its recording's background into the soundscape")
     parser.set_defaults(nocall=False, cache=None, strict=False)   # read like train.py reads its data
 
 
@@ -618,7 +621,7 @@ def soundscapes_command(args) -> pd.DataFrame:
         max_calls=args.max_calls, call_seconds=args.call_seconds, snr_db=tuple(args.snr),
         distance_prob=args.distance_prob, distance_db=tuple(args.distance_db),
         distance_lowpass_hz=tuple(args.distance_lowpass), reverb_prob=args.reverb_prob,
-        reverb_rt60=tuple(args.reverb_rt60), seed=args.placement_seed)
+        reverb_rt60=tuple(args.reverb_rt60), seed=args.placement_seed, denoise_calls=args.denoise_calls)
     detections = pd.read_csv(args.detections, keep_default_na=False) if args.detections else None
     return pseudo_soundscapes.build(recordings, out_dir, settings, args.bg_dir, detections)
 

@@ -67,6 +67,7 @@ class PlacementSettings:
     reverb_prob: float = 0.3
     reverb_rt60: tuple[float, float] = (0.2, 1.2)
     seed: int = 0                                 # placement seed (the split has its own)
+    denoise_calls: bool = False                   # spectral subtraction of each piece's own noise floor
 
 
 # ----------------------------------------------------------------------------- where calls come from
@@ -194,12 +195,30 @@ def render_call(call: dict, path, bed_span: np.ndarray, settings: PlacementSetti
     `bed_span` (the bed where it lies) is snr_db + distance_db."""
     samples = audio.read_window(path, call["source_start_s"], settings.call_seconds, settings.sample_rate)
     waveform = torch.from_numpy(samples)[None]                                         # (1, samples)
+    if settings.denoise_calls:
+        waveform = remove_noise_floor(waveform[0])[None]
     if call["rt60_s"] > 0:
         generator = torch.Generator().manual_seed(call["room_seed"])
         waveform = audio.reverberate(waveform, [call["rt60_s"]], settings.sample_rate, generator)
     if call["lowpass_hz"] > 0:
         waveform = audio.lowpass(waveform, [call["lowpass_hz"]], settings.sample_rate)
     return scale_to_snr(waveform[0].numpy(), bed_span, call["snr_db"] + call["distance_db"])
+
+
+def remove_noise_floor(waveform: torch.Tensor, n_fft: int = 1024, quantile: float = 0.2, over: float = 3.0,
+                      min_gain: float = 0.05) -> torch.Tensor:
+    """(samples,) -> the same with its stationary background taken out: per frequency, the `quantile` of
+    the piece's STFT magnitudes over time is its noise floor, and each bin keeps 1 - over * floor / |bin|
+    of itself (at least min_gain, which limits musical noise). Without it a call piece brings its
+    recording's noise (often the very cue a model learnt) into the soundscape with it."""
+    if len(waveform) < n_fft:
+        return waveform
+    window = torch.hann_window(n_fft, dtype=waveform.dtype)
+    spectrum = torch.stft(waveform, n_fft, n_fft // 4, window=window, return_complex=True)  # (F, T)
+    magnitude = spectrum.abs()
+    floor = torch.quantile(magnitude, quantile, dim=1, keepdim=True)                          # (F, 1)
+    gain = (1.0 - over * floor / magnitude.clamp_min(1e-12)).clamp(min=min_gain)
+    return torch.istft(spectrum * gain, n_fft, n_fft // 4, window=window, length=len(waveform))
 
 
 def make_soundscape(index: int, species_pieces: dict, paths: dict, beds: list[np.ndarray],

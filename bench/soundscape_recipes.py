@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,11 +107,18 @@ def run_row(name: str, seed: int, folder: Path) -> dict:
 
 
 def correlations(table: pd.DataFrame, evaluations: pd.DataFrame) -> dict:
-    """Spearman over the runs (each metric against the test score of the checkpoint it selects) and over
-    every evaluation of every run."""
+    """Spearman over the runs (each metric against the test score of the checkpoint it selects), within
+    each seed (one split, one pseudo-soundscape set: how a user compares recipes) averaged over the
+    seeds, and over every evaluation of every run."""
+    def within_seeds(metric: str, test: str) -> float:
+        return float(np.mean([report.spearman(runs[metric], runs[test])
+                              for _, runs in table.groupby("seed") if len(runs) > 2]))
     return {"runs: clip validation vs test": report.spearman(table["best_clip_cmap5"], table["test_at_best_clip"]),
             "runs: pseudo-soundscapes vs test": report.spearman(table["best_pseudo_cmap5"],
                                                                 table["test_at_best_pseudo"]),
+            "runs within a seed (mean): clip validation vs test": within_seeds("best_clip_cmap5", "test_at_best_clip"),
+            "runs within a seed (mean): pseudo-soundscapes vs test": within_seeds("best_pseudo_cmap5",
+                                                                                  "test_at_best_pseudo"),
             "evaluations: clip validation vs test": report.spearman(evaluations["cmap5"], evaluations["test_cmap5"]),
             "evaluations: pseudo-soundscapes vs test": report.spearman(evaluations["soundscape_cmap5"],
                                                                        evaluations["test_cmap5"])}

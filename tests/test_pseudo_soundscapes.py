@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+import torch
 from conftest import quick_args, tone_recording
 
 import data
@@ -174,3 +175,26 @@ def test_training_on_the_pseudo_soundscapes_bed_is_warned_about(tiny_data, tmp_p
         args = quick_args(tiny_data, tmp_path / "run", "--val-soundscapes", str(out / "labels.csv"), *map(str, flags))
         data.build_datasets(args, tmp_path)
         assert len([r for r in caplog.records if "bed of the pseudo-soundscapes" in r.getMessage()]) == warned, flags
+
+
+def test_remove_noise_floor_takes_out_stationary_noise_and_keeps_the_call():
+    """White noise with a 0.5-s tone: the noise where the tone is absent falls by >= 15 dB, the tone's own
+    power changes by < 1 dB (measured against the input, sample by sample)."""
+    rate = 32000
+    time = np.arange(3 * rate) / rate
+    noise = 0.05 * np.random.default_rng(0).standard_normal(len(time))
+    tone = np.where((time > 1.0) & (time < 1.5), 0.3 * np.sin(2 * np.pi * 3000 * time), 0.0)
+    cleaned = pseudo_soundscapes.remove_noise_floor(torch.tensor(noise + tone, dtype=torch.float32)).numpy()
+    quiet, call = (time < 0.8) | (time > 1.7), (time > 1.1) & (time < 1.4)
+    assert 10 * np.log10(np.mean(noise[quiet] ** 2) / np.mean(cleaned[quiet] ** 2)) >= 15
+    assert abs(10 * np.log10(np.mean(cleaned[call] ** 2) / np.mean((noise + tone)[call] ** 2))) < 1
+
+
+def test_denoise_calls_changes_the_sound_but_not_the_placements(tiny_data, built, tmp_path):
+    out, labels, placements = built
+    denoised_labels, denoised_placements = build(tiny_data, tmp_path / "denoised", "--denoise-calls")
+    pd.testing.assert_frame_equal(denoised_labels, labels)
+    pd.testing.assert_frame_equal(denoised_placements, placements)
+    assert "denoise_calls: True" in (tmp_path / "denoised" / "README.txt").read_text()
+    with_call = placements.loc[placements["species"] != "", "file"].iloc[0]
+    assert not np.array_equal(sf.read(out / with_call)[0], sf.read(tmp_path / "denoised" / with_call)[0])
