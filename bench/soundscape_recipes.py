@@ -82,10 +82,14 @@ def pseudo_soundscapes(data_dir: Path, seed: int, work: Path) -> Path:
     return out / "labels.csv"
 
 
+def finished(run: Path, epochs: int) -> bool:
+    return (run / "metrics.csv").is_file() and len(pd.read_csv(run / "metrics.csv")) >= 2 * epochs
+
+
 def train_recipe(name: str, seed: int, args, work: Path) -> Path:
     """One recipe at one seed -> its run folder (skipped if it already finished)."""
     out = work / f"{name}_seed{seed}"
-    if (out / "metrics.csv").is_file() and len(pd.read_csv(out / "metrics.csv")) >= 2 * args.epochs:
+    if finished(out, args.epochs):
         return out
     flags = [flag.format(bg=work / "bed_train") for flag in RECIPES[name]]
     train.main(options.get_args_parser().parse_args([
@@ -131,6 +135,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 7])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--collect", action="store_true",
+                        help="train nothing: tabulate the runs of --work-dir that have finished")
     args = parser.parse_args()
     data.ensure_demo_data(args.data_dir)
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -139,6 +145,8 @@ def main() -> None:
     for seed in args.seeds:
         for name in args.recipes:
             started = time.time()
+            if args.collect and not finished(args.work_dir / f"{name}_seed{seed}", args.epochs):
+                continue
             folder = train_recipe(name, seed, args, args.work_dir)
             rows.append(run_row(name, seed, folder) | {"minutes": round((time.time() - started) / 60, 1)})
             evaluations.append(pd.read_csv(folder / "metrics.csv").assign(recipe=name, seed=seed))
