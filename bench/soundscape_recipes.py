@@ -45,8 +45,6 @@ RECIPES = {
     "readme": [],
     "bed": BED,
     "nocall-bed": NOCALL + BED,
-    "nocall-bed-bce": NOCALL + BED + ["--loss", "bce"],
-    "nocall-soundscape": NOCALL + SOUNDSCAPE_STYLE,
     "pcen": ["--frontend", "pcen"],
     "pcen-bed": ["--frontend", "pcen"] + BED,
     "pcen-nocall-bed": ["--frontend", "pcen"] + NOCALL + BED,
