@@ -333,7 +333,7 @@ def build_datasets(args, out_dir: Path) -> tuple[list[str], loader.RecordingData
     train_index, val_index = split_usable_recordings(table, args)
     targets = make_targets(table, labels, args.secondary_weight)
     windows = training_windows(args, table, train_index, out_dir)
-    warn_if_training_hears_the_bed(args)
+    warn_if_training_hears_the_bed(args, windows)
     train_targets = np.zeros((len(windows), len(labels)), dtype=np.float32)       # (N, C)
     known = (windows["record"] >= 0).to_numpy()
     train_targets[known] = targets[windows["record"].to_numpy()[known]]          # a recording's own targets
@@ -474,17 +474,17 @@ def nocall_windows(args, table: pd.DataFrame, train_index, out_dir: Path) -> pd.
     return windows
 
 
-def warn_if_training_hears_the_bed(args) -> list[str]:
-    """--bg-dir / --nocall-soundscapes audio that is also the bed of the --val-soundscapes pseudo-soundscapes
-    (their beds.txt) -> those files, with a warning: a model that learnt the very bed scores better on
-    them without scoring better in the field, so the pseudo-soundscape metric would flatter it."""
+def warn_if_training_hears_the_bed(args, windows: pd.DataFrame) -> list[str]:
+    """--bg-dir audio and no-call windows (`training_windows`' rows of kind nocall) that are also the bed of
+    the --val-soundscapes pseudo-soundscapes (their beds.txt) -> those files, with a warning: a model that
+    learnt the very bed scores better on them without scoring better in the field, so the pseudo-soundscape
+    metric would flatter it."""
     beds_file = Path(args.val_soundscapes).parent / pseudo_soundscapes.BEDS_FILE if args.val_soundscapes else None
     if beds_file is None or not beds_file.is_file():
         return []
     beds = set(beds_file.read_text().split("\n")) - {""}
     heard = [str(path) for path in audio.audio_files(args.bg_dir)] if args.bg_dir else []
-    if args.nocall and args.nocall_soundscapes:
-        heard += list(soundscapes.nocall_soundscape_rows(args.nocall_soundscapes)["path"].unique())
+    heard += list(windows.loc[windows["kind"] == "nocall", "path"].unique())     # read once, by nocall_windows
     shared = sorted({str(Path(path).resolve()) for path in heard} & beds)
     if shared:
         log.warning("%d background file(s) that training hears (--bg-dir, --nocall-soundscapes) are the bed of the "

@@ -102,8 +102,8 @@ def check_unique_names(files: list[Path]) -> None:
     """Row ids (<stem>_<end s>) and Raven tables (<stem>.selections.txt) are named by each file's stem:
     two files with one stem (a.wav and a.flac, or site1/a.ogg and site2/a.ogg) are refused, not merged."""
     first = {}
-    for number, path in enumerate(files):
-        if path in files[:number]:
+    for path in files:
+        if first.get(Path(path).stem) == path:      # the same path again: listed twice
             raise ValueError(f"{path} is listed twice: its rows would be written twice")
         other = first.setdefault(Path(path).stem, path)
         if other != path:
