@@ -14,9 +14,13 @@ audio.int16 (all segments back to back) and done.npy (one byte per recording,
 set after its samples are flushed). A crash leaves "complete": false and the
 unfinished recordings unmarked: training refuses such a cache, and running the
 command again finishes it.
+
+The `cache` subcommand's flags are defined here (`add_command`, `command_from_args`); data.py's main
+reads the recordings and calls build_cache.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -26,11 +30,13 @@ import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import audio
+import cli
 import progress
 
 log = logging.getLogger("birdclef")
@@ -318,3 +324,38 @@ def open_for_training(folder, names: list[str], paths: list[str], crop: audio.Cr
              "decoded", folder, cache.manifest["bytes"] / 1e9, crop.policy, crop.sample_rate,
              f", at most {settings['max_seconds']:g} s per recording" if settings["max_seconds"] else "")
     return cache
+
+
+# ----------------------------------------------------------------------------- `python data.py cache`
+
+@dataclass(frozen=True)
+class CacheCommand:
+    """`python data.py cache`, parsed: data.py reads the recordings of `data_dirs` (reading BirdCLEF
+    folders is its job, and this module may not import it), then build_cache writes them."""
+    data_dirs: tuple[str, ...]
+    out: str
+    settings: dict                # cache_settings(...)
+    workers: int
+
+
+def add_command(subparsers) -> None:
+    """The `cache` subcommand of data.py: --data-dir, --sample-rate, the crop flags and --window-seconds
+    are train.py's own (cli.py), since the cache must hold what train.py's crops read."""
+    parser = subparsers.add_parser("cache", help="decode the audio the crop policy needs, once, into a "
+                                   "memory-mapped int16 cache for train.py --cache",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_data_dir(parser)
+    parser.add_argument("--out", required=True, help="cache folder (pass it to train.py --cache)")
+    cli.add_sample_rate(parser, "as train.py --sample-rate: the rate the crops are decoded at")
+    cli.add_crop_flags(parser)
+    cli.add_window_seconds(parser)
+    parser.add_argument("--max-seconds", type=float, default=0.0,
+                        help="cache at most this many seconds per recording (0 = what the policy needs); "
+                             "crops outside are decoded during training")
+    cli.add_workers(parser, "decoding processes")
+
+
+def command_from_args(args: argparse.Namespace) -> CacheCommand:
+    return CacheCommand(data_dirs=tuple(args.data_dir), out=args.out, workers=args.workers,
+                        settings=cache_settings(args.sample_rate, args.crop_policy, args.ends_seconds,
+                                                args.window_seconds, args.max_seconds))

@@ -1,16 +1,22 @@
 """Data: BirdCLEF metadata, the label vocabulary, the split, and the datasets train.py trains on.
 
-    python data.py demo --out DIR               writes the built-in synthetic demo data set
-    python data.py cache --out DIR ...          decodes the crops' audio once (train.py --cache DIR)
-    python data.py extras --detections CSV ...  selects detector-built extra windows (train.py --extras)
+    python data.py demo --out DIR               the built-in synthetic demo data set
+    python data.py extras --detections CSV ...  detector-built extra windows (train.py --extras)
+    python data.py cache --out DIR ...          the crops' audio decoded once (train.py --cache)
     python data.py soundscapes --out DIR ...    labelled pseudo-soundscapes from the validation split
+                                                (train.py --val-soundscapes)
 
-`build_datasets(args, out_dir)` is the whole path from --data-dir to the training
-and validation datasets: metadata of one or more BirdCLEF years, the vocabulary,
-a header check of every file (unreadable ones listed in bad_files.csv), the
-stratified split, then the training set's extra windows (--extras) and no-call
-windows (--nocall). Decoding and crops are audio.py's job, batches loader.py's,
-which records an epoch visits sampling.py's.
+Each subcommand's flags are defined in the module that does its work, by its `add_command`: demo in
+demo.py, extras in extras.py, cache in cache.py, soundscapes in pseudo_soundscapes.py. `main` here
+gathers them and, for cache and soundscapes, reads the recordings (and draws the split) they work on:
+reading and splitting are this module's job, and those modules may not import it.
+
+`build_datasets(settings, out_dir)` is the whole path from a DataSettings (train.py's data flags,
+converted by its command line) to the training and validation datasets: metadata of one or more
+BirdCLEF years, the vocabulary, a header check of every file (unreadable ones listed in
+bad_files.csv), the stratified split, then the training set's extra windows (--extras) and no-call
+windows (--nocall). Decoding and crops are audio.py's job, batches loader.py's, which records an
+epoch visits sampling.py's. No function here takes the parsed command line but `main`.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +37,7 @@ import pandas as pd
 
 import audio
 import cache as cache_lib
+import cli
 import demo
 import distributed
 import extras as extras_lib
@@ -39,7 +47,48 @@ import soundscapes
 
 log = logging.getLogger("birdclef")
 
-DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
+DEMO_DIR = cli.DEMO_DIR     # defined once, in cli.py; this name is kept for the callers that read it here
+
+
+# ----------------------------------------------------------------------------- settings
+#
+# What build_datasets reads, typed. No field has a default: each comes from a flag, and a flag's
+# default lives once, in its parser (cli.py for the flags several tools share, options.py for train.py's).
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """The split of the recordings (--seed, --val-fraction, --folds, --fold): train.py and
+    `data.py soundscapes` draw the same one from the same values."""
+    seed: int                 # also the seed of the training crops' random streams
+    val_fraction: float
+    folds: int
+    fold: int
+
+
+@dataclass(frozen=True)
+class NocallSources:
+    """Where the no-call class's windows come from (train.py --nocall); nocall_windows gathers them."""
+    audio_dir: str | None     # --nocall-audio: whole files, a crop anywhere in each per epoch
+    soundscapes: str | None   # --nocall-soundscapes: no-call rows of a labelled table, or every row of a folder
+    detections: str | None    # --nocall-detections: the quietest windows of training recordings
+    max_score: float          # --nocall-max-score
+    per_recording: int        # --nocall-per-recording
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Everything build_datasets needs to know from the command line."""
+    data_dirs: tuple[str, ...]
+    split: SplitSettings
+    crop: audio.CropSettings
+    secondary_weight: float
+    strict: bool
+    cache: str | None                 # --cache folder written by `data.py cache`
+    extras: str | None                # --extras table written by `data.py extras`
+    extras_chunk: float
+    nocall: NocallSources | None      # None: no nocall class (no --nocall)
+    background_dir: str | None        # --bg-dir (augmentation audio): only for the shared-bed warning
+    val_soundscapes: str | None       # only for the shared-bed warning
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -320,32 +369,36 @@ def ensure_demo_data(data_dir) -> Path:
 
 # ----------------------------------------------------------------------------- the datasets
 
-def build_datasets(args, out_dir: Path) -> tuple[list[str], loader.RecordingDataset, loader.RecordingDataset]:
-    """--data-dir and the other data flags -> (labels, training set, validation set).
+def build_datasets(settings: DataSettings, out_dir: Path) -> tuple[list[str], loader.RecordingDataset,
+                                                                   loader.RecordingDataset]:
+    """The data settings -> (labels, training set, validation set).
 
     The training set is the training split's recordings (crops by --crop-policy), then
     --extras windows, then --nocall windows (both fixed 5-s windows); `train_set.extras`
     marks the extra windows for the sampling audit. Under torchrun every rank builds
     the same sets (checked).
     """
-    crop = audio.CropSettings(args.sample_rate, args.window_seconds, args.crop_policy, args.ends_seconds, args.pad)
-    table, labels, cache = read_usable_recordings(args, out_dir, crop)
-    train_index, val_index = split_usable_recordings(table, args)
-    targets = make_targets(table, labels, args.secondary_weight)
-    windows = training_windows(args, table, train_index, out_dir)
-    warn_if_training_hears_the_bed(args, windows)
+    crop = settings.crop
+    table, labels, cache = read_usable_recordings(settings.data_dirs, out_dir, strict=settings.strict,
+                                                  add_nocall=settings.nocall is not None,
+                                                  cache_dir=settings.cache, crop=crop)
+    train_index, val_index = split_usable_recordings(table, settings.split)
+    targets = make_targets(table, labels, settings.secondary_weight)
+    windows = training_windows(table, train_index, out_dir, settings.extras, settings.nocall, settings.strict)
+    warn_if_training_hears_the_bed(windows, settings.background_dir, settings.val_soundscapes)
     train_targets = np.zeros((len(windows), len(labels)), dtype=np.float32)       # (N, C)
     known = (windows["record"] >= 0).to_numpy()
     train_targets[known] = targets[windows["record"].to_numpy()[known]]          # a recording's own targets
     if not known.all():
         train_targets[~known, labels.index(soundscapes.NOCALL)] = 1.0
-    train_set = loader.RecordingDataset(windows["path"], windows["duration"], train_targets, crop, args.seed,
+    seed = settings.split.seed            # train.py's --seed: the split's and the crops' streams
+    train_set = loader.RecordingDataset(windows["path"], windows["duration"], train_targets, crop, seed,
                                         windows["primary_label"], windows["start_s"], cache, windows["cache_row"],
-                                        chunks=np.where(windows["kind"] == "extra", args.extras_chunk, 0.0),
+                                        chunks=np.where(windows["kind"] == "extra", settings.extras_chunk, 0.0),
                                         anywhere=(windows["kind"] == "nocall").to_numpy())
     train_set.extras = (windows["kind"] == "extra").to_numpy()
     val = table.iloc[val_index]
-    val_set = loader.RecordingDataset(val["path"], val["duration"], targets[val_index], crop, args.seed,
+    val_set = loader.RecordingDataset(val["path"], val["duration"], targets[val_index], crop, seed,
                                       val["primary_label"], cache=cache, cache_rows=val["cache_row"])
     counts = windows["kind"].value_counts()
     log.info("%d species, %d training recordings (+%d extra windows, +%d no-call windows), %d validation "
@@ -355,26 +408,28 @@ def build_datasets(args, out_dir: Path) -> tuple[list[str], loader.RecordingData
     return labels, train_set, val_set
 
 
-def read_usable_recordings(args, out_dir: Path, crop: audio.CropSettings):
-    """Metadata of --data-dir (the demo folder written on first use), the vocabulary (+ nocall), the
-    --cache, and a header check -> (usable recordings with their `duration` (s) and `cache_row`
-    (row in the cache, which knows every recording), labels, cache or None)."""
+def read_usable_recordings(data_dirs: Sequence[str], out_dir: Path, *, strict: bool, add_nocall: bool,
+                           cache_dir: str | None, crop: audio.CropSettings | None):
+    """Metadata of `data_dirs` (the demo folder written on first use), the vocabulary (+ nocall with
+    `add_nocall`), the cache in `cache_dir` (read with `crop`'s settings), and a header check (unreadable
+    files refused with `strict`) -> (usable recordings with their `duration` (s) and `cache_row` (row in
+    the cache, which knows every recording), labels, cache or None)."""
     if distributed.is_main_process():  # bad_files.csv is rewritten, and the demo folder written, by rank 0
         (out_dir / "bad_files.csv").unlink(missing_ok=True)
-        for folder in args.data_dir:
+        for folder in data_dirs:
             ensure_demo_data(folder)
     distributed.barrier()
-    table, labels = read_training_data(args.data_dir)
-    if args.nocall and soundscapes.NOCALL not in labels:
+    table, labels = read_training_data(data_dirs)
+    if add_nocall and soundscapes.NOCALL not in labels:
         labels = labels + [soundscapes.NOCALL]
-    cache = (cache_lib.open_for_training(args.cache, audio_names(table), list(table["path"]), crop)
-             if args.cache else None)
+    cache = (cache_lib.open_for_training(cache_dir, audio_names(table), list(table["path"]), crop)
+             if cache_dir else None)
     table["cache_row"] = np.arange(len(table))
-    headers = usable_headers(table["path"], args, out_dir / "bad_files.csv")
+    headers = usable_headers(table["path"], strict, out_dir / "bad_files.csv")
     table["duration"] = [header[0] / header[1] if header else np.nan for header in headers]
     table = table[[header is not None for header in headers]].reset_index(drop=True)
     if table.empty:
-        raise ValueError(f"none of the recordings in {' '.join(args.data_dir)} can be read")
+        raise ValueError(f"none of the recordings in {' '.join(map(str, data_dirs))} can be read")
     missing = sorted(set(labels) - set(table["primary_label"]) - {soundscapes.NOCALL})
     if missing:
         log.warning("%d species of the vocabulary have no usable recording (they can never be predicted "
@@ -382,37 +437,39 @@ def read_usable_recordings(args, out_dir: Path, crop: audio.CropSettings):
     return table, labels, cache
 
 
-def split_usable_recordings(table: pd.DataFrame, args) -> tuple[np.ndarray, np.ndarray]:
+def split_usable_recordings(table: pd.DataFrame, split: SplitSettings) -> tuple[np.ndarray, np.ndarray]:
     """The split of the usable recordings by --seed, --val-fraction, --folds and --fold -> (train rows,
     validation rows): the one split train.py and `python data.py soundscapes` both use."""
-    train_index, val_index = split_recordings(table["primary_label"], args.val_fraction,
-                                              args.folds, args.fold, args.seed)
+    train_index, val_index = split_recordings(table["primary_label"], split.val_fraction,
+                                              split.folds, split.fold, split.seed)
     if len(val_index) == 0:
         raise ValueError("the validation split is empty (every species has fewer than 2 recordings)")
     return train_index, val_index
 
 
-def training_windows(args, table: pd.DataFrame, train_index, out_dir: Path) -> pd.DataFrame:
+def training_windows(table: pd.DataFrame, train_index, out_dir: Path, extras: str | None,
+                     nocall: NocallSources | None, strict: bool) -> pd.DataFrame:
     """The training set's rows, in order: the split's recordings (start_s NaN: cropped by
-    --crop-policy), --extras windows, --nocall windows -> record (row of `table`; -1 for no-call),
-    path, duration, start_s, primary_label, cache_row, kind (recording, extra, nocall)."""
+    --crop-policy), the `extras` table's windows, the `nocall` sources' windows -> record (row of
+    `table`; -1 for no-call), path, duration, start_s, primary_label, cache_row, kind (recording,
+    extra, nocall)."""
     columns = ["record", "path", "duration", "start_s", "primary_label", "cache_row", "kind"]
     recordings = table.iloc[train_index].assign(record=train_index, start_s=np.nan, kind="recording")
     parts = [recordings[columns]]
-    if args.extras:
-        records, starts = extra_windows(args.extras, table, train_index)
+    if extras:
+        records, starts = extra_windows(extras, table, train_index)
         parts.append(table.iloc[records].assign(record=records, start_s=starts, kind="extra")[columns])
-    if args.nocall:
-        nocall = nocall_windows(args, table, train_index, out_dir)
-        parts.append(nocall.assign(record=-1, primary_label=soundscapes.NOCALL, cache_row=-1, kind="nocall")[columns])
+    if nocall is not None:
+        windows = nocall_windows(nocall, table, train_index, out_dir, strict)
+        parts.append(windows.assign(record=-1, primary_label=soundscapes.NOCALL, cache_row=-1, kind="nocall")[columns])
     return pd.concat(parts, ignore_index=True)
 
 
-def usable_headers(paths, args, bad_files_path: Path) -> list:
+def usable_headers(paths, strict: bool, bad_files_path: Path) -> list:
     """Each file's (frames, rate), None for an unreadable one; those are listed in bad_files.csv
-    and logged (or, with --strict, refused)."""
+    and logged (or, with `strict` (--strict), refused)."""
     headers, bad = audio.check_audio_files(paths)
-    if bad and args.strict:
+    if bad and strict:
         raise ValueError(f"--strict: {len(bad)} of {len(headers)} recordings cannot be read, e.g. "
                          f"{bad[0][0]} ({bad[0][1]})")
     if bad and distributed.is_main_process():
@@ -444,53 +501,58 @@ def extra_windows(extras_path, table: pd.DataFrame, train_index) -> tuple[list[i
     return [int(r) for r in recording[in_train]], [float(s) for s in extras["start_s"][in_train]]
 
 
-def nocall_windows(args, table: pd.DataFrame, train_index, out_dir: Path) -> pd.DataFrame:
-    """Background windows for the nocall class -> path, start_s (NaN: a crop anywhere, drawn per epoch), duration."""
+def nocall_windows(sources: NocallSources, table: pd.DataFrame, train_index, out_dir: Path,
+                   strict: bool) -> pd.DataFrame:
+    """Background windows for the nocall class -> path, start_s (NaN: a crop anywhere, drawn per epoch),
+    duration, source (the flag). In the order training draws them: --nocall-audio files, then
+    --nocall-soundscapes rows, then --nocall-detections windows."""
     parts = []
-    if args.bg_dir:  # whole files of background audio, cropped anywhere (a bed has no calls at its ends)
-        files = [str(path) for path in audio.audio_files(args.bg_dir)]
-        parts.append(pd.DataFrame({"path": files, "start_s": np.nan, "source": "--bg-dir"}))
-    if args.nocall_soundscapes:
-        rows = soundscapes.nocall_soundscape_rows(args.nocall_soundscapes)
+    if sources.audio_dir:  # whole files of background audio, cropped anywhere (a bed has no calls at its ends)
+        files = [str(path) for path in audio.audio_files(sources.audio_dir)]
+        parts.append(pd.DataFrame({"path": files, "start_s": np.nan, "source": "--nocall-audio"}))
+    if sources.soundscapes:
+        rows = soundscapes.nocall_soundscape_rows(sources.soundscapes)
         parts.append(rows.assign(source="--nocall-soundscapes"))
-    if args.nocall_detections:
-        chosen = extras_lib.select_nocall_detections(pd.read_csv(args.nocall_detections, keep_default_na=False),
-                                                     args.nocall_max_score, args.nocall_per_recording)
+    if sources.detections:
+        chosen = extras_lib.select_nocall_detections(pd.read_csv(sources.detections, keep_default_na=False),
+                                                     sources.max_score, sources.per_recording)
         recording = match_recordings(chosen["filename"], table)
         keep = np.isin(recording, np.asarray(train_index))  # quiet windows of validation recordings stay out
         parts.append(pd.DataFrame({"path": table["path"].to_numpy()[recording[keep]],
                                    "start_s": chosen["start_s"].to_numpy()[keep], "source": "--nocall-detections"}))
     if not parts:
-        raise ValueError("--nocall needs background audio: --bg-dir, --nocall-soundscapes or --nocall-detections")
+        raise ValueError("--nocall needs background audio: --nocall-audio, --nocall-soundscapes or "
+                         "--nocall-detections")
     windows = pd.concat(parts, ignore_index=True)
-    headers = usable_headers(windows["path"], args, out_dir / "bad_files.csv")
+    headers = usable_headers(windows["path"], strict, out_dir / "bad_files.csv")
     windows["duration"] = [header[0] / header[1] if header else np.nan for header in headers]
     windows = windows[windows["duration"].notna()].reset_index(drop=True)
     if windows.empty:
-        raise ValueError("--nocall found no background window: give --bg-dir, --nocall-soundscapes or "
+        raise ValueError("--nocall found no background window: give --nocall-audio, --nocall-soundscapes or "
                          "--nocall-detections with at least one usable window")
     for source, count in windows.groupby("source", sort=False).size().items():
         log.info("nocall class: %d window(s) from %s", count, source)
     return windows
 
 
-def warn_if_training_hears_the_bed(args, windows: pd.DataFrame) -> list[str]:
-    """--bg-dir audio and no-call windows (`training_windows`' rows of kind nocall) that are also the bed of
-    the --val-soundscapes pseudo-soundscapes (their beds.txt) -> those files, with a warning: a model that
-    learnt the very bed scores better on them without scoring better in the field, so the pseudo-soundscape
-    metric would flatter it."""
-    beds_file = Path(args.val_soundscapes).parent / pseudo_soundscapes.BEDS_FILE if args.val_soundscapes else None
+def warn_if_training_hears_the_bed(windows: pd.DataFrame, background_dir: str | None,
+                                   val_soundscapes: str | None) -> list[str]:
+    """Audio training hears -- the `background_dir` (--bg-dir) files and the no-call windows (`training_windows`'
+    rows of kind nocall) -- that is also the bed of the `val_soundscapes` pseudo-soundscapes (their beds.txt)
+    -> those files, with a warning: a model that learnt the very bed scores better on them without scoring
+    better in the field, so the pseudo-soundscape metric would flatter it."""
+    beds_file = Path(val_soundscapes).parent / pseudo_soundscapes.BEDS_FILE if val_soundscapes else None
     if beds_file is None or not beds_file.is_file():
         return []
     beds = set(beds_file.read_text().split("\n")) - {""}
-    heard = [str(path) for path in audio.audio_files(args.bg_dir)] if args.bg_dir else []
+    heard = [str(path) for path in audio.audio_files(background_dir)] if background_dir else []
     heard += list(windows.loc[windows["kind"] == "nocall", "path"].unique())     # read once, by nocall_windows
     shared = sorted({str(Path(path).resolve()) for path in heard} & beds)
     if shared:
-        log.warning("%d background file(s) that training hears (--bg-dir, --nocall-soundscapes) are the bed of the "
-                    "pseudo-soundscapes in %s (e.g. %s): their score will flatter this run. Build the "
-                    "pseudo-soundscapes over other files (split the folder)", len(shared), beds_file.parent,
-                    Path(shared[0]).name)
+        log.warning("%d background file(s) that training hears (--bg-dir, --nocall-audio, --nocall-soundscapes) "
+                    "are the bed of the pseudo-soundscapes in %s (e.g. %s): their score will flatter this run. "
+                    "Build the pseudo-soundscapes over other files (split the folder)", len(shared),
+                    beds_file.parent, Path(shared[0]).name)
     return shared
 
 
@@ -518,130 +580,55 @@ def check_same_data_on_every_rank(labels, train_set, val_set) -> None:
 
 
 # ----------------------------------------------------------------------------- command line
+#
+# Each subcommand's flags are defined by the module that does its work (its `add_command`). Only
+# `main` sees the parsed namespace: it turns it into plain values and settings at once.
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Data tools.")
     commands = parser.add_subparsers(dest="command", required=True)
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    demo_parser = commands.add_parser("demo", help="write the synthetic demo data set (BirdCLEF 2024 layout)",
-                                      formatter_class=formatter)
-    demo_parser.add_argument("--out", default=str(DEMO_DIR), help="folder to write")
-    demo_parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
-    demo_parser.add_argument("--median-seconds", type=float, default=10.0,
-                             help="median recording length (~40 for real-length xeno-canto recordings)")
-    extras_parser = commands.add_parser("extras", help="select extra training windows from infer.py --detections",
-                                        formatter_class=formatter)
-    extras_parser.add_argument("--detections", required=True, help="CSV written by infer.py --detections")
-    extras_parser.add_argument("--threshold", type=float, default=0.5, help="primary-label score of a detection")
-    extras_parser.add_argument("--min", type=int, default=4, help="extras per recording, at least (if it has them)")
-    extras_parser.add_argument("--max", type=int, default=12, help="extras per recording, at most")
-    extras_parser.add_argument("--divisor", type=float, default=1.5, help="extras = floor(detections / divisor)")
-    extras_parser.add_argument("--keep-all-below", type=int, default=12,
-                               help="species with fewer recordings keep all their detections")
-    extras_parser.add_argument("--score", choices=list(extras_lib.SCORES), default="primary",
-                               help="a detection's score: its recording's primary label's, or the best of any species")
-    extras_parser.add_argument("--choose", choices=extras_lib.CHOICES, default="best",
-                               help="which detections of a recording become extras: the best-scoring, or random ones")
-    extras_parser.add_argument("--seed", type=int, default=0, help="seed of --choose random")
-    extras_parser.add_argument("--skip-start", type=float, default=0.0,
-                               help="no extra from the first this many seconds of a recording")
-    extras_parser.add_argument("--skip-end", type=float, default=0.0,
-                               help="no extra from the last this many seconds of a recording")
-    extras_parser.add_argument("--out", default="extras.csv", help="where to write the selection")
-    extras_parser.add_argument("--write-audio", default=None, help="also write each extra as an ogg chunk here")
-    extras_parser.add_argument("--audio-dir", default=None, help="train_audio folder, with --write-audio")
-    extras_parser.add_argument("--chunk", type=float, default=8.0, help="seconds per written chunk")
-    cache_parser = commands.add_parser("cache", help="decode the audio the crop policy needs, once, into a "
-                                       "memory-mapped int16 cache for train.py --cache", formatter_class=formatter)
-    cache_parser.add_argument("--data-dir", nargs="+", default=[str(DEMO_DIR)], help="as train.py --data-dir")
-    cache_parser.add_argument("--out", required=True, help="cache folder (pass it to train.py --cache)")
-    cache_parser.add_argument("--sample-rate", type=int, default=32000, help="as train.py --sample-rate")
-    cache_parser.add_argument("--crop-policy", choices=audio.CROP_POLICIES, default="ends", help="as train.py")
-    cache_parser.add_argument("--ends-seconds", type=float, default=8.0, help="as train.py")
-    cache_parser.add_argument("--window-seconds", type=float, default=5.0, help="as train.py")
-    cache_parser.add_argument("--max-seconds", type=float, default=0.0,
-                              help="cache at most this many seconds per recording (0 = what the policy needs); "
-                                   "crops outside are decoded during training")
-    cache_parser.add_argument("--workers", type=int, default=2, help="decoding processes")
-    add_soundscapes_parser(commands)
+    demo.add_command(commands)
+    extras_lib.add_command(commands)
+    cache_lib.add_command(commands)
+    pseudo_soundscapes.add_command(commands)
     return parser
 
 
-def add_soundscapes_parser(commands) -> None:
-    defaults = pseudo_soundscapes.PlacementSettings()
-    parser = commands.add_parser("soundscapes", help="labelled pseudo-soundscapes from the validation split's "
-                                 "recordings, for train.py --val-soundscapes DIR/labels.csv",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", nargs="+", default=[str(DEMO_DIR)], help="as train.py --data-dir")
-    parser.add_argument("--out", required=True, help="folder to write (soundscapes, labels.csv, placements.csv)")
-    parser.add_argument("--seed", type=int, default=42, help="the split's seed: as train.py --seed")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="as train.py --val-fraction")
-    parser.add_argument("--folds", type=int, default=0, help="as train.py --folds")
-    parser.add_argument("--fold", type=int, default=0, help="as train.py --fold")
-    parser.add_argument("--bg-dir", default=None, help="background audio to lay the calls over (e.g. 2024's "
-                        "unlabeled_soundscapes/, no-call parts of 2021/2022 soundscapes, a noise collection)")
-    parser.add_argument("--detections", default=None, help="infer.py --detections table of the training audio: "
-                        "calls come from each recording's best windows, the bed (without --bg-dir) from the quietest")
-    parser.add_argument("--count", type=int, default=defaults.count, help="soundscapes to write")
-    parser.add_argument("--seconds", type=float, default=defaults.seconds, help="length of each soundscape")
-    parser.add_argument("--sample-rate", type=int, default=defaults.sample_rate, help="of the written soundscapes")
-    parser.add_argument("--empty-share", type=float, default=defaults.empty_share, help="share of rows without a call")
-    parser.add_argument("--max-calls", type=int, default=defaults.max_calls,
-                        help="calls of different species in one row, at most")
-    parser.add_argument("--call-seconds", type=float, default=defaults.call_seconds, help="length of each call")
-    parser.add_argument("--snr", type=float, nargs=2, default=list(defaults.snr_db), metavar=("LOW", "HIGH"),
-                        help="SNR of a call over the bed where it lies, in dB, before the distance gain")
-    parser.add_argument("--distance-prob", type=float, default=defaults.distance_prob,
-                        help="share of calls heard from a distance (a gain and a low-pass)")
-    parser.add_argument("--distance-db", type=float, nargs=2, default=list(defaults.distance_db),
-                        metavar=("LOW", "HIGH"), help="gain of a distant call in dB")
-    parser.add_argument("--distance-lowpass", type=float, nargs=2, default=list(defaults.distance_lowpass_hz),
-                        metavar=("LOW_HZ", "HIGH_HZ"), help="low-pass cutoff of a distant call (log-uniform)")
-    parser.add_argument("--reverb-prob", type=float, default=defaults.reverb_prob, help="share of calls reverberated")
-    parser.add_argument("--reverb-rt60", type=float, nargs=2, default=list(defaults.reverb_rt60),
-                        metavar=("LOW", "HIGH"), help="reverberation time range in seconds")
-    parser.add_argument("--placement-seed", type=int, default=defaults.seed,
-                        help="seed of every placement (the split has --seed)")
-    parser.add_argument("--denoise-calls", action="store_true",
-                        help="take each call piece's own noise floor out first (spectral subtraction), so a "
-                             "call does not bring its recording's background into the soundscape")
-    parser.set_defaults(nocall=False, cache=None, strict=False)   # read like train.py reads its data
+def cache_command(command: cache_lib.CacheCommand) -> Path:
+    """`python data.py cache`: the recordings of --data-dir (read here: cache.py may not import this
+    module) decoded into the cache."""
+    table, _ = read_training_data([ensure_demo_data(folder) for folder in command.data_dirs])
+    return cache_lib.build_cache(audio_names(table), list(table["path"]), command.out, command.settings,
+                                 command.workers)
 
 
-def soundscapes_command(args) -> pd.DataFrame:
-    """`python data.py soundscapes`: pseudo-soundscapes of the validation split's recordings only."""
-    out_dir = Path(args.out)
+def soundscapes_command(data_dirs: Sequence[str], split: SplitSettings,
+                        command: pseudo_soundscapes.SoundscapesCommand) -> pd.DataFrame:
+    """`python data.py soundscapes`: pseudo-soundscapes of the validation split's recordings only, the
+    split train.py draws from the same `split` (read here, as build_datasets reads it: without the no-call
+    class, a cache or --strict, none of which changes which recordings are usable or how they split)."""
+    out_dir = Path(command.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table, _, _ = read_usable_recordings(args, out_dir, crop=None)
-    _, val_index = split_usable_recordings(table, args)
+    table, _, _ = read_usable_recordings(data_dirs, out_dir, strict=False, add_nocall=False, cache_dir=None,
+                                         crop=None)
+    _, val_index = split_usable_recordings(table, split)
     recordings = table.iloc[val_index].reset_index(drop=True)
     recordings["name"] = audio_names(recordings)
-    settings = pseudo_soundscapes.PlacementSettings(
-        count=args.count, seconds=args.seconds, sample_rate=args.sample_rate, empty_share=args.empty_share,
-        max_calls=args.max_calls, call_seconds=args.call_seconds, snr_db=tuple(args.snr),
-        distance_prob=args.distance_prob, distance_db=tuple(args.distance_db),
-        distance_lowpass_hz=tuple(args.distance_lowpass), reverb_prob=args.reverb_prob,
-        reverb_rt60=tuple(args.reverb_rt60), seed=args.placement_seed, denoise_calls=args.denoise_calls)
-    detections = pd.read_csv(args.detections, keep_default_na=False) if args.detections else None
-    return pseudo_soundscapes.build(recordings, out_dir, settings, args.bg_dir, detections)
+    return pseudo_soundscapes.run(recordings, command)
 
 
 def main(argv=None) -> None:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.command == "cache":
-        settings = cache_lib.cache_settings(args.sample_rate, args.crop_policy, args.ends_seconds,
-                                            args.window_seconds, args.max_seconds)
-        table, _ = read_training_data([ensure_demo_data(folder) for folder in args.data_dir])
-        cache_lib.build_cache(audio_names(table), list(table["path"]), args.out, settings, args.workers)
-    elif args.command == "demo":
-        demo.write_demo_dataset(args.out, seed=args.seed, median_seconds=args.median_seconds)
+    if args.command == "demo":
+        demo.run_command(args)
     elif args.command == "extras":
-        if args.write_audio and not args.audio_dir:
-            parser.error("--write-audio needs --audio-dir")
-        extras_lib.extras_command(args)
+        extras_lib.run_command(args, parser)
+    elif args.command == "cache":
+        cache_command(cache_lib.command_from_args(args))
     elif args.command == "soundscapes":
-        soundscapes_command(args)
+        split = SplitSettings(seed=args.seed, val_fraction=args.val_fraction, folds=args.folds, fold=args.fold)
+        soundscapes_command(tuple(args.data_dir), split, pseudo_soundscapes.command_from_args(args))
 
 
 if __name__ == "__main__":

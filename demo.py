@@ -23,9 +23,12 @@ seed gives byte-identical CSVs and identical audio samples; the OGG files are
 also byte-identical because the (otherwise random) Ogg stream serial number
 that libsndfile writes is replaced by a seed-derived one.
 
+The `demo` subcommand's flags are defined here (`add_command`); data.py's main dispatches to
+`run_command`.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import pathlib
 import time
@@ -33,6 +36,7 @@ import time
 import numpy as np
 import pandas as pd
 
+import cli
 import demo_sounds as sounds
 import progress
 from demo_sounds import HOP_S
@@ -427,3 +431,22 @@ def write_recordings(out: pathlib.Path, recordings: list[dict], seed: int) -> tu
             "url": f"https://www.xeno-canto.org/{rec['xc']}", "filename": fn})
     pd.DataFrame(rows, columns=METADATA_COLUMNS).to_csv(out / "train_metadata.csv", index=False)
     return rows, train_s
+
+
+# ----------------------------------------------------------------------------
+# `python data.py demo`
+# ----------------------------------------------------------------------------
+
+def add_command(subparsers) -> None:
+    """The `demo` subcommand of data.py (`run_command` runs it)."""
+    parser = subparsers.add_parser("demo", help="write the synthetic demo data set (BirdCLEF 2024 layout)",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default=str(cli.DEMO_DIR), help="folder to write")
+    # not cli.add_seed: the synthetic data's own seed (0 is the data set every demo run uses), not train.py's
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--median-seconds", type=float, default=10.0,
+                        help="median recording length (~40 for real-length xeno-canto recordings)")
+
+
+def run_command(args: argparse.Namespace) -> pathlib.Path:
+    return write_demo_dataset(args.out, seed=args.seed, median_seconds=args.median_seconds)

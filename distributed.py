@@ -8,6 +8,7 @@ rendezvous flags (README).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -58,16 +59,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def call_in_group(device: torch.device, work):
-    """setup, then work() -> its result, then leave the group -- at once if work() raised."""
+@contextlib.contextmanager
+def process_group(device: torch.device):
+    """Join torchrun's process group (nothing without torchrun) for the body; leave it after -- at once
+    if the body raised."""
     setup(device)
     try:
-        result = work()
+        yield
     except BaseException:
         shutdown(failed=True)
         raise
     shutdown()
-    return result
 
 
 def shutdown(failed: bool = False) -> None:

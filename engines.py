@@ -1,6 +1,6 @@
 """Engines: how inference gets its speed on a CPU, behind one small interface.
 
-    runner = make_runner(model, args, device, bf16)      # waveforms (B, samples) -> logits (B, C)
+    runner = make_runner(model, settings, device, bf16)  # waveforms (B, samples) -> logits (B, C)
     stream = WindowStream(runner, model, batch_size)     # windows of many files -> each file's scores
     for item in in_threads(decode, files, threads): ...  # decoding ahead of the model, in order
 
@@ -17,6 +17,7 @@ import logging
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,21 @@ import model as model_lib
 import soundscapes
 
 log = logging.getLogger("birdclef")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the windows get through the model (infer.py's speed flags; these are their defaults). They
+    change the speed, not the scores, except backend, precision and device: a resumed job checks those."""
+    batch_size: int = 16          # windows per forward pass
+    channels_last: bool = True    # torch backend on the CPU
+    threads: int = 0              # CPU threads in all, shared among the streams; 0 = torch's default
+    workers: int = 1              # threads decoding audio ahead of the model
+    streams: int = 2              # CPU: batches run at once
+    precision: str = "auto"       # auto, fp32 or bf16 (use_bf16)
+    backend: str = "torch"        # torch, onnxruntime or openvino
+    parity_tolerance: float = 0.02  # largest score difference of an exported engine from torch fp32
+    device: str = "cpu"
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -213,14 +229,15 @@ def check_parity(model, waveforms: torch.Tensor, logits: torch.Tensor, backend: 
     return difference
 
 
-def make_runner(model, args, device, bf16):
-    if args.streams < 1:
-        raise ValueError(f"--streams must be at least 1, got {args.streams}")
-    if args.backend == "torch":
-        return TorchRunner(model, device, bf16, args.channels_last, args.streams, args.threads)
+def make_runner(model, settings: EngineSettings, device: torch.device, bf16: bool) -> Runner:
+    """The runner `settings.backend` names for `model` on `device` (settings.device made a torch.device)."""
+    if settings.streams < 1:
+        raise ValueError(f"--streams must be at least 1, got {settings.streams}")
+    if settings.backend == "torch":
+        return TorchRunner(model, device, bf16, settings.channels_last, settings.streams, settings.threads)
     if device.type != "cpu":
-        raise ValueError(f"--backend {args.backend} runs on the CPU; use --backend torch with --device {device}")
-    return ExportedRunner(model, args.backend, bf16, args.threads, args.parity_tolerance, args.streams)
+        raise ValueError(f"--backend {settings.backend} runs on the CPU; use --backend torch with --device {device}")
+    return ExportedRunner(model, settings.backend, bf16, settings.threads, settings.parity_tolerance, settings.streams)
 
 
 class WindowStream:

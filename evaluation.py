@@ -36,21 +36,39 @@ class Validation:
     soundscapes: "SoundscapeValidation | None"     # soundscape_* columns: may select best.pt
     test_soundscapes: "SoundscapeValidation | None"  # test_* columns: for the record only
     chance: dict                                   # metrics of random scores on the validation clips
+    settings: ValidationSettings
 
 
-def build_validation(model, val_set, args, device) -> Validation:
+@dataclass(frozen=True)
+class ValidationSettings:
+    """What every evaluation reads and how: --batch-size, --workers, --seed (of the chance level),
+    the focal loss's parameters (for val_loss), --val-soundscapes and --test-soundscapes with their audio."""
+    batch_size: int
+    workers: int
+    seed: int
+    focal_gamma: float
+    focal_alpha: float | None
+    soundscapes: str | None
+    soundscape_audio: str | None
+    test_soundscapes: str | None
+    test_soundscape_audio: str | None
+
+
+def build_validation(model, val_set, settings: ValidationSettings, device) -> Validation:
     """This rank's share of the validation windows, the soundscapes, and the chance level."""
     rank, world_size = distributed.rank_and_world_size()
     mine = list(range(rank, len(val_set), world_size))                     # every world_size-th window
-    batches = [mine[start:start + args.batch_size] for start in range(0, len(mine), args.batch_size)]
-    scapes = (SoundscapeValidation(args.val_soundscapes, args.val_soundscape_audio, model, "soundscape", args.seed)
-              if args.val_soundscapes else None)
-    test = (SoundscapeValidation(args.test_soundscapes, args.test_soundscape_audio, model, "test", args.seed)
-            if args.test_soundscapes else None)
-    chance = chance_level(val_set.targets[:, scored_columns(model.labels)], args.seed)
+    size = settings.batch_size
+    batches = [mine[start:start + size] for start in range(0, len(mine), size)]
+    scapes = (SoundscapeValidation(settings.soundscapes, settings.soundscape_audio, model, "soundscape", settings.seed)
+              if settings.soundscapes else None)
+    test = (SoundscapeValidation(settings.test_soundscapes, settings.test_soundscape_audio, model, "test",
+                                 settings.seed) if settings.test_soundscapes else None)
+    chance = chance_level(val_set.targets[:, scored_columns(model.labels)], settings.seed)
     log.info("chance level on this validation set (random scores): cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f",
              chance["cmap5"], chance["cmap3"], chance["macro_ap"])
-    return Validation(loader.make_loader(val_set, args, device, batches), scapes, test, chance)
+    clips = loader.make_loader(val_set, settings.batch_size, settings.workers, device, batches)
+    return Validation(clips, scapes, test, chance, settings)
 
 
 @torch.inference_mode()
@@ -71,12 +89,12 @@ def predict_clips(model, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, targets
 
 
-def evaluate(model, batches, args, loss_name: str, device) -> dict:
+def evaluate(model, batches, settings: ValidationSettings, loss_name: str, device) -> dict:
     """Validation loss and ranking metrics on the fixed validation windows."""
     logits, targets = predict_clips(model, batches, device)
     scores = model_lib.checked_scores(logits, model.activation, "the model on the validation windows")
     # Validation loss without label smoothing, so runs with and without it compare.
-    loss = losses.compute_loss(logits, targets, loss_name, 0.0, args.focal_gamma, args.focal_alpha)
+    loss = losses.compute_loss(logits, targets, loss_name, 0.0, settings.focal_gamma, settings.focal_alpha)
     results = {"val_loss": loss.item()}
     species = scored_columns(model.labels)
     results.update(metrics.classification_metrics(targets.numpy()[:, species], scores[:, species]))
@@ -93,17 +111,17 @@ def chance_level(targets: np.ndarray, seed: int) -> dict:
     return metrics.classification_metrics(targets, np.random.default_rng(seed).random(targets.shape))
 
 
-def evaluate_all(model, ema, validation: Validation, args, loss_name: str, device) -> dict:
+def evaluate_all(model, ema, validation: Validation, loss_name: str, device) -> dict:
     """The model (and its EMA, if any) on the validation clips, and the model on the soundscapes."""
     distributed.broadcast_buffers(model)
-    results = evaluate(model, validation.loader, args, loss_name, device)
+    results = evaluate(model, validation.loader, validation.settings, loss_name, device)
     if ema is not None:
         distributed.broadcast_buffers(ema.module)
-        ema_results = evaluate(ema.module, validation.loader, args, loss_name, device)
+        ema_results = evaluate(ema.module, validation.loader, validation.settings, loss_name, device)
         results.update({f"ema_{key}": value for key, value in ema_results.items()})
     for scapes in (validation.soundscapes, validation.test_soundscapes):
         if scapes is not None:
-            results.update(scapes.evaluate(model, args.batch_size, device))
+            results.update(scapes.evaluate(model, validation.settings.batch_size, device))
     return results
 
 

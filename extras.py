@@ -6,11 +6,16 @@ recording's best-scoring windows of its primary label (`select_extras`,
 `train.py --extras`), and `train.py --nocall-detections` takes its quietest
 windows as no-call examples (`select_nocall_detections`). data.build_datasets
 matches both to the training split, so no validation recording leaks in.
+
+The `extras` subcommand's flags are defined here (`add_command`); data.py's main dispatches to
+`run_command`, which turns the parsed flags into an ExtrasCommand at once.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -138,22 +143,82 @@ def write_extra_audio(extras: pd.DataFrame, audio_dir, out_dir, chunk_seconds: f
     return written
 
 
-def extras_command(args) -> pd.DataFrame:
+# ----------------------------------------------------------------------------- `python data.py extras`
+
+@dataclass(frozen=True)
+class ExtrasCommand:
+    """`python data.py extras`, parsed: which detections become extras, and what is written."""
+    detections: str               # --detections: infer.py --detections CSV
+    threshold: float
+    minimum: int                  # --min
+    maximum: int                  # --max
+    divisor: float
+    keep_all_below: int
+    score: str
+    choose: str
+    seed: int
+    skip_start: float
+    skip_end: float
+    out: str                      # extras.csv
+    write_audio: str | None       # folder for the chunks, or None
+    audio_dir: str | None         # where the recordings are, with write_audio
+    chunk: float                  # seconds per written chunk
+
+
+def add_command(subparsers) -> None:
+    """The `extras` subcommand of data.py (`run_command` runs it)."""
+    parser = subparsers.add_parser("extras", help="select extra training windows from infer.py --detections",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--detections", required=True, help="CSV written by infer.py --detections")
+    parser.add_argument("--threshold", type=float, default=0.5, help="primary-label score of a detection")
+    parser.add_argument("--min", type=int, default=4, help="extras per recording, at least (if it has them)")
+    parser.add_argument("--max", type=int, default=12, help="extras per recording, at most")
+    parser.add_argument("--divisor", type=float, default=1.5, help="extras = floor(detections / divisor)")
+    parser.add_argument("--keep-all-below", type=int, default=12,
+                        help="species with fewer recordings keep all their detections")
+    parser.add_argument("--score", choices=list(SCORES), default="primary",
+                        help="a detection's score: its recording's primary label's, or the best of any species")
+    parser.add_argument("--choose", choices=CHOICES, default="best",
+                        help="which detections of a recording become extras: the best-scoring, or random ones")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --choose random")
+    parser.add_argument("--skip-start", type=float, default=0.0,
+                        help="no extra from the first this many seconds of a recording")
+    parser.add_argument("--skip-end", type=float, default=0.0,
+                        help="no extra from the last this many seconds of a recording")
+    parser.add_argument("--out", default="extras.csv", help="where to write the selection")
+    parser.add_argument("--write-audio", default=None, help="also write each extra as an ogg chunk here")
+    parser.add_argument("--audio-dir", default=None, help="train_audio folder, with --write-audio")
+    parser.add_argument("--chunk", type=float, default=8.0, help="seconds per written chunk")
+
+
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> pd.DataFrame:
+    """The parsed `extras` subcommand -> extras_command; `parser` reports a flag missing (as argparse does)."""
+    if args.write_audio and not args.audio_dir:
+        parser.error("--write-audio needs --audio-dir")
+    return extras_command(ExtrasCommand(
+        detections=args.detections, threshold=args.threshold, minimum=args.min, maximum=args.max,
+        divisor=args.divisor, keep_all_below=args.keep_all_below, score=args.score, choose=args.choose,
+        seed=args.seed, skip_start=args.skip_start, skip_end=args.skip_end, out=args.out,
+        write_audio=args.write_audio, audio_dir=args.audio_dir, chunk=args.chunk))
+
+
+def extras_command(command: ExtrasCommand) -> pd.DataFrame:
     """`python data.py extras`: select, write extras.csv, print the totals per species (with the
     recordings themselves, so the epoch's size is visible), and with --write-audio write the chunks."""
-    detections = pd.read_csv(args.detections, dtype={"filename": str, "primary_label": str}, keep_default_na=False)
-    extras = select_extras(detections, args.threshold, args.min, args.max, args.divisor, args.keep_all_below,
-                           score=args.score, choose=args.choose, seed=args.seed, skip_start=args.skip_start,
-                           skip_end=args.skip_end)
-    extras.to_csv(args.out, index=False)
-    totals = extras_totals(extras, detections, args.keep_all_below)
+    detections = pd.read_csv(command.detections, dtype={"filename": str, "primary_label": str},
+                             keep_default_na=False)
+    extras = select_extras(detections, command.threshold, command.minimum, command.maximum, command.divisor,
+                           command.keep_all_below, score=command.score, choose=command.choose, seed=command.seed,
+                           skip_start=command.skip_start, skip_end=command.skip_end)
+    extras.to_csv(command.out, index=False)
+    totals = extras_totals(extras, detections, command.keep_all_below)
     print(totals.to_string(index=False))
     print(f"{len(extras)} extras from {extras['filename'].nunique()} recordings of {(totals['extras'] > 0).sum()} "
-          f"species ({args.min}-{args.max}//{args.divisor:g}, {args.choose} by {args.score} score >= "
-          f"{args.threshold:g}; {int(totals['kept_whole'].sum())} species kept whole below {args.keep_all_below} "
-          f"recordings) + {int(totals['recordings'].sum())} recordings = {int(totals['per_epoch'].sum())} "
-          f"per epoch (all recordings; training uses its split's) -> {args.out}")
-    if args.write_audio:
-        print(f"wrote {write_extra_audio(extras, args.audio_dir, args.write_audio, args.chunk)} chunks to "
-              f"{args.write_audio}")
+          f"species ({command.minimum}-{command.maximum}//{command.divisor:g}, {command.choose} by "
+          f"{command.score} score >= {command.threshold:g}; {int(totals['kept_whole'].sum())} species kept whole "
+          f"below {command.keep_all_below} recordings) + {int(totals['recordings'].sum())} recordings = "
+          f"{int(totals['per_epoch'].sum())} per epoch (all recordings; training uses its split's) -> {command.out}")
+    if command.write_audio:
+        written = write_extra_audio(extras, command.audio_dir, command.write_audio, command.chunk)
+        print(f"wrote {written} chunks to {command.write_audio}")
     return extras

@@ -15,6 +15,7 @@ engines.py's job.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import math
@@ -41,90 +42,175 @@ log = logging.getLogger("birdclef")
 NOCALL = soundscapes.NOCALL
 
 
+# ----------------------------------------------------------------------------- settings
+#
+# infer.py's flags by concern. The defaults below are the only ones: the parser and
+# Predictor's keyword options both take them from here.
+
+@dataclass(frozen=True)
+class Job:
+    """What is scored and what is written: the command line's inputs and outputs (--ckpts ... --log-every)."""
+    ckpts: tuple[str, ...]
+    soundscapes: str = str(data.DEMO_DIR / "test_soundscapes")
+    file_list: str | None = None
+    out: str | None = None
+    format: str = "kaggle"
+    min_conf: float | None = None
+    combined: bool = False
+    top_k: int | None = None
+    skip_existing: bool = False
+    labels: str | None = None
+    audio_dir: str | None = None
+    detections: str | None = None
+    metadata: str | None = None
+    log_every: float = progress.LOG_EVERY_SECONDS
+
+    def __post_init__(self):
+        object.__setattr__(self, "ckpts", tuple(self.ckpts))   # argparse gives a list; frozen means frozen
+
+    @property
+    def detections_mode(self) -> bool:
+        """Per-window detections of training audio instead of a submission."""
+        return self.detections is not None
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the checkpoints' window scores become a file's rows. A stopped job is continued
+    (--skip-existing) only with the same (job_settings); of sample_submission, the columns it gives."""
+    ema: bool = False
+    average_weights: bool = False
+    sample_submission: str | None = None
+    combine: str = "mean"
+    power: float = 2.0
+    nocall_gate: bool = False
+    hop: float = soundscapes.ROW_SECONDS
+    smooth: str | None = None
+    file_prior: float = 0.0
+
+    def check(self) -> None:
+        """Settings that would put non-finite numbers into a submission are refused before any work."""
+        if self.combine == "power" and not self.power > 0:
+            raise ValueError(f"--power {self.power}: the exponent of --combine power must be positive")
+        if self.smooth:
+            try:
+                weights = [float(weight) for weight in self.smooth.split(",")]
+            except ValueError:
+                raise ValueError(f"--smooth {self.smooth!r}: expected comma-separated numbers such as "
+                                 f"0.1,0.8,0.1") from None
+            if (len(weights) % 2 != 1 or min(weights) < 0 or not sum(weights) > 0
+                    or not all(map(math.isfinite, weights))):
+                raise ValueError(f"--smooth {self.smooth}: needs an odd number of non-negative weights with a "
+                                 f"positive sum (each row is their weighted mean)")
+        if not 0 <= self.file_prior <= 1:
+            raise ValueError(f"--file-prior {self.file_prior}: a weight between 0 and 1")
+        if not 0 < self.hop <= soundscapes.ROW_SECONDS:     # a longer hop would leave rows without a window
+            raise ValueError(f"--hop {self.hop}: seconds between windows, above 0 and at most "
+                             f"{soundscapes.ROW_SECONDS:g}")
+
+
+SETTINGS = (Job, Scoring, engines.EngineSettings)
+OPTIONS = frozenset(item.name for kind in SETTINGS for item in dataclasses.fields(kind))   # = the flags' dests
+
+
+def settings_of(kind, options: dict):
+    """The settings dataclass `kind` from the options named as its fields (absent ones take its defaults)."""
+    return kind(**{item.name: options[item.name] for item in dataclasses.fields(kind) if item.name in options})
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Apply checkpoints to soundscapes; write a submission.",
                                      add_help=add_help,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_job_flags(parser)
+    add_scoring_flags(parser.add_argument_group("how the classifier is applied"))
+    add_engine_flags(parser.add_argument_group("speed"))
+    return parser
+
+
+def add_job_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input and output")
     group.add_argument("--ckpts", nargs="+", required=True,
                        help="checkpoints written by train.py (a run folder stands for its best.pt)")
-    group.add_argument("--soundscapes", default=str(data.DEMO_DIR / "test_soundscapes"),
+    group.add_argument("--soundscapes", default=Job.soundscapes,
                        help="folder of ogg/mp3/flac/wav files to score, searched recursively")
-    group.add_argument("--file-list", default=None, help="text file of audio paths to score, one a line "
+    group.add_argument("--file-list", default=Job.file_list, help="text file of audio paths to score, one a line "
                        "(instead of --soundscapes)")
-    group.add_argument("--out", default=None,
+    group.add_argument("--out", default=Job.out,
                        help="submission.csv (kaggle, csv) or a folder of selection tables (raven: "
                             "raven_selections/ by default)")
-    group.add_argument("--format", choices=("kaggle", "csv", "raven"), default="kaggle",
+    group.add_argument("--format", choices=("kaggle", "csv", "raven"), default=Job.format,
                        help="kaggle: row_id + species columns; csv: file, start_s, end_s + species "
                             "columns; raven: one Raven selection table per file")
-    group.add_argument("--min-conf", type=float, default=None,
+    group.add_argument("--min-conf", type=float, default=Job.min_conf,
                        help="raven: smallest score written (default 0.25 for sigmoid checkpoints, as BirdNET; "
                             "0.1 for softmax ones, whose scores share 1 among the species)")
-    group.add_argument("--combined", action="store_true", help="raven: also one table of every file's selections")
-    group.add_argument("--top-k", type=int, default=None,
+    group.add_argument("--combined", action="store_true", default=Job.combined,
+                       help="raven: also one table of every file's selections")
+    group.add_argument("--top-k", type=int, default=Job.top_k,
                        help="keep each row's k best species (the others 0 in a submission); detections list "
                             "k per window (default: all species, and 3 for --detections)")
-    group.add_argument("--skip-existing", action="store_true",
+    group.add_argument("--skip-existing", action="store_true", default=Job.skip_existing,
                        help="continue a job that was stopped: files whose rows <out>.parts/ already holds "
                             "are not scored again (refused if they were made with other settings)")
-    group.add_argument("--sample-submission", default=None,
+    group.add_argument("--sample-submission", default=Scoring.sample_submission,
                        help="take exactly these columns in this order (species no model knows get 0)")
-    group.add_argument("--labels", default=None,
+    group.add_argument("--labels", default=Job.labels,
                        help="score the predictions against a row_id x species 0/1 table or a "
                             "file,start_s,end_s,labels table")
 
     group = parser.add_argument_group("detections mode (score training audio)")
-    group.add_argument("--audio-dir", default=None, help="train_audio folder, searched recursively")
-    group.add_argument("--detections", default=None,
+    group.add_argument("--audio-dir", default=Job.audio_dir, help="train_audio folder, searched recursively")
+    group.add_argument("--detections", default=Job.detections,
                        help="write per-window detections here instead of a submission")
-    group.add_argument("--metadata", default=None,
+    group.add_argument("--metadata", default=Job.metadata,
                        help="train_metadata.csv: each file's primary label (default: beside --audio-dir), and the "
                             "common names in Raven tables")
 
-    group = parser.add_argument_group("how the classifier is applied")
-    group.add_argument("--combine", choices=("mean", "power"), default="mean",
+
+def add_scoring_flags(group) -> None:
+    group.add_argument("--combine", choices=("mean", "power"), default=Scoring.combine,
                        help="how checkpoints' scores are combined")
-    group.add_argument("--power", type=float, default=2.0, help="exponent of --combine power")
-    group.add_argument("--ema", action="store_true",
+    group.add_argument("--power", type=float, default=Scoring.power, help="exponent of --combine power")
+    group.add_argument("--ema", action="store_true", default=Scoring.ema,
                        help="use the checkpoints' exponential-moving-average weights (trained with --ema)")
-    group.add_argument("--average-weights", action="store_true",
+    group.add_argument("--average-weights", action="store_true", default=Scoring.average_weights,
                        help="average the checkpoints' weights into one model (same run, same config)")
-    group.add_argument("--nocall-gate", action="store_true",
+    group.add_argument("--nocall-gate", action="store_true", default=Scoring.nocall_gate,
                        help="checkpoints trained with --nocall: scale every species by 1 - p(nocall)")
-    group.add_argument("--hop", type=float, default=soundscapes.ROW_SECONDS,
+    group.add_argument("--hop", type=float, default=Scoring.hop,
                        help="seconds between window starts; below 5, overlapping windows are "
                             "averaged into the rows, weighted by overlap")
-    group.add_argument("--smooth", default=None,
+    group.add_argument("--smooth", default=Scoring.smooth,
                        help="odd number of comma-separated weights over neighbouring rows, e.g. 0.1,0.8,0.1")
-    group.add_argument("--file-prior", type=float, default=0.0,
+    group.add_argument("--file-prior", type=float, default=Scoring.file_prior,
                        help="mix each row with the file's per-species maximum: (1-w)*row + w*max")
 
-    group = parser.add_argument_group("speed")
-    group.add_argument("--batch-size", type=int, default=16,
+
+def add_engine_flags(group) -> None:
+    engine = engines.EngineSettings
+    group.add_argument("--batch-size", type=int, default=engine.batch_size,
                        help="windows per forward pass (raise it on a GPU)")
-    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=engine.channels_last,
                        help="torch backend on the CPU: channels-last convolutions (faster with oneDNN); "
                             "--no-channels-last is the plain eager path, for comparison")
-    group.add_argument("--threads", type=int, default=0,
+    group.add_argument("--threads", type=int, default=engine.threads,
                        help="CPU threads in all, shared among --streams (0 = torch's default: one per core)")
-    group.add_argument("--workers", type=int, default=1, help="threads decoding audio ahead of the model")
-    group.add_argument("--streams", type=int, default=2,
+    group.add_argument("--workers", type=int, default=engine.workers, help="threads decoding audio ahead of the model")
+    group.add_argument("--streams", type=int, default=engine.streams,
                        help="CPU: batches run at once, each on --threads / streams threads (at most one "
                             "stream per thread)")
-    group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=engine.precision,
                        help="auto: bf16 on CPUs with native bf16 (torch autocast, OpenVINO), else fp32")
-    group.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
+    group.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default=engine.backend,
                        help="CPU engine for the classifier; onnxruntime and openvino are optional "
                             "installs, checked against torch on the first batch")
-    group.add_argument("--parity-tolerance", type=float, default=0.02,
+    group.add_argument("--parity-tolerance", type=float, default=engine.parity_tolerance,
                        help="largest score difference from torch fp32 accepted on the first batch")
-    group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    group.add_argument("--log-every", type=float, default=progress.LOG_EVERY_SECONDS,
+    group.add_argument("--device", default=engine.device, help="cpu, cuda or cuda:N")
+    group.add_argument("--log-every", type=float, default=Job.log_every,
                        help="without a terminal (nohup, pipes, Kaggle's saved runs): a progress line every this "
                             "many seconds instead of a bar")
-    return parser
-
 
 
 # ----------------------------------------------------------------------------- ensemble members
@@ -154,24 +240,6 @@ def checkpoint_path(path) -> Path:
             raise FileNotFoundError(f"{path} is a folder without best.pt: pass one of its checkpoints")
         return path / "best.pt"
     return path
-
-
-def check_options(args) -> None:
-    """Options that would put non-finite numbers into a submission are refused before any work."""
-    if args.combine == "power" and not args.power > 0:
-        raise ValueError(f"--power {args.power}: the exponent of --combine power must be positive")
-    if args.smooth:
-        try:
-            weights = [float(weight) for weight in args.smooth.split(",")]
-        except ValueError:
-            raise ValueError(f"--smooth {args.smooth!r}: expected comma-separated numbers such as 0.1,0.8,0.1") from None
-        if len(weights) % 2 != 1 or min(weights) < 0 or not sum(weights) > 0 or not all(map(math.isfinite, weights)):
-            raise ValueError(f"--smooth {args.smooth}: needs an odd number of non-negative weights with a "
-                             f"positive sum (each row is their weighted mean)")
-    if not 0 <= args.file_prior <= 1:
-        raise ValueError(f"--file-prior {args.file_prior}: a weight between 0 and 1")
-    if not 0 < args.hop <= soundscapes.ROW_SECONDS:     # a longer hop would leave rows without a window
-        raise ValueError(f"--hop {args.hop}: seconds between windows, above 0 and at most {soundscapes.ROW_SECONDS:g}")
 
 
 def load_members(paths, average_weights: bool, ema: bool = False) -> list[Member]:
@@ -307,13 +375,13 @@ def apply_file_prior(scores: np.ndarray, weight: float) -> np.ndarray:
     return ((1 - weight) * scores + weight * scores.max(axis=0, keepdims=True)).astype(np.float32)
 
 
-def file_rows(per_member: list[np.ndarray], members: list[Member], n_columns: int, args) -> np.ndarray:
+def file_rows(per_member: list[np.ndarray], members: list[Member], n_columns: int, scoring: Scoring) -> np.ndarray:
     """Each member's (n_rows, C_m) row scores of one file -> its (n_rows, n_columns) output rows."""
-    scores = combine(per_member, members, n_columns, args.combine, args.power)
-    if args.smooth:
-        scores = smooth_rows(scores, [float(w) for w in args.smooth.split(",")])
-    if args.file_prior:
-        scores = apply_file_prior(scores, args.file_prior)
+    scores = combine(per_member, members, n_columns, scoring.combine, scoring.power)
+    if scoring.smooth:
+        scores = smooth_rows(scores, [float(w) for w in scoring.smooth.split(",")])
+    if scoring.file_prior:
+        scores = apply_file_prior(scores, scoring.file_prior)
     return scores
 
 
@@ -328,40 +396,44 @@ class Predictor:
     """
 
     def __init__(self, ckpts, **options):
-        args = get_args_parser().parse_args(["--ckpts", *map(str, ckpts)])
-        unknown = sorted(set(options) - set(vars(args)))
+        """options: infer.py's flags by their dests, defaults as there; those of the job's inputs and
+        outputs (`Job`: out, format, ...) are accepted and mean nothing here."""
+        unknown = sorted(set(options) - OPTIONS)
         if unknown:
             raise TypeError(f"unknown option(s) {unknown}; the options are infer.py's (python infer.py --help)")
-        vars(args).update(options)
-        check_options(args)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        self.args, self.device = args, distributed.local_device(args.device)
-        self.members = load_members(args.ckpts, args.average_weights, args.ema)
-        self.bf16 = engines.use_bf16(args.precision, self.device)
+        self.ckpts = tuple(map(str, ckpts))
+        if not self.ckpts:
+            raise ValueError("no checkpoints: --ckpts needs at least one")
+        self.scoring, self.engine = settings_of(Scoring, options), settings_of(engines.EngineSettings, options)
+        self.scoring.check()
+        if self.engine.threads:
+            torch.set_num_threads(self.engine.threads)
+        self.device = distributed.local_device(self.engine.device)
+        self.members = load_members(self.ckpts, self.scoring.average_weights, self.scoring.ema)
+        self.bf16 = engines.use_bf16(self.engine.precision, self.device)
         for member in self.members:
-            member.runner = engines.make_runner(member.model, args, self.device, self.bf16)
-        self.columns = output_columns(self.members, args.sample_submission)
+            member.runner = engines.make_runner(member.model, self.engine, self.device, self.bf16)
+        self.columns = output_columns(self.members, self.scoring.sample_submission)
         align(self.members, self.columns)
-        if args.nocall_gate and not any(NOCALL in member.model.labels for member in self.members):
+        if self.scoring.nocall_gate and not any(NOCALL in member.model.labels for member in self.members):
             log.warning("--nocall-gate has no effect: no checkpoint has a '%s' class (train with --nocall)", NOCALL)
 
     def scored(self, items):
         """Each file (or (name, samples, rate)) -> (path or name, rows (n_rows, n_columns) or None, problem
         or None, seconds of audio), as soon as every member has scored it; files in order."""
-        members, args = self.members, self.args
-        streams = [engines.WindowStream(member.runner, member.model, args.batch_size, member.name)
+        members, engine, scoring = self.members, self.engine, self.scoring
+        streams = [engines.WindowStream(member.runner, member.model, engine.batch_size, member.name)
                    for member in members]
         row_weights, seconds = {}, {}   # key -> each member's (n_rows, W) weights of its windows; its length (s)
         for decoded in engines.in_threads(functools.partial(decode, rates=[m.sample_rate for m in members]),
-                                          items, args.workers):
+                                          items, engine.workers):
             key = decoded["path"]
             if decoded["error"] is None:
                 rate = members[0].sample_rate
                 n_rows = soundscapes.row_count(len(decoded["waveforms"][rate]), rate)
                 row_weights[key], seconds[key] = [], decoded["seconds"]
                 for member, stream in zip(members, streams):
-                    starts, weights = soundscapes.window_plan(n_rows, member.window_seconds, args.hop)
+                    starts, weights = soundscapes.window_plan(n_rows, member.window_seconds, scoring.hop)
                     row_weights[key].append(weights)
                     stream.add(key, decoded["waveforms"][member.sample_rate].numpy(),
                                soundscapes.window_offsets(starts, member.sample_rate))
@@ -373,11 +445,11 @@ class Predictor:
                 log.warning("%s: %s; writing %d row(s) of zeros", key, decoded["error"], n_rows)
                 yield (key, np.zeros((n_rows, len(self.columns)), dtype=np.float32),
                        f"{key}: {decoded['error']}; {n_rows} row(s) of zeros", 0.0)
-            for done, rows in finished_rows(streams, members, row_weights, len(self.columns), args).items():
+            for done, rows in finished_rows(streams, members, row_weights, len(self.columns), scoring).items():
                 yield done, *finite_rows(done, rows), seconds.pop(done)
         for stream in streams:
             stream.start_batches(final=True)
-        for done, rows in finished_rows(streams, members, row_weights, len(self.columns), args).items():
+        for done, rows in finished_rows(streams, members, row_weights, len(self.columns), scoring).items():
             yield done, *finite_rows(done, rows), seconds.pop(done)
 
     def predict(self, inputs, sample_rate: int | None = None) -> pd.DataFrame:
@@ -408,7 +480,7 @@ def finite_rows(key, rows: np.ndarray) -> tuple[np.ndarray, str | None]:
     return np.zeros_like(rows), f"{key}: non-finite scores; {len(rows)} row(s) of zeros"
 
 
-def finished_rows(streams, members: list[Member], row_weights: dict, n_columns: int, args) -> dict:
+def finished_rows(streams, members: list[Member], row_weights: dict, n_columns: int, scoring: Scoring) -> dict:
     """The output rows of every file whose windows all members have scored (taken out of row_weights)."""
     done = [path for path in row_weights if all(path in stream.finished for stream in streams)]
     rows = {}
@@ -416,10 +488,10 @@ def finished_rows(streams, members: list[Member], row_weights: dict, n_columns: 
         per_member = []
         for member, stream, weights in zip(members, streams, row_weights.pop(path)):
             scores = stream.finished.pop(path)                                  # (W, C_m)
-            if args.nocall_gate:
+            if scoring.nocall_gate:
                 scores = gate_by_nocall(scores, member.model.labels)
             per_member.append(weights @ scores)                                 # (n_rows, C_m)
-        rows[path] = file_rows(per_member, members, n_columns, args)
+        rows[path] = file_rows(per_member, members, n_columns, scoring)
     return rows
 
 
@@ -427,40 +499,41 @@ def finished_rows(streams, members: list[Member], row_weights: dict, n_columns: 
 
 def main(args) -> dict:
     """Score every file and write the output. Under torchrun each process scores every
-    world_size-th file and rank 0 writes the output."""
-    return distributed.call_in_group(distributed.local_device(args.device), functools.partial(infer, args))
+    world_size-th file and rank 0 writes the output. The flags become settings here; nothing below sees them."""
+    options = vars(args)
+    job, scoring, engine = (settings_of(kind, options) for kind in SETTINGS)
+    with distributed.process_group(distributed.local_device(engine.device)):
+        return infer(job, scoring, engine)
 
 
-def infer(args) -> dict:
+def infer(job: Job, scoring: Scoring, engine: engines.EngineSettings) -> dict:
     """Files -> the predictor -> each file's rows saved as a part as soon as it is scored -> the output,
     assembled by rank 0 from the parts -> a summary."""
-    detections_mode = args.detections is not None
-    out = output_path(args, detections_mode)
-    files = input_files(args, detections_mode)
-    if not detections_mode:                      # row ids and Raven tables are named by the file's stem
+    out = output_path(job)
+    files = input_files(job)
+    if not job.detections_mode:                  # row ids and Raven tables are named by the file's stem
         outputs.check_unique_names(files)
-    predictor = Predictor(args.ckpts, **{key: value for key, value in vars(args).items() if key != "ckpts"})
+    predictor = Predictor(job.ckpts, **dataclasses.asdict(scoring), **dataclasses.asdict(engine))
     if not files:  # Kaggle's visible run: an empty test folder still needs a valid submission
-        kind = "kaggle" if detections_mode else args.format
+        kind = "kaggle" if job.detections_mode else job.format
         if kind == "raven":
             out.mkdir(parents=True, exist_ok=True)
         else:
             outputs.header_only_submission(predictor.columns, out, kind)
-        log.warning("no audio to score in %s: wrote %s with %s only", args.file_list or args.soundscapes, out,
+        log.warning("no audio to score in %s: wrote %s with %s only", job.file_list or job.soundscapes, out,
                     "no table" if kind == "raven" else "the header")
         return {"rows": 0, "problems": [], "audio_seconds": 0.0, "wall_seconds": 0.0, "realtime_factor": 0.0}
     rank, world_size = distributed.rank_and_world_size()
-    store = outputs.PartStore(Path(f"{out}.parts"), job_settings(args, predictor), args.skip_existing,
-                              prepare=rank == 0)
+    store = outputs.PartStore(Path(f"{out}.parts"), job_settings(predictor), job.skip_existing, prepare=rank == 0)
     distributed.barrier()                     # the other ranks write parts only once rank 0 has the folder ready
     todo = [path for path in files[rank::world_size] if not store.has(path)]
     log.info("%d file(s) (%d done before), %d model(s), %d species, backend %s, %s%s", len(files),
              len(files) - len(todo) if world_size == 1 else 0, len(predictor.members), len(predictor.columns),
-             args.backend, "bf16" if predictor.bf16 else "fp32",
+             engine.backend, "bf16" if predictor.bf16 else "fp32",
              f", {world_size} processes" if world_size > 1 else "")
     started, seconds, unscored = time.perf_counter(), 0.0, []
     for path, rows, problem, file_seconds in progress.bar(predictor.scored(todo), total=len(todo), desc="scoring",
-                                                          unit="file", every=args.log_every):
+                                                          unit="file", every=job.log_every):
         seconds += file_seconds
         if rows is None:
             unscored.append(problem)
@@ -469,56 +542,59 @@ def infer(args) -> dict:
     shares = distributed.gather_objects((unscored, seconds))       # and every rank's parts are written
     if rank != 0:
         return {"rank": rank}
-    summary = write_outputs(args, predictor, files, store, out, detections_mode)
+    summary = write_outputs(job, predictor, files, store, out)
     store.remove()
     wall = time.perf_counter() - started
     summary["problems"] = [line for share, _ in shares for line in share] + summary["problems"]
     summary["audio_seconds"], summary["wall_seconds"] = sum(share for _, share in shares), wall
     summary["realtime_factor"] = summary["audio_seconds"] / wall if wall > 0 else float("inf")
-    report(summary, args, detections_mode)
+    report(summary, job)
     return summary
 
 
-def input_files(args, detections_mode: bool) -> list[Path]:
+def input_files(job: Job) -> list[Path]:
     """--file-list, or every audio file below --audio-dir (detections) or --soundscapes; [] for an empty
     or missing soundscapes folder (Kaggle's visible run has no test soundscapes)."""
-    if detections_mode:
-        if not args.audio_dir:
+    if job.detections_mode:
+        if not job.audio_dir:
             raise ValueError("--detections needs --audio-dir (the train_audio folder)")
-        return list_audio(args.audio_dir)
-    if args.file_list:
-        files = [Path(line.strip()) for line in Path(args.file_list).read_text().splitlines() if line.strip()]
+        return list_audio(job.audio_dir)
+    if job.file_list:
+        files = [Path(line.strip()) for line in Path(job.file_list).read_text().splitlines() if line.strip()]
         missing = [path for path in files if not path.is_file()]
         if missing:
-            raise FileNotFoundError(f"{args.file_list}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]}")
+            raise FileNotFoundError(f"{job.file_list}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]}")
         return files
-    folder = Path(args.soundscapes)
+    folder = Path(job.soundscapes)
     return audio.audio_files(folder) if folder.is_dir() else []
 
 
-def output_path(args, detections_mode: bool) -> Path:
+def output_path(job: Job) -> Path:
     """Where the output goes: --detections, --out, or by format submission.csv / raven_selections/;
     checked before any work (a Raven folder is never written over a file, a CSV never over a folder)."""
-    out = Path(args.detections if detections_mode else args.out or
-               ("raven_selections" if args.format == "raven" else "submission.csv"))
-    if args.format == "raven" and not detections_mode and out.is_file():
+    out = Path(job.detections if job.detections_mode else job.out or
+               ("raven_selections" if job.format == "raven" else "submission.csv"))
+    if job.format == "raven" and not job.detections_mode and out.is_file():
         raise FileExistsError(f"--format raven writes a folder of tables and {out} is a file: give --out a folder")
-    if (args.format != "raven" or detections_mode) and out.is_dir():
+    if (job.format != "raven" or job.detections_mode) and out.is_dir():
         raise IsADirectoryError(f"{out} is a folder: give --out a file name")
     return out
 
 
-def job_settings(args, predictor: Predictor) -> dict:
-    """How the rows are computed: a stopped job is continued (--skip-existing) only with the same."""
+def job_settings(predictor: Predictor) -> dict:
+    """How the predictor computes the rows: a stopped job is continued (--skip-existing) only with the
+    same. Its keys and values are those of settings.json files already written: keep them."""
     checkpoints = [[str(checkpoint_path(path).resolve()), checkpoint_path(path).stat().st_size,
-                    checkpoint_path(path).stat().st_mtime_ns] for path in args.ckpts]
+                    checkpoint_path(path).stat().st_mtime_ns] for path in predictor.ckpts]
+    scoring, engine = predictor.scoring, predictor.engine
     return {"checkpoints": checkpoints, "columns": predictor.columns,
             "bf16": predictor.bf16,
-            **{key: getattr(args, key) for key in ("ema", "average_weights", "hop", "smooth", "file_prior", "combine",
-                                                   "power", "nocall_gate", "backend", "device")}}
+            **{key: getattr(scoring, key) for key in ("ema", "average_weights", "hop", "smooth", "file_prior",
+                                                      "combine", "power", "nocall_gate")},
+            "backend": engine.backend, "device": engine.device}
 
 
-def write_outputs(args, predictor: Predictor, files: list[Path], store, out: Path, detections_mode: bool) -> dict:
+def write_outputs(job: Job, predictor: Predictor, files: list[Path], store, out: Path) -> dict:
     """Every file's rows, from its part -> the output (atomically) -> a summary."""
     results, problems = {}, []
     for path in files:
@@ -526,31 +602,31 @@ def write_outputs(args, predictor: Predictor, files: list[Path], store, out: Pat
             results[path], problem = store.load(path)
             problems += [problem] if problem else []
     summary = {"problems": problems}
-    if detections_mode:
-        table = outputs.detections_table(results, files, predictor.columns, Path(args.audio_dir), args.metadata,
-                                         args.top_k or 3)
+    if job.detections_mode:
+        table = outputs.detections_table(results, files, predictor.columns, Path(job.audio_dir), job.metadata,
+                                         job.top_k or 3)
         outputs.write_atomic(out, lambda path: table.to_csv(path, index=False))
         log.info("wrote %s: %d windows from %d file(s)", out, len(table), len(results))
         return summary | {"detections": table}
-    table = outputs.row_table(results, files, predictor.columns, args.top_k)
+    table = outputs.row_table(results, files, predictor.columns, job.top_k)
     summary |= {"submission": table[["row_id", *predictor.columns]], "rows": len(table)}
-    if args.format == "raven":
+    if job.format == "raven":
         members = predictor.members
         band = (min(m.model.config["fmin"] for m in members), max(m.model.config["fmax"] for m in members))
-        min_conf = args.min_conf if args.min_conf is not None else (
+        min_conf = job.min_conf if job.min_conf is not None else (
             0.25 if all(m.model.activation == "sigmoid" for m in members) else 0.1)
         tables = outputs.raven_tables(table, {path.name: path.resolve() for path in files}, min_conf, band,
-                                      outputs.common_names_of(args.metadata))
-        written = outputs.write_raven(tables, out, args.combined)
+                                      outputs.common_names_of(job.metadata))
+        written = outputs.write_raven(tables, out, job.combined)
         log.info("wrote %d selection table(s) to %s: %d detection(s) scoring >= %g over %d rows", len(tables), out,
                  written, min_conf, len(table))
     else:
-        outputs.write_submission(table, out, args.format)
+        outputs.write_submission(table, out, job.format)
         log.info("wrote %s: %d rows from %d file(s)", out, len(table), len(results))
     return summary
 
 
-def report(summary: dict, args, detections_mode: bool) -> None:
+def report(summary: dict, job: Job) -> None:
     """Speed, problems, and with --labels the scores of the submission."""
     speed = summary["realtime_factor"]
     log.info("audio %.1f min, wall %.1f s, %.0fx real time; BirdCLEF 2023 test set (200 x 10 min) "
@@ -558,10 +634,10 @@ def report(summary: dict, args, detections_mode: bool) -> None:
              200 * 600 / speed / 60 if speed else float("nan"))
     for line in summary["problems"]:
         log.warning("problem: %s", line)
-    if args.labels and not detections_mode:
+    if job.labels and not job.detections_mode:
         # with --file-list, the label table's own audio folder (2021: train_soundscapes/ beside it)
-        scores = soundscapes.score_submission(summary["submission"], args.labels,
-                                              None if args.file_list else args.soundscapes)
+        scores = soundscapes.score_submission(summary["submission"], job.labels,
+                                              None if job.file_list else job.soundscapes)
         log.info("scored %d labelled rows: cmAP5 %.4f  cmAP3 %.4f  macro AP %.4f  LRAP %.4f",
                  scores["rows"], scores["cmap5"], scores["cmap3"], scores["macro_ap"], scores["lrap"])
         summary["scores"] = scores

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import augment
+import losses
 import model as model_lib
 
 log = logging.getLogger("birdclef")
@@ -72,13 +73,27 @@ class Schedule:
         return high + (low - high) / 2 * (math.cos(math.pi * progress) + 1)
 
 
-def schedule_of(args, steps_per_epoch: int) -> Schedule:
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """--optimizer with --lr (the schedule's peak), --momentum, --weight-decay, and the schedule's flags."""
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    lr_schedule: str
+    schedule_epochs: float          # the schedule's length: --schedule-epochs, else --epochs
+    warmup_epochs: float
+    warmup_lr: float
+    step_epochs: float
+    step_gamma: float
+
+
+def schedule_of(settings: OptimizerSettings, steps_per_epoch: int) -> Schedule:
     """--lr-schedule and its flags, in optimiser steps."""
-    epochs = args.schedule_epochs if args.schedule_epochs else args.epochs
-    return Schedule(kind=args.lr_schedule, total_steps=int(epochs * steps_per_epoch),
-                    warmup_steps=int(args.warmup_epochs * steps_per_epoch), peak=args.lr,
-                    warmup_start=args.warmup_lr, step_size=max(int(args.step_epochs * steps_per_epoch), 1),
-                    gamma=args.step_gamma)
+    return Schedule(kind=settings.lr_schedule, total_steps=int(settings.schedule_epochs * steps_per_epoch),
+                    warmup_steps=int(settings.warmup_epochs * steps_per_epoch), peak=settings.lr,
+                    warmup_start=settings.warmup_lr, step_size=max(int(settings.step_epochs * steps_per_epoch), 1),
+                    gamma=settings.step_gamma)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -90,17 +105,17 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decayed, "weight_decay": weight_decay}, {"params": undecayed, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, settings: OptimizerSettings) -> torch.optim.Optimizer:
     """--optimizer adamw (decoupled weight decay), adam (decay as an L2 term in the gradient) or sgd;
     --momentum is SGD's momentum and the Adams' beta1."""
-    groups = parameter_groups(model, args.weight_decay)
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=args.lr, betas=(args.momentum, 0.999))
-    if args.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=args.lr, betas=(args.momentum, 0.999))
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
-    raise ValueError(f"unknown optimizer {args.optimizer!r}; expected one of {OPTIMIZERS}")
+    groups = parameter_groups(model, settings.weight_decay)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.momentum, 0.999))
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=settings.lr, betas=(settings.momentum, 0.999))
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
+    raise ValueError(f"unknown optimizer {settings.optimizer!r}; expected one of {OPTIMIZERS}")
 
 
 def precision_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtype, bool]:
@@ -127,6 +142,39 @@ def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
 
 # ----------------------------------------------------------------------------- what a training step updates
 
+@dataclass(frozen=True)
+class LearnerSettings:
+    """Everything build_learner makes a Learner from."""
+    model: dict                          # model_lib.MODEL_SETTINGS: the model flags and the loss's activation
+    pretrained: bool                     # timm's pretrained weights (or pretrained_file's)
+    pretrained_file: str | None
+    init_from: str | None                # a checkpoint with another vocabulary to start from
+    head_init: str                       # with init_from: copy, fresh or extend
+    freeze_backbone_epochs: int
+    freeze_head_epochs: int
+    optimization: OptimizerSettings
+    amp: str
+    ema: float                           # EMA decay; 0 = no EMA
+    sync_bn: bool
+    channels_last: bool
+    compile: bool
+    augment: augment.AugmentSettings     # scaled by --aug-strength
+    background_dir: str | None           # --bg-dir, when augmentation is on
+    seed: int                            # of the initial weights
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What one training step needs besides the Learner."""
+    seed: int
+    loss: losses.LossSettings
+    mixup_alpha: float
+    mixup_prob: float                    # scaled by --aug-strength
+    amp: str
+    clip_grad_norm: float                # 0 = no clipping
+    skip_nonfinite: int                  # bad batches skipped before the run stops
+
+
 @dataclass
 class Learner:
     """The model and everything a training step updates or uses with it; built whole by build_learner."""
@@ -141,79 +189,75 @@ class Learner:
     ema: torch.optim.swa_utils.AveragedModel | None = None   # with --ema
 
 
-def build_learner(args, labels: list[str], device: torch.device, steps_per_epoch: int,
+def build_learner(settings: LearnerSettings, labels: list[str], device: torch.device, steps_per_epoch: int,
                   checkpoint: dict | None = None) -> Learner:
     """A fresh model (or --init-from's weights), its optimiser, scaler, EMA and augmentation; with
     `checkpoint` (--resume), all of their states restored from it."""
-    source = model_lib.read_checkpoint(args.init_from) if args.init_from and checkpoint is None else None
-    if checkpoint is not None:  # resumed: the model the run made, extended head included
-        extended_from = checkpoint["model_config"].get("head_extended_from", 0)
-    else:
-        extended_from = len(source["labels"]) if source is not None and args.head_init == "extend" else 0
-    torch.manual_seed(args.seed)  # the initial weights (later randomness is seeded per step)
-    model = model_lib.build_model(args, labels, extended_from)
-    if source is not None:
-        counts = model_lib.transfer_weights(model, source, args.head_init)
-        log.info("--init-from %s (--head-init %s): frontend and backbone copied; %d species shared, %d new, "
-                 "%d of the checkpoint's unused", args.init_from, args.head_init, counts["shared_species"],
-                 counts["new_species"], counts["dropped_species"])
-    if args.sync_bn:
+    model = initial_model(settings, labels, resumed=checkpoint)
+    if settings.sync_bn:
         if not dist.is_initialized() or device.type != "cuda":
             raise ValueError("--sync-bn needs torchrun on CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
-    if args.channels_last:  # the spectrogram images follow the weights' layout inside the convolutions
+    if settings.channels_last:  # the spectrogram images follow the weights' layout inside the convolutions
         model.backbone.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision_settings(args.amp, device)[2])
+    optimizer = make_optimizer(model, settings.optimization)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision_settings(settings.amp, device)[2])
     ema = None
-    if args.ema:
+    if settings.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
-    if args.compile:  # in place, after the EMA copy: parameter names, and so checkpoints, stay the plain model's
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema), use_buffers=True)
+    if settings.compile:  # in place, after the EMA copy: parameter names, and so checkpoints, stay the plain model's
         model.backbone.compile()
     background = None
-    if args.bg_dir and args.aug_strength > 0:
-        background = augment.BackgroundBank(args.bg_dir, args.sample_rate, model.window_samples)
-        log.info("background noise: %d file(s) from %s", len(background), args.bg_dir)
-    learner = Learner(model, model, optimizer, scaler, device, schedule=schedule_of(args, steps_per_epoch),
-                      augment=augment_settings(args), background=background, ema=ema)
+    if settings.background_dir:
+        background = augment.BackgroundBank(settings.background_dir, settings.model["sample_rate"],
+                                            model.window_samples)
+        log.info("background noise: %d file(s) from %s", len(background), settings.background_dir)
+    learner = Learner(model, model, optimizer, scaler, device, schedule=schedule_of(settings.optimization,
+                      steps_per_epoch), augment=settings.augment, background=background, ema=ema)
     if checkpoint is not None:
         restore_learner(learner, checkpoint)
-    learner.trainer = wrap_for_training(model, args, device)  # after restoring: DDP copies rank 0's weights
+    # after restoring: DDP copies rank 0's weights; a frozen part produces no gradients, which DDP must expect
+    learner.trainer = wrap_for_training(model, device, settings.freeze_backbone_epochs > 0
+                                        or settings.freeze_head_epochs > 0)
     return learner
 
 
-def check_pretrained_weights(args) -> None:
+def initial_model(settings: LearnerSettings, labels: list[str], resumed: dict | None) -> model_lib.BirdCallModel:
+    """The model before training: random or pretrained weights, or --init-from's (with its head grown by
+    --head-init extend); a resumed run rebuilds the model it made (its weights are restored later)."""
+    source = (model_lib.read_checkpoint(settings.init_from) if settings.init_from and resumed is None
+              else None)
+    if resumed is not None:  # resumed: the model the run made, extended head included
+        extended_from = resumed["model_config"].get("head_extended_from", 0)
+    else:
+        extended_from = len(source["labels"]) if source is not None and settings.head_init == "extend" else 0
+    torch.manual_seed(settings.seed)  # the initial weights (later randomness is seeded per step)
+    model = model_lib.build_model(settings.model, labels, settings.pretrained, settings.pretrained_file,
+                                  extended_from)
+    if source is not None:
+        counts = model_lib.transfer_weights(model, source, settings.head_init)
+        log.info("--init-from %s (--head-init %s): frontend and backbone copied; %d species shared, %d new, "
+                 "%d of the checkpoint's unused", settings.init_from, settings.head_init, counts["shared_species"],
+                 counts["new_species"], counts["dropped_species"])
+    return model
+
+
+def check_pretrained_weights(backbone: str, pretrained: bool, pretrained_file: str | None) -> None:
     """With --pretrained or --pretrained-file, load the backbone's weights once now (timm keeps a download
     in its cache), so that weights that cannot be had stop the run before any file is written."""
-    if args.pretrained or args.pretrained_file:
-        model_lib.create_backbone(args.backbone, pretrained=not args.pretrained_file,
-                                  pretrained_file=args.pretrained_file)
+    if pretrained or pretrained_file:
+        model_lib.create_backbone(backbone, pretrained=not pretrained_file, pretrained_file=pretrained_file)
 
 
-def augment_settings(args) -> augment.AugmentSettings:
-    """The augmentation flags, scaled by --aug-strength."""
-    settings = augment.AugmentSettings(
-        noise_prob=args.noise_prob, noise_snr=tuple(args.noise_snr), bg_prob=args.bg_prob if args.bg_dir else 0.0,
-        bg_snr=tuple(args.bg_snr), cutmix_prob=args.cutmix_prob, cutmix_alpha=args.cutmix_alpha,
-        gain_prob=args.gain_prob, gain_db=args.gain_db, shift_prob=args.shift_prob, shift_max=args.shift_max,
-        freq_masks=args.freq_masks, time_masks=args.time_masks, mask_max_pct=args.mask_max_pct,
-        mix_prob=args.mix_prob, mix_clips=args.mix_clips, mix_gain_db=tuple(args.mix_gain_db),
-        distance_prob=args.distance_prob, distance_db=tuple(args.distance_db),
-        distance_lowpass_hz=tuple(args.distance_lowpass), reverb_prob=args.reverb_prob,
-        reverb_rt60=tuple(args.reverb_rt60), sample_rate=args.sample_rate)
-    return settings.scaled(args.aug_strength)
-
-
-def wrap_for_training(model: torch.nn.Module, args, device) -> torch.nn.Module:
+def wrap_for_training(model: torch.nn.Module, device, find_unused_parameters: bool) -> torch.nn.Module:
     """The module the training forward calls: DistributedDataParallel under torchrun, else the model."""
     if not dist.is_initialized():
         return model
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
-        # a frozen backbone or head produces no gradients, which DDP must be told to expect
-        find_unused_parameters=args.freeze_backbone_epochs > 0 or args.freeze_head_epochs > 0)
+        find_unused_parameters=find_unused_parameters)
 
 
 def set_activation(learner: Learner, loss_name: str) -> None:
@@ -235,9 +279,9 @@ def set_train_mode(model, frozen_backbone: bool = False, frozen_head: bool = Fal
         model.backbone.eval()
 
 
-def frozen_parts(args, epoch: int) -> tuple[bool, bool]:
+def frozen_parts(settings: LearnerSettings, epoch: int) -> tuple[bool, bool]:
     """(backbone frozen, head frozen) in `epoch`: --freeze-backbone-epochs, --freeze-head-epochs."""
-    return epoch < args.freeze_backbone_epochs, epoch < args.freeze_head_epochs
+    return epoch < settings.freeze_backbone_epochs, epoch < settings.freeze_head_epochs
 
 
 def restore_learner(learner: Learner, checkpoint: dict) -> None:

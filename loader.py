@@ -16,6 +16,7 @@ import logging
 import math
 import multiprocessing
 import queue
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -243,23 +244,39 @@ def _empty_batch(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(size), 0, shape)
 
 
-def make_loader(dataset, args, device, batch_sampler=None) -> RingDataLoader:
+def make_loader(dataset, batch_size: int, workers: int, device, batch_sampler=None) -> RingDataLoader:
     """The DataLoader of train.py: batches from `batch_sampler` (training), else the dataset in
-    order in --batch-size batches (validation)."""
-    common = dict(num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                  worker_init_fn=_worker_init if args.workers else None)
+    order in `batch_size` batches (validation)."""
+    common = dict(num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                  worker_init_fn=_worker_init if workers else None)
     if batch_sampler is not None:
-        return RingDataLoader(dataset, batch_sampler=batch_sampler, ring_batch_size=args.batch_size, **common)
-    return RingDataLoader(dataset, batch_size=args.batch_size, shuffle=False, ring_batch_size=args.batch_size,
-                          **common)
+        return RingDataLoader(dataset, batch_sampler=batch_sampler, ring_batch_size=batch_size, **common)
+    return RingDataLoader(dataset, batch_size=batch_size, shuffle=False, ring_batch_size=batch_size, **common)
 
 
 def _worker_init(_):
     torch.set_num_threads(1)  # workers only decode and resample; don't fight the model for cores
 
 
-def epoch_batches(train_set, args, epoch: int, start_batch: int = 0) -> sampling.EpochBatchSampler:
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How training batches are drawn and loaded: --batch-size (per process), --workers, --sampler,
+    --cap-per-class, --seed."""
+    batch_size: int
+    workers: int
+    sampler: str
+    cap_per_class: int
+    seed: int
+
+
+def epoch_batches(train_set, settings: LoaderSettings, epoch: int, start_batch: int = 0) -> sampling.EpochBatchSampler:
     """This rank's batches of one epoch, from `start_batch`: its shard of the epoch's single draw."""
-    draw = sampling.draw_epoch(len(train_set), args.seed, epoch, train_set.primary_labels, args.sampler,
-                               args.cap_per_class)
-    return sampling.EpochBatchSampler(draw, args.batch_size, epoch, start_batch, *distributed.rank_and_world_size())
+    draw = sampling.draw_epoch(len(train_set), settings.seed, epoch, train_set.primary_labels, settings.sampler,
+                               settings.cap_per_class)
+    return sampling.EpochBatchSampler(draw, settings.batch_size, epoch, start_batch,
+                                      *distributed.rank_and_world_size())
+
+
+def training_loader(train_set, settings: LoaderSettings, device, batches: sampling.EpochBatchSampler) -> RingDataLoader:
+    """The loader of one epoch's `batches` (epoch_batches)."""
+    return make_loader(train_set, settings.batch_size, settings.workers, device, batches)

@@ -7,6 +7,8 @@ focal, applied by model.activate() at evaluation and inference.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -43,15 +45,27 @@ def compute_loss(logits: torch.Tensor, targets: torch.Tensor, loss_name: str, la
     raise ValueError(f"unknown loss {loss_name!r}")
 
 
-def loss_at_epoch(args, epoch: int) -> str:
-    """--loss, or --loss-after from --loss-switch-epoch on."""
-    if args.loss_after and args.loss_switch_epoch is not None and epoch >= args.loss_switch_epoch:
-        return args.loss_after
-    return args.loss
+@dataclass(frozen=True)
+class LossSettings:
+    """--loss and its parameters; --loss-after replaces --loss from --loss-switch-epoch on."""
+    loss: str
+    label_smoothing: float
+    focal_gamma: float
+    focal_alpha: float | None
+    loss_after: str | None
+    loss_switch_epoch: int | None
+
+    def at_epoch(self, epoch: int) -> str:
+        """The loss in use in `epoch`."""
+        if self.loss_after and self.loss_switch_epoch is not None and epoch >= self.loss_switch_epoch:
+            return self.loss_after
+        return self.loss
 
 
-def batch_loss(logits, targets, args, loss_name: str) -> torch.Tensor:
-    return compute_loss(logits, targets, loss_name, args.label_smoothing, args.focal_gamma, args.focal_alpha)
+def batch_loss(logits, targets, settings: LossSettings, loss_name: str) -> torch.Tensor:
+    """The training loss of a batch: `loss_name` (settings.at_epoch) with the settings' parameters."""
+    return compute_loss(logits, targets, loss_name, settings.label_smoothing, settings.focal_gamma,
+                        settings.focal_alpha)
 
 
 class NonFiniteLossError(RuntimeError):

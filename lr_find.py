@@ -22,18 +22,18 @@ log = logging.getLogger("birdclef")
 LOWEST_RATE, HIGHEST_RATE = 1e-7, 1.0
 
 
-def find_learning_rate(learner: learner_lib.Learner, train_set, args, out_dir: Path) -> float:
-    """The range test on training batches, epoch after epoch -> the suggested --lr."""
+def find_learning_rate(learner: learner_lib.Learner, train_set, batches: loader.LoaderSettings,
+                       loss_settings: losses.LossSettings, steps: int, out_dir: Path) -> float:
+    """The range test over `steps` training batches, epoch after epoch -> the suggested --lr."""
     model, optimizer, device = learner.model, learner.optimizer, learner.device
-    steps = args.lr_find_steps
     rates, smoothed_losses, smoothed, best = [], [], 0.0, float("inf")
     learner_lib.set_train_mode(model, False)
-    for step, batch in zip(range(steps), endless_batches(train_set, args, device)):
+    for step, batch in zip(range(steps), endless_batches(train_set, batches, device)):
         rate = LOWEST_RATE * (HIGHEST_RATE / LOWEST_RATE) ** (step / max(steps - 1, 1))
         for group in optimizer.param_groups:
             group["lr"] = rate
         waveforms = audio.as_float(batch["waveform"].to(device))                   # (B, samples)
-        loss = losses.batch_loss(model(waveforms), batch["target"].to(device), args, args.loss)
+        loss = losses.batch_loss(model(waveforms), batch["target"].to(device), loss_settings, loss_settings.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -57,10 +57,10 @@ def find_learning_rate(learner: learner_lib.Learner, train_set, args, out_dir: P
     return suggestion
 
 
-def endless_batches(train_set, args, device):
+def endless_batches(train_set, settings: loader.LoaderSettings, device):
     """Decoded training batches, epoch after epoch (the range test ignores epochs)."""
     for epoch in itertools.count():
-        for batch in loader.make_loader(train_set, args, device, loader.epoch_batches(train_set, args, epoch)):
+        for batch in loader.training_loader(train_set, settings, device, loader.epoch_batches(train_set, settings, epoch)):
             if batch is not None:
                 yield batch
 

@@ -403,43 +403,37 @@ def activation_for_loss(loss_name: str) -> str:
     return "softmax" if loss_name == "ce" else "sigmoid"
 
 
-def model_config(args, labels: list[str]) -> dict:
-    """The plain-dict description of a model, from train.py's arguments.
+MODEL_SETTINGS = ("backbone", "activation", "sample_rate", "window_seconds", "n_fft", "hop", "n_mels", "fmin", "fmax",
+                  "normalization", "dropout", "frontend", "img_size", "head", *frontend_lib.PCEN_DEFAULTS)
+OPTIONAL_SETTINGS = {"frontend": "mel", "img_size": None, "head": "linear", **frontend_lib.PCEN_DEFAULTS}
 
-    Options added after the first checkpoints are read with getattr defaults, so this works
-    whether or not train.py defines their flags; the values are always written out.
+
+def model_config(settings: dict, labels: list[str]) -> dict:
+    """The plain-dict description of a model (what `BirdCallModel.config` holds and checkpoints store):
+    `settings` (MODEL_SETTINGS: train.py's model flags and the loss's activation) with the labels.
+
+    Settings added after the first checkpoints (OPTIONAL_SETTINGS) may be absent and take their
+    defaults; the values are always written out.
     """
-    img_size = getattr(args, "img_size", None)
-    config = {
-        "backbone": args.backbone,
-        "labels": list(labels),
-        "activation": activation_for_loss(args.loss),
-        "sample_rate": args.sample_rate,
-        "window_seconds": args.window_seconds,
-        "n_fft": args.n_fft,
-        "hop": args.hop,
-        "n_mels": args.n_mels,
-        "fmin": args.fmin,
-        "fmax": args.fmax,
-        "normalization": args.normalization,
-        "dropout": args.dropout,
-        "frontend": getattr(args, "frontend", "mel"),
-        "img_size": [int(n) for n in img_size] if img_size else None,
-        "head": getattr(args, "head", "linear"),
-    }
-    for key, default in frontend_lib.PCEN_DEFAULTS.items():
-        config[key] = getattr(args, key, default)
+    unknown = sorted(set(settings) - set(MODEL_SETTINGS))
+    if unknown:
+        raise ValueError(f"not model settings: {unknown}")
+    config = {"backbone": settings["backbone"], "labels": list(labels)}
+    for key in MODEL_SETTINGS[1:]:
+        config[key] = settings.get(key, OPTIONAL_SETTINGS.get(key)) if key in OPTIONAL_SETTINGS else settings[key]
+    config["img_size"] = [int(n) for n in config["img_size"]] if config["img_size"] else None
     return config
 
 
-def build_model(args, labels: list[str], extended_from: int = 0) -> BirdCallModel:
-    """A fresh model for train.py's arguments; extended_from > 0 (--head-init extend): the head keeps that
-    many pre-trained outputs with a new layer on top."""
-    config = model_config(args, labels)
+def build_model(settings: dict, labels: list[str], pretrained: bool, pretrained_file: str | None = None,
+                extended_from: int = 0) -> BirdCallModel:
+    """A fresh model (model_config's `settings`), with timm's pretrained weights (`pretrained`) or a local
+    file's; extended_from > 0 (--head-init extend): the head keeps that many pre-trained outputs with a
+    new layer on top."""
+    config = model_config(settings, labels)
     if extended_from:
         config["head_extended_from"] = int(extended_from)
-    return BirdCallModel(config, pretrained=args.pretrained and not args.pretrained_file,
-                         pretrained_file=args.pretrained_file)
+    return BirdCallModel(config, pretrained=pretrained and not pretrained_file, pretrained_file=pretrained_file)
 
 
 class CheckpointError(RuntimeError):
@@ -543,7 +537,7 @@ def export_weights(source, target, ema: bool = False) -> dict:
     return exported
 
 
-def main(argv=None) -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Model tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="write a checkpoint's weights, config and labels only",
@@ -551,7 +545,11 @@ def main(argv=None) -> None:
     export.add_argument("checkpoint", help="a checkpoint written by train.py (e.g. runs/x/best.pt)")
     export.add_argument("out", help="the file to write")
     export.add_argument("--ema", action="store_true", help="export the exponential-moving-average weights")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = get_args_parser().parse_args(argv)
     export_weights(args.checkpoint, args.out, args.ema)
     print(f"wrote {args.out}: {Path(args.out).stat().st_size / 1e6:.1f} MB "
           f"(from {args.checkpoint}: {Path(args.checkpoint).stat().st_size / 1e6:.1f} MB)")
@@ -565,7 +563,7 @@ if __name__ == "__main__":
         sys.exit(1)
 
 
-def check_model(args) -> None:
+def check_model(settings: dict) -> None:
     """Build train.py's model with random weights -- one forward on one window of silence -- before any data is read.
 
     options.check_arguments calls this, so a backbone that cannot take this input (or a frontend setting
@@ -573,11 +571,11 @@ def check_model(args) -> None:
     instead of at the first training step. Random weights: nothing is downloaded here; build_model builds
     the pretrained model once, later. The random streams are restored, so the run's numbers do not change.
     """
-    check_backbone_name(args.backbone)
+    check_backbone_name(settings["backbone"])
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
-            model = BirdCallModel(model_config(args, ["check_a", "check_b"]), pretrained=False)
+            model = BirdCallModel(model_config(settings, ["check_a", "check_b"]), pretrained=False)
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
@@ -585,4 +583,4 @@ def check_model(args) -> None:
         (height, width), (step_h, step_w) = model.image_size, model.pad_multiple
         log.info("--backbone %s needs image sides that are multiples of %d: the %dx%d spectrogram image is padded "
                  "to %dx%d inside the model (with silence after the window and above the top mel band)",
-                 args.backbone, step_w, height, width, -(-height // step_h) * step_h, -(-width // step_w) * step_w)
+                 settings["backbone"], step_w, height, width, -(-height // step_h) * step_h, -(-width // step_w) * step_w)

@@ -8,17 +8,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import audio
+import augment
+import cli
 import data
 import distributed
+import evaluation
 import frontend as frontend_lib
 import learner as learner_lib
+import loader
 import losses
 import model as model_lib
 import progress
+import runfolder
 import sampling
+
+log = logging.getLogger("birdclef")
+
+AUGMENT = augment.AugmentSettings()   # the augmentation flags' defaults are its fields' (one place)
 
 MONITORED = ("cmap5", "cmap3", "macro_ap", "lrap", "val_loss",
              "ema_cmap5", "ema_cmap3", "ema_macro_ap", "ema_lrap", "ema_val_loss",
@@ -31,21 +42,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                      add_help=add_help,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("data")
-    group.add_argument("--data-dir", nargs="+", default=[str(data.DEMO_DIR)],
-                       help="one or more BirdCLEF folders (the 2021-2025 layouts are recognised); several "
-                            "are merged: the vocabulary is their union and a xeno-canto recording in more "
-                            "than one is used once. The default demo folder is generated on first use")
-    group.add_argument("--val-fraction", type=float, default=0.2,
-                       help="share of each species' recordings held out (ignored with --folds)")
-    group.add_argument("--folds", type=int, default=0, help="K-fold split when > 1")
-    group.add_argument("--fold", type=int, default=0, help="which fold is validation, with --folds")
-    group.add_argument("--crop-policy", choices=audio.CROP_POLICIES, default="ends",
-                       help="ends: random window inside the first or last --ends-seconds (the "
-                            "original recipe); random: anywhere in the recording")
-    group.add_argument("--ends-seconds", type=float, default=8.0, help="length of the 'ends' segments")
+    cli.add_data_dir(group)
+    cli.add_split_flags(group)
+    cli.add_crop_flags(group)
     group.add_argument("--secondary-weight", type=float, default=0.0,
                        help="target value for secondary labels (0 = ignore them)")
-    group.add_argument("--workers", type=int, default=2, help="data loader processes")
+    cli.add_workers(group)
     group.add_argument("--pad", choices=audio.PAD_MODES, default="zero",
                        help="recordings shorter than the window: pad with zeros or repeat the clip")
     group.add_argument("--strict", action="store_true",
@@ -67,8 +69,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="train on random --window-seconds crops inside a chunk of this many seconds centred on "
                             "each --extras window (the log wrote 8-s chunks); 0: the window itself")
     group.add_argument("--nocall", action="store_true",
-                       help="add a 'nocall' class trained on background windows: --bg-dir audio (a crop "
-                            "anywhere in each file per epoch), --nocall-soundscapes rows and --nocall-detections windows")
+                       help="add a 'nocall' class trained on background windows: --nocall-audio files (a crop "
+                            "anywhere in each file per epoch), --nocall-soundscapes rows and --nocall-detections "
+                            "windows (--bg-dir audio too where none of them is given: deprecated)")
+    group.add_argument("--nocall-audio", default=None,
+                       help="folder of background recordings without the vocabulary's birds: with --nocall, a "
+                            "5-s crop anywhere in each file per epoch trains the nocall class")
     group.add_argument("--nocall-soundscapes", default=None,
                        help="labelled-soundscape table (file,start_s,end_s,labels or BirdCLEF 2021's "
                             "train_soundscape_labels.csv) whose no-call rows train the nocall class; or a folder "
@@ -94,8 +100,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             help="start from random weights (offline machines)")
     group.add_argument("--pretrained-file", default=None,
                        help="local pretrained weights for --backbone (implies pretrained)")
-    group.add_argument("--sample-rate", type=int, default=32000, help="audio is resampled to this rate")
-    group.add_argument("--window-seconds", type=float, default=5.0, help="length of one input window")
+    cli.add_sample_rate(group)
+    cli.add_window_seconds(group)
     group.add_argument("--n-fft", type=int, default=1024, help="STFT size")
     group.add_argument("--hop", type=int, default=512, help="STFT hop in samples")
     group.add_argument("--n-mels", type=int, default=128, help="mel bands")
@@ -198,40 +204,41 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--aug-strength", type=float, default=1.0,
                        help="scales every augmentation's probability and magnitude at once (the log's AUG "
                             "factor); 0 turns all of them off, mixup included")
-    group.add_argument("--noise-prob", type=float, default=0.0, help="probability of coloured noise")
-    group.add_argument("--noise-snr", type=float, nargs=2, default=[3.0, 30.0], metavar=("LOW", "HIGH"),
+    group.add_argument("--noise-prob", type=float, default=AUGMENT.noise_prob, help="probability of coloured noise")
+    group.add_argument("--noise-snr", type=float, nargs=2, default=list(AUGMENT.noise_snr), metavar=("LOW", "HIGH"),
                        help="SNR range of coloured (white, pink, brown) noise in dB")
     group.add_argument("--bg-dir", default=None,
-                       help="folder of background audio (e.g. no-call soundscape segments) mixed into training crops")
+                       help="folder of background audio (e.g. no-call soundscape segments) mixed into training "
+                            "crops (augmentation only; the nocall class takes --nocall-audio)")
     group.add_argument("--bg-prob", type=float, default=0.5, help="probability of background noise, with --bg-dir")
-    group.add_argument("--bg-snr", type=float, nargs=2, default=[0.0, 2.0], metavar=("LOW", "HIGH"),
+    group.add_argument("--bg-snr", type=float, nargs=2, default=list(AUGMENT.bg_snr), metavar=("LOW", "HIGH"),
                        help="SNR range of background noise in dB")
-    group.add_argument("--cutmix-prob", type=float, default=0.0, help="probability of cutmix along time")
-    group.add_argument("--cutmix-alpha", type=float, default=1.0, help="cutmix Beta(alpha, alpha)")
-    group.add_argument("--gain-prob", type=float, default=0.0, help="probability of a random gain")
-    group.add_argument("--gain-db", type=float, default=6.0, help="random gain range, +-dB")
-    group.add_argument("--shift-prob", type=float, default=0.0, help="probability of a circular time shift")
-    group.add_argument("--shift-max", type=float, default=0.5, help="largest time shift, fraction of the window")
-    group.add_argument("--freq-masks", type=int, default=0, help="SpecAugment frequency masks per example")
-    group.add_argument("--time-masks", type=int, default=0, help="SpecAugment time masks per example")
-    group.add_argument("--mask-max-pct", type=float, default=0.1,
+    group.add_argument("--cutmix-prob", type=float, default=AUGMENT.cutmix_prob, help="probability of cutmix along time")
+    group.add_argument("--cutmix-alpha", type=float, default=AUGMENT.cutmix_alpha, help="cutmix Beta(alpha, alpha)")
+    group.add_argument("--gain-prob", type=float, default=AUGMENT.gain_prob, help="probability of a random gain")
+    group.add_argument("--gain-db", type=float, default=AUGMENT.gain_db, help="random gain range, +-dB")
+    group.add_argument("--shift-prob", type=float, default=AUGMENT.shift_prob, help="probability of a circular time shift")
+    group.add_argument("--shift-max", type=float, default=AUGMENT.shift_max, help="largest time shift, fraction of the window")
+    group.add_argument("--freq-masks", type=int, default=AUGMENT.freq_masks, help="SpecAugment frequency masks per example")
+    group.add_argument("--time-masks", type=int, default=AUGMENT.time_masks, help="SpecAugment time masks per example")
+    group.add_argument("--mask-max-pct", type=float, default=AUGMENT.mask_max_pct,
                        help="SpecAugment: widest mask as a fraction of the bands or frames")
-    group.add_argument("--mix-prob", type=float, default=0.0,
+    group.add_argument("--mix-prob", type=float, default=AUGMENT.mix_prob,
                        help="probability that a window gets 1 to --mix-clips - 1 other windows of its batch added "
                             "at full weight (targets: the union), as soundscape rows hold several calls")
-    group.add_argument("--mix-clips", type=int, default=3, help="most calls in one window, with --mix-prob")
-    group.add_argument("--mix-gain-db", type=float, nargs=2, default=[-12.0, 0.0], metavar=("LOW", "HIGH"),
+    group.add_argument("--mix-clips", type=int, default=AUGMENT.mix_clips, help="most calls in one window, with --mix-prob")
+    group.add_argument("--mix-gain-db", type=float, nargs=2, default=list(AUGMENT.mix_gain_db), metavar=("LOW", "HIGH"),
                        help="power of each added window relative to the window it joins, in dB")
-    group.add_argument("--distance-prob", type=float, default=0.0,
+    group.add_argument("--distance-prob", type=float, default=AUGMENT.distance_prob,
                        help="probability of a distant call: a gain from --distance-db and a low-pass cutoff "
                             "from --distance-lowpass")
-    group.add_argument("--distance-db", type=float, nargs=2, default=[-20.0, 0.0], metavar=("LOW", "HIGH"),
+    group.add_argument("--distance-db", type=float, nargs=2, default=list(AUGMENT.distance_db), metavar=("LOW", "HIGH"),
                        help="gain range of a distant call in dB (relative to what is mixed in later)")
-    group.add_argument("--distance-lowpass", type=float, nargs=2, default=[2000.0, 16000.0],
+    group.add_argument("--distance-lowpass", type=float, nargs=2, default=list(AUGMENT.distance_lowpass_hz),
                        metavar=("LOW_HZ", "HIGH_HZ"), help="low-pass cutoff range of a distant call (log-uniform)")
-    group.add_argument("--reverb-prob", type=float, default=0.0,
+    group.add_argument("--reverb-prob", type=float, default=AUGMENT.reverb_prob,
                        help="probability of reverberation by a synthetic exponentially decaying impulse response")
-    group.add_argument("--reverb-rt60", type=float, nargs=2, default=[0.2, 1.5], metavar=("LOW", "HIGH"),
+    group.add_argument("--reverb-rt60", type=float, nargs=2, default=list(AUGMENT.reverb_rt60), metavar=("LOW", "HIGH"),
                        help="reverberation time range in seconds (the time to decay by 60 dB)")
 
     group = parser.add_argument_group("evaluation and checkpoints")
@@ -268,7 +275,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "<out-dir>.previous-N, never deleted")
     group.add_argument("--resume", default=None,
                        help="checkpoint to continue from, or 'auto': the newest complete one in --out-dir")
-    group.add_argument("--seed", type=int, default=42, help="seed of every random stream")
+    cli.add_seed(group)
     group.add_argument("--max-steps", type=int, default=0,
                        help="stop after this many optimiser steps in total (0 = no limit; for smoke tests)")
     group.add_argument("--lr-find", action="store_true",
@@ -285,19 +292,74 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """train.py's arguments; with --config, that config.json's values are the defaults under the command line."""
+    """train.py's arguments; with --config (a run's config.json or a recipes/ file), its values are the
+    defaults under the command line. Each replayed value passes its flag's type, choices and nargs."""
     parser = get_args_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
         replayed = json.loads(Path(known.config).read_text())
-        unknown = sorted(set(replayed) - set(vars(known)))
-        if unknown:
-            raise ValueError(f"--config {known.config}: {unknown} are no flags of train.py")
+        if not isinstance(replayed, dict):
+            raise ValueError(f"--config {known.config}: expected a JSON object of flag values")
         # config.json holds the resolved --resume of a resumed run: replaying it must start a run, not
         # continue (and append to) that one
-        parser.set_defaults(**{key: value for key, value in replayed.items()
-                               if key not in ("config", "resume", "overwrite")})
+        parser.set_defaults(**checked_config(parser, {key: value for key, value in replayed.items()
+                                                      if key not in ("config", "resume", "overwrite")}, known.config))
     return parser.parse_args(argv)
+
+
+def checked_config(parser: argparse.ArgumentParser, values: dict, source: str) -> dict:
+    """A config file's {dest: value} -> the same values as the flags would have parsed them; a key that is
+    no flag, a value of the wrong type or count, or outside the flag's choices is refused naming the flag."""
+    actions = {}
+    for action in parser._actions:
+        actions.setdefault(action.dest, action)
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise ValueError(f"--config {source}: {unknown} are no flags of train.py")
+    checked = {}
+    for dest, value in values.items():
+        action = actions[dest]
+        flag = max(action.option_strings, key=len)
+        try:
+            checked[dest] = config_value(action, value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+            raise ValueError(f"--config {source}: {dest} = {json.dumps(value)} is not a valid {flag} ({error})") \
+                from None
+    return checked
+
+
+def config_value(action: argparse.Action, value):
+    """One replayed value, checked and converted like a command-line value of `action`."""
+    if value is None:
+        if action.default is not None:
+            raise ValueError("it takes a value")
+        return None
+    if action.nargs == 0:                     # store_true / store_false
+        if not isinstance(value, bool):
+            raise TypeError("expected true or false")
+        return value
+    if action.type is image_size and isinstance(value, list):
+        value = "x".join(str(side) for side in value)
+    if isinstance(action.nargs, int) or action.nargs in ("+", "*"):
+        if not isinstance(value, list) or (isinstance(action.nargs, int) and len(value) != action.nargs):
+            raise TypeError(f"expected a list of {action.nargs} values")
+        return [config_item(action, item) for item in value]
+    return config_item(action, value)
+
+
+def config_item(action: argparse.Action, value):
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise TypeError(f"expected {getattr(action.type, '__name__', 'a string')}")
+    if action.type is int and not isinstance(value, int):
+        raise TypeError("expected an integer")
+    if action.type is float and not isinstance(value, (int, float)):
+        raise TypeError("expected a number")
+    if action.type is None and not isinstance(value, str):
+        raise TypeError("expected a string")
+    converted = action.type(value) if action.type in (int, float) else (action.type or str)(str(value))
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"choose from {', '.join(map(str, action.choices))}")
+    return converted
 
 
 def image_size(text: str) -> list[int]:
@@ -327,6 +389,128 @@ def check_arguments(args) -> None:
         raise ValueError(f"--head-init {args.head_init} needs --init-from (a pre-trained checkpoint)")
     if args.head_init == "extend" and args.head == "sed":
         raise ValueError("--head-init extend adds a layer on clip logits; use --head linear or mlp")
+    if args.nocall and not (args.nocall_audio or args.bg_dir or args.nocall_soundscapes or args.nocall_detections):
+        raise ValueError("--nocall needs background audio: --nocall-audio, --nocall-soundscapes or --nocall-detections")
     learner_lib.precision_settings(args.amp, distributed.local_device(args.device))
     model_lib.check_backbone_name(args.backbone)  # fail before any data is read, with timm's error
-    model_lib.check_model(args)  # build with random weights, one forward on silence: fails here, naming the fix
+
+
+def resolve_deprecated(args) -> None:
+    """Old meanings that still work, with a one-line warning: under --nocall, --bg-dir audio was also a
+    no-call source. Without --nocall-audio it still is (set here, so config.json replays it by its new name)."""
+    if args.nocall and args.bg_dir and args.nocall_audio is None:
+        log.warning("--nocall takes --bg-dir audio as no-call audio too (deprecated): pass --nocall-audio %s "
+                    "to keep that, or another folder", args.bg_dir)
+        args.nocall_audio = args.bg_dir
+
+
+# ----------------------------------------------------------------------------- flags -> settings
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How long the loop runs, when it evaluates and stops, and what it keeps."""
+    epochs: int
+    evals_per_epoch: int
+    max_steps: int               # 0 = no limit
+    monitor: str
+    patience: int                # 0 = never stop early
+    min_delta: float
+    keep_last: int
+    keep_best: int
+    log_every: float
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """train.py's flags by concern: what each part of a run reads, and nothing else."""
+    data: data.DataSettings
+    loader: loader.LoaderSettings
+    learner: learner_lib.LearnerSettings
+    step: learner_lib.StepSettings
+    validation: evaluation.ValidationSettings
+    run: RunSettings
+    config: dict                 # every resolved argument, plain: config.json and each checkpoint's "args"
+
+
+def training_settings(args) -> TrainingSettings:
+    """The parsed (and resolved: --resume auto, the kept schedule length) flags -> the settings."""
+    loss = losses.LossSettings(args.loss, args.label_smoothing, args.focal_gamma, args.focal_alpha,
+                               args.loss_after, args.loss_switch_epoch)
+    return TrainingSettings(
+        data=data_settings(args),
+        loader=loader.LoaderSettings(args.batch_size, args.workers, args.sampler, args.cap_per_class, args.seed),
+        learner=learner_settings(args),
+        step=learner_lib.StepSettings(args.seed, loss, args.mixup_alpha, min(args.mixup_prob * args.aug_strength, 1.0),
+                                      args.amp, args.clip_grad_norm, args.skip_nonfinite),
+        validation=evaluation.ValidationSettings(args.batch_size, args.workers, args.seed, args.focal_gamma,
+                                                 args.focal_alpha, args.val_soundscapes, args.val_soundscape_audio,
+                                                 args.test_soundscapes, args.test_soundscape_audio),
+        run=RunSettings(args.epochs, args.evals_per_epoch, args.max_steps, args.monitor, args.patience,
+                        args.min_delta, args.keep_last, args.keep_best, args.log_every),
+        config=plain_config(args))
+
+
+def training_settings_from_saved(saved: dict) -> TrainingSettings:
+    """A checkpoint's "args" (or a config.json) -> its settings; flags added since take their defaults."""
+    args = get_args_parser().parse_args([])
+    vars(args).update(saved)
+    resolve_deprecated(args)
+    return training_settings(args)
+
+
+def data_settings(args) -> data.DataSettings:
+    nocall = (data.NocallSources(args.nocall_audio, args.nocall_soundscapes, args.nocall_detections,
+                                 args.nocall_max_score, args.nocall_per_recording) if args.nocall else None)
+    return data.DataSettings(
+        data_dirs=tuple(args.data_dir), split=data.SplitSettings(args.seed, args.val_fraction, args.folds, args.fold),
+        crop=audio.CropSettings(args.sample_rate, args.window_seconds, args.crop_policy, args.ends_seconds, args.pad),
+        secondary_weight=args.secondary_weight, strict=args.strict, cache=args.cache, extras=args.extras,
+        extras_chunk=args.extras_chunk, nocall=nocall, background_dir=args.bg_dir,
+        val_soundscapes=args.val_soundscapes)
+
+
+def model_settings(args) -> dict:
+    """The model flags and the loss's activation (model_lib.MODEL_SETTINGS), as BirdCallModel.config holds them."""
+    settings = {key: getattr(args, key) for key in model_lib.MODEL_SETTINGS if key != "activation"}
+    return settings | {"activation": model_lib.activation_for_loss(args.loss)}
+
+
+def learner_settings(args) -> learner_lib.LearnerSettings:
+    optimization = learner_lib.OptimizerSettings(
+        args.optimizer, args.lr, args.momentum, args.weight_decay, args.lr_schedule,
+        args.schedule_epochs if args.schedule_epochs else args.epochs, args.warmup_epochs, args.warmup_lr,
+        args.step_epochs, args.step_gamma)
+    return learner_lib.LearnerSettings(
+        model=model_settings(args), pretrained=args.pretrained, pretrained_file=args.pretrained_file,
+        init_from=args.init_from, head_init=args.head_init, freeze_backbone_epochs=args.freeze_backbone_epochs,
+        freeze_head_epochs=args.freeze_head_epochs, optimization=optimization, amp=args.amp, ema=args.ema,
+        sync_bn=args.sync_bn, channels_last=args.channels_last, compile=args.compile,
+        augment=augment_settings(args), background_dir=args.bg_dir if args.aug_strength > 0 else None,
+        seed=args.seed)
+
+
+def augment_settings(args) -> augment.AugmentSettings:
+    """The augmentation flags, scaled by --aug-strength."""
+    settings = augment.AugmentSettings(
+        noise_prob=args.noise_prob, noise_snr=tuple(args.noise_snr), bg_prob=args.bg_prob if args.bg_dir else 0.0,
+        bg_snr=tuple(args.bg_snr), cutmix_prob=args.cutmix_prob, cutmix_alpha=args.cutmix_alpha,
+        gain_prob=args.gain_prob, gain_db=args.gain_db, shift_prob=args.shift_prob, shift_max=args.shift_max,
+        freq_masks=args.freq_masks, time_masks=args.time_masks, mask_max_pct=args.mask_max_pct,
+        mix_prob=args.mix_prob, mix_clips=args.mix_clips, mix_gain_db=tuple(args.mix_gain_db),
+        distance_prob=args.distance_prob, distance_db=tuple(args.distance_db),
+        distance_lowpass_hz=tuple(args.distance_lowpass), reverb_prob=args.reverb_prob,
+        reverb_rt60=tuple(args.reverb_rt60), sample_rate=args.sample_rate)
+    return settings.scaled(args.aug_strength)
+
+
+def plain_config(args) -> dict:
+    """vars(args) with only JSON/weights_only-safe values (no Namespace, no Path objects)."""
+    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+
+
+def check_resume(checkpoint: dict, args, world_size: int) -> None:
+    """The resumed run's settings against the checkpoint's (runfolder.check_resume_settings); where --epochs
+    changed without --schedule-epochs, the schedule keeps the length the run started with."""
+    kept_schedule = runfolder.check_resume_settings(checkpoint, plain_config(args), args.resume, world_size)
+    if kept_schedule is not None:
+        args.schedule_epochs = kept_schedule

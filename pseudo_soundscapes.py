@@ -1,6 +1,6 @@
 """Pseudo-soundscapes: labelled soundscapes built from your own validation recordings.
 
-    python data.py soundscapes --data-dir D --out DIR [--bg-dir BACKGROUND | --detections det.csv]
+    python data.py soundscapes --data-dir D --out DIR [--bed-dir BACKGROUND | --detections det.csv]
     python train.py --data-dir D --val-soundscapes DIR/labels.csv --monitor soundscape_cmap5
 
 A competitor rarely has labelled soundscapes, and clean clip crops (the original
@@ -17,17 +17,24 @@ random offset inside the row. Which piece: the recording's best windows in a
 band. Each call may be reverberated (a synthetic exponentially decaying impulse
 response) and heard from a distance (a low-pass cutoff and a gain), then scaled so
 that its SNR over the bed where it lies is the drawn --snr plus the distance gain.
-The bed: files of --bg-dir (e.g. 2024's unlabeled_soundscapes/), else the quietest
+The bed: files of --bed-dir (e.g. 2024's unlabeled_soundscapes/), else the quietest
 windows of the --detections table, else coloured noise (the last resort; the log
 and README.txt say so). Everything is drawn from generators seeded by --placement-seed.
 
 Keep the bed apart from what training hears: the bed files are listed in beds.txt,
-and train.py warns when its --bg-dir or --nocall-soundscapes audio is among them (a
-model that learnt those very files scores better here without scoring better in
-the field). Split the background folder instead, e.g. half for each.
+and train.py warns when its --bg-dir, --nocall-audio or --nocall-soundscapes audio is
+among them (a model that learnt those very files scores better here without scoring
+better in the field). Split the background folder instead, e.g. half for each.
+
+The `soundscapes` subcommand's flags are defined here (`add_command`, `command_from_args`).
+The call flags are --call-distance-*/--call-reverb-*, not train.py's --distance-*/--reverb-*
+(those are augmentation of training crops, with other defaults); the bed is --bed-dir, not
+train.py's --bg-dir. The old spellings still work, with a warning. data.py's main reads the
+recordings and the validation split (its job; this module may not import it) and calls `run`.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -39,6 +46,7 @@ import soundfile as sf
 import torch
 
 import audio
+import cli
 import extras as extras_lib
 import soundscapes
 
@@ -119,15 +127,15 @@ def loudest_pieces(waveform: np.ndarray, sample_rate: int, seconds: float) -> li
 
 # ----------------------------------------------------------------------------- beds
 
-def background_beds(settings: PlacementSettings, bg_dir=None, detections: pd.DataFrame | None = None,
+def background_beds(settings: PlacementSettings, bed_dir=None, detections: pd.DataFrame | None = None,
                     recordings_by_name: dict | None = None) -> tuple[list[np.ndarray], str, list]:
-    """The audio soundscapes are laid over -> (beds, where they came from, --bg-dir files used or [])."""
+    """The audio soundscapes are laid over -> (beds, where they came from, --bed-dir files used or [])."""
     rate = settings.sample_rate
-    if bg_dir:
-        files = audio.audio_files(bg_dir)
+    if bed_dir:
+        files = audio.audio_files(bed_dir)
         if not files:
-            raise ValueError(f"--bg-dir {bg_dir} holds no ogg/mp3/flac/wav file")
-        return [audio.read_audio(path, rate) for path in files], f"{len(files)} file(s) of {bg_dir}", files
+            raise ValueError(f"--bed-dir {bed_dir} holds no ogg/mp3/flac/wav file")
+        return [audio.read_audio(path, rate) for path in files], f"{len(files)} file(s) of {bed_dir}", files
     if detections is not None and "top1_score" in detections.columns and recordings_by_name:
         # only windows the detector calls empty: a quieter window may still hold an (unlabelled) call
         quiet = extras_lib.select_nocall_detections(detections, max_score=BED_MAX_SCORE, per_recording=1)
@@ -137,9 +145,9 @@ def background_beds(settings: PlacementSettings, bg_dir=None, detections: pd.Dat
                       for name, start in zip(quiet["filename"], quiet["start_s"])]
             # validation recordings: training never hears them, so no file to keep out of its --bg-dir
             return [np.concatenate(pieces)], f"the quietest window of {len(pieces)} recording(s) in the detections", []
-    log.warning("pseudo-soundscapes over coloured noise: give --bg-dir (e.g. unlabeled soundscapes) or "
+    log.warning("pseudo-soundscapes over coloured noise: give --bed-dir (e.g. unlabeled soundscapes) or "
                 "--detections for a bed that sounds like the field")
-    return [], "coloured noise (no --bg-dir or --detections given)", []
+    return [], "coloured noise (no --bed-dir or --detections given)", []
 
 
 def bed_for(beds: list[np.ndarray], samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -247,7 +255,7 @@ def make_soundscape(index: int, species_pieces: dict, paths: dict, beds: list[np
 
 # ----------------------------------------------------------------------------- the command
 
-def build(recordings: pd.DataFrame, out_dir, settings: PlacementSettings, bg_dir=None,
+def build(recordings: pd.DataFrame, out_dir, settings: PlacementSettings, bed_dir=None,
           detections: pd.DataFrame | None = None) -> pd.DataFrame:
     """Write settings.count pseudo-soundscapes of `recordings` (the validation split: name, path,
     duration, primary_label) to out_dir with labels.csv, placements.csv and README.txt -> labels."""
@@ -264,7 +272,7 @@ def build(recordings: pd.DataFrame, out_dir, settings: PlacementSettings, bg_dir
     if not species_pieces:
         raise ValueError("no validation recording has a piece to place")
     paths = dict(zip(recordings["name"], recordings["path"]))
-    beds, bed_source, bed_files = background_beds(settings, bg_dir, detections, paths)
+    beds, bed_source, bed_files = background_beds(settings, bed_dir, detections, paths)
     label_rows, placement_rows = [], []
     for index in range(settings.count):
         name = f"pseudo_{index:03d}.ogg"
@@ -303,7 +311,8 @@ def write_readme(out_dir: Path, settings: PlacementSettings, recordings, species
         f"({len(species_pieces)} species), only the validation split: no training recording is used.",
         "Which piece: " + ("the best-scoring windows of the --detections table." if from_detections else
                            f"the loudest pieces in {BIRD_BAND_HZ[0]:g}-{BIRD_BAND_HZ[1]:g} Hz of each recording."),
-        f"Bed: {bed_source} (files listed in {BEDS_FILE}; keep them out of training's --bg-dir).",
+        f"Bed: {bed_source} (files listed in {BEDS_FILE}; keep them out of training's --bg-dir and "
+        f"--nocall-audio).",
         "labels.csv: file,start_s,end_s,labels (space-separated species; empty = no call), for train.py "
         "--val-soundscapes. placements.csv: every call with its source recording, offset in the row, SNR, "
         "distance gain and low-pass cutoff, and RT60 (0 = none).",
@@ -312,3 +321,91 @@ def write_readme(out_dir: Path, settings: PlacementSettings, recordings, species
         *[f"  {key}: {value}" for key, value in asdict(settings).items()],
     ]
     (out_dir / "README.txt").write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- `python data.py soundscapes`
+
+@dataclass(frozen=True)
+class SoundscapesCommand:
+    """`python data.py soundscapes`, parsed, but for --data-dir and the split flags (data.py reads the
+    recordings and draws the split, and hands `run` the validation recordings)."""
+    out: str
+    placement: PlacementSettings
+    bed_dir: str | None           # --bed-dir: audio laid under the calls
+    detections: str | None        # --detections: infer.py --detections table of the training audio
+
+
+def add_command(subparsers) -> None:
+    """The `soundscapes` subcommand of data.py: --data-dir, --seed and the split flags are train.py's own
+    (cli.py), since the calls must come from the validation split train.py draws; the placement flags'
+    defaults are PlacementSettings'."""
+    parser = subparsers.add_parser("soundscapes", help="labelled pseudo-soundscapes from the validation split's "
+                                   "recordings, for train.py --val-soundscapes DIR/labels.csv",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_data_dir(parser)
+    parser.add_argument("--out", required=True, help="folder to write (soundscapes, labels.csv, placements.csv)")
+    cli.add_seed(parser, "the split's seed: as train.py --seed")
+    cli.add_split_flags(parser)
+    parser.add_argument("--bed-dir", default=None, help="background audio to lay the calls over (e.g. 2024's "
+                        "unlabeled_soundscapes/, no-call parts of 2021/2022 soundscapes, a noise collection)")
+    # --bg-dir is train.py's augmentation audio; here it named the bed, and still does
+    parser.add_argument("--bg-dir", dest="bed_dir", action=cli.Deprecated, new="--bed-dir")
+    parser.add_argument("--detections", default=None, help="infer.py --detections table of the training audio: "
+                        "calls come from each recording's best windows, the bed (without --bed-dir) from the "
+                        "quietest")
+    add_placement_flags(parser)
+
+
+def add_placement_flags(parser) -> None:
+    """How calls are placed; the defaults are PlacementSettings' (its one definition)."""
+    defaults = PlacementSettings()
+    parser.add_argument("--count", type=int, default=defaults.count, help="soundscapes to write")
+    parser.add_argument("--seconds", type=float, default=defaults.seconds, help="length of each soundscape")
+    parser.add_argument("--sample-rate", type=int, default=defaults.sample_rate, help="of the written soundscapes")
+    parser.add_argument("--empty-share", type=float, default=defaults.empty_share, help="share of rows without a call")
+    parser.add_argument("--max-calls", type=int, default=defaults.max_calls,
+                        help="calls of different species in one row, at most")
+    parser.add_argument("--call-seconds", type=float, default=defaults.call_seconds, help="length of each call")
+    parser.add_argument("--snr", type=float, nargs=2, default=list(defaults.snr_db), metavar=("LOW", "HIGH"),
+                        help="SNR of a call over the bed where it lies, in dB, before the distance gain")
+    add_call_flag(parser, "distance-prob", type=float, default=defaults.distance_prob,
+                  help="share of calls heard from a distance (a gain and a low-pass)")
+    add_call_flag(parser, "distance-db", type=float, nargs=2, default=list(defaults.distance_db),
+                  metavar=("LOW", "HIGH"), help="gain of a distant call in dB")
+    add_call_flag(parser, "distance-lowpass", type=float, nargs=2, default=list(defaults.distance_lowpass_hz),
+                  metavar=("LOW_HZ", "HIGH_HZ"), help="low-pass cutoff of a distant call (log-uniform)")
+    add_call_flag(parser, "reverb-prob", type=float, default=defaults.reverb_prob, help="share of calls reverberated")
+    add_call_flag(parser, "reverb-rt60", type=float, nargs=2, default=list(defaults.reverb_rt60),
+                  metavar=("LOW", "HIGH"), help="reverberation time range in seconds")
+    parser.add_argument("--placement-seed", type=int, default=defaults.seed,
+                        help="seed of every placement (the split has --seed)")
+    parser.add_argument("--denoise-calls", action="store_true",
+                        help="take each call piece's own noise floor out first (spectral subtraction), so a "
+                             "call does not bring its recording's background into the soundscape")
+
+
+def add_call_flag(parser, name: str, **kwargs) -> None:
+    """--call-NAME, and its old spelling --NAME: train.py's --NAME is an augmentation of training crops
+    with another default, so the same spelling here meant something else."""
+    new = f"--call-{name}"
+    parser.add_argument(new, **kwargs)
+    dest = new[2:].replace("-", "_")
+    old_kwargs = {key: value for key, value in kwargs.items() if key in ("type", "nargs", "metavar")}
+    parser.add_argument(f"--{name}", dest=dest, action=cli.Deprecated, new=new, **old_kwargs)
+
+
+def command_from_args(args: argparse.Namespace) -> SoundscapesCommand:
+    placement = PlacementSettings(
+        count=args.count, seconds=args.seconds, sample_rate=args.sample_rate, empty_share=args.empty_share,
+        max_calls=args.max_calls, call_seconds=args.call_seconds, snr_db=tuple(args.snr),
+        distance_prob=args.call_distance_prob, distance_db=tuple(args.call_distance_db),
+        distance_lowpass_hz=tuple(args.call_distance_lowpass), reverb_prob=args.call_reverb_prob,
+        reverb_rt60=tuple(args.call_reverb_rt60), seed=args.placement_seed, denoise_calls=args.denoise_calls)
+    return SoundscapesCommand(out=args.out, placement=placement, bed_dir=args.bed_dir, detections=args.detections)
+
+
+def run(recordings: pd.DataFrame, command: SoundscapesCommand) -> pd.DataFrame:
+    """`python data.py soundscapes` once data.py has read the validation `recordings` (name, path,
+    duration, primary_label) -> labels."""
+    detections = pd.read_csv(command.detections, keep_default_na=False) if command.detections else None
+    return build(recordings, command.out, command.placement, command.bed_dir, detections)

@@ -20,6 +20,7 @@ submissions: "validation up, leaderboard flat" shows after three submissions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -220,21 +221,23 @@ def per_species_report(checkpoint_path, out: Path) -> pd.DataFrame:
     """A checkpoint on its run's validation clips (the data read again from its arguments) -> per-species
     AP against training recordings: per_species.csv and per_species.png in `out`."""
     import tempfile
-    checkpoint = model_lib.read_checkpoint(checkpoint_path)
-    args = argparse.Namespace(**checkpoint["args"])
-    args.cache, args.workers = None, 0        # the same crops without the cache; no loader processes
+    settings = options.training_settings_from_saved(model_lib.read_checkpoint(checkpoint_path)["args"])
+    data_settings = dataclasses.replace(settings.data, cache=None)   # the same crops, without the cache
     with tempfile.TemporaryDirectory() as scratch:
-        labels, train_set, val_set = data.build_datasets(args, Path(scratch))
+        labels, train_set, val_set = data.build_datasets(data_settings, Path(scratch))
     model = model_lib.load_model(checkpoint_path)
-    batches = [list(range(start, min(start + args.batch_size, len(val_set))))
-               for start in range(0, len(val_set), args.batch_size)]
+    batch_size = settings.loader.batch_size
+    batches = [list(range(start, min(start + batch_size, len(val_set))))
+               for start in range(0, len(val_set), batch_size)]
     device = torch.device("cpu")
-    logits, targets = evaluation.predict_clips(model, loader.make_loader(val_set, args, device, batches), device)
+    # no loader processes: the validation clips are few and read once
+    logits, targets = evaluation.predict_clips(model, loader.make_loader(val_set, batch_size, 0, device, batches),
+                                               device)
     columns = evaluation.scored_columns(model.labels)
     scores = model_lib.checked_scores(logits, model.activation, str(checkpoint_path))[:, columns]
     recordings = [label for label, extra in zip(train_set.primary_labels, train_set.extras) if not extra]
     table = species_table(list(np.array(model.labels)[columns]), targets.numpy()[:, columns], scores,
-                          pd.Series(recordings).value_counts().to_dict(), args.seed)
+                          pd.Series(recordings).value_counts().to_dict(), settings.data.split.seed)
     table.to_csv(out / "per_species.csv", index=False)
     plot_per_species(table, out / "per_species.png", Path(checkpoint_path))
     print(f"\nper-species AP of {checkpoint_path} on its validation clips:")

@@ -162,14 +162,16 @@ CHANGEABLE_ON_RESUME = (
 )
 
 
-def check_resume_settings(checkpoint: dict, args, world_size: int = 1) -> None:
-    """Refuse a resume whose settings differ from the checkpoint's, naming each difference; or whose
-    number of processes does (a step there is another number of examples)."""
+def check_resume_settings(checkpoint: dict, config: dict, resume: str, world_size: int = 1) -> float | None:
+    """Refuse a resume whose settings (`config`: this run's plain arguments) differ from the checkpoint's,
+    naming each difference; or whose number of processes does (a step there is another number of
+    examples). -> the schedule length in epochs the run must keep, where --epochs changed without
+    --schedule-epochs (else None)."""
     if checkpoint.get("world_size", 1) != world_size:
-        raise ValueError(f"{args.resume} was written by {checkpoint.get('world_size', 1)} process(es) and this run "
+        raise ValueError(f"{resume} was written by {checkpoint.get('world_size', 1)} process(es) and this run "
                          f"has {world_size}: a step there is another number of examples, so resume with "
                          f"--nproc_per_node {checkpoint.get('world_size', 1)}")
-    saved, now = checkpoint.get("args", {}), plain_args(args)
+    saved, now = checkpoint.get("args", {}), dict(config)
     # without --schedule-epochs the schedule's length is --epochs, which may change on resume: the length
     # the run's curve was made with is kept (given again, it must be that length)
     kept_schedule = saved.get("schedule_epochs") or saved.get("epochs")
@@ -179,12 +181,13 @@ def check_resume_settings(checkpoint: dict, args, world_size: int = 1) -> None:
     differences = [f"--{name.replace('_', '-')} {saved[name]!r} -> {now[name]!r}" for name in sorted(now)
                    if name in saved and name not in CHANGEABLE_ON_RESUME and not _same(saved[name], now[name])]
     if differences:
-        raise ValueError(f"{args.resume} was trained with other settings: {'; '.join(differences)}. Resume with the "
+        raise ValueError(f"{resume} was trained with other settings: {'; '.join(differences)}. Resume with the "
                          f"checkpoint's settings (its config.json), or start a new run in another --out-dir")
-    if "schedule_epochs" in saved and getattr(args, "schedule_epochs", None) is None and kept_schedule != args.epochs:
-        args.schedule_epochs = kept_schedule
+    if "schedule_epochs" in saved and config.get("schedule_epochs") is None and kept_schedule != config["epochs"]:
         log.info("--epochs %s on resume: the learning-rate schedule keeps its length of %s epochs "
-                 "(--schedule-epochs %s)", args.epochs, kept_schedule, kept_schedule)
+                 "(--schedule-epochs %s)", config["epochs"], kept_schedule, kept_schedule)
+        return kept_schedule
+    return None
 
 
 def _same(saved, now) -> bool:
@@ -251,16 +254,11 @@ def prune_checkpoints(out_dir: Path, keep_last: int, step: int | None = None) ->
         path.unlink()
 
 
-def plain_args(args) -> dict:
-    """vars(args) with only JSON/weights_only-safe values (no Namespace, no Path objects)."""
-    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-
-
-def write_config(out_dir: Path, args) -> None:
-    """config.json: every resolved argument."""
+def write_config(out_dir: Path, config: dict) -> None:
+    """config.json: every resolved argument (a plain dict)."""
     path = out_dir / "config.json"
     with writing(path):
-        path.write_text(json.dumps(plain_args(args), indent=2) + "\n")
+        path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- logs
@@ -290,17 +288,17 @@ def metric_columns(with_ema: bool, with_soundscapes: bool = False, with_test: bo
 
 
 def write_evaluation(out_dir: Path, row: dict, step_rows: list[tuple], checkpoint: dict, improved: bool,
-                     args) -> None:
+                     monitor: str, keep_best_count: int, keep_last: int) -> None:
     """One evaluation: its metrics row, the steps since the last one, the plot, --keep-best's file,
     then the checkpoint. Logs first, checkpoint last: a crash or a full disk in between leaves rows
     and files that the resume from the previous checkpoint writes again, never a gap."""
     append_metrics(out_dir / "metrics.csv", row)
     append_steps(out_dir / "steps.csv", step_rows)
     with writing(out_dir / "metrics.png"):
-        plot_metrics(out_dir / "metrics.csv", out_dir / "metrics.png", args.monitor)
-    if args.keep_best:
-        keep_best(out_dir, checkpoint, args.monitor, args.keep_best)
-    save_checkpoint(out_dir, checkpoint, args.keep_last, best=improved)
+        plot_metrics(out_dir / "metrics.csv", out_dir / "metrics.png", monitor)
+    if keep_best_count:
+        keep_best(out_dir, checkpoint, monitor, keep_best_count)
+    save_checkpoint(out_dir, checkpoint, keep_last, best=improved)
 
 
 def append_metrics(path: Path, row: dict) -> None:

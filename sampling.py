@@ -232,7 +232,6 @@ def sampling_audit(primary_labels, sampler: str, cap_per_class: int = 0, extras=
         per_species_draws = np.minimum(counts, cap_per_class).astype(np.float64)
     else:
         per_species_draws = np.bincount(inverse, weights=expected, minlength=len(species))
-
     frame = pd.DataFrame({"species": species, "recordings": counts.astype(np.int64),
                           "expected_draws_per_epoch": per_species_draws,
                           "share": per_species_draws / length,
@@ -240,9 +239,7 @@ def sampling_audit(primary_labels, sampler: str, cap_per_class: int = 0, extras=
     extra_share = None
     if extras is not None:
         frame["extra_recordings"], extra_share = _extras_per_species(extras, inverse, len(species), expected, length)
-    frame = frame.sort_values(["recordings", "species"], ascending=[False, True], kind="stable")
-    frame = frame.reset_index(drop=True)
-
+    frame = frame.sort_values(["recordings", "species"], ascending=[False, True], kind="stable").reset_index(drop=True)
     in_subset = (_kept_per_species(counts, cap_per_class) / counts)[inverse]
     unseen = _unseen_fraction(expected, sampler, length, weights, in_subset)
     # with replacement: sum of 1 - (1 - p)^n; none and cap draw each record at most once

@@ -20,6 +20,7 @@ patience) is taken on values all ranks share.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -109,7 +110,8 @@ def is_improvement(value: float, best: float | None, monitor: str, min_delta: fl
 
 # ----------------------------------------------------------------------------- one training step
 
-def train_step(learner: learner_lib.Learner, batch, state: TrainingState, args, loss_name: str) -> float | None:
+def train_step(learner: learner_lib.Learner, batch, state: TrainingState, settings: learner_lib.StepSettings,
+               loss_name: str) -> float | None:
     """One optimiser step -> the loss of the whole (global) batch, or None if the step was skipped.
 
     Every random choice (augmentation, mixup, dropout) is seeded from (seed, epoch, step, rank),
@@ -120,28 +122,27 @@ def train_step(learner: learner_lib.Learner, batch, state: TrainingState, args, 
         log.warning("epoch %d step %d: no file of the batch could be decoded; step skipped", epoch, step)
         return None
     rank = distributed.rank_and_world_size()[0]  # each rank draws its own augmentation and dropout
-    torch.manual_seed(learner_lib.step_seed(args.seed, epoch, step, rank))
-    rng = np.random.default_rng([args.seed, epoch, step, 1] + ([rank] if rank else []))
+    torch.manual_seed(learner_lib.step_seed(settings.seed, epoch, step, rank))
+    rng = np.random.default_rng([settings.seed, epoch, step, 1] + ([rank] if rank else []))
     waveforms = audio.as_float(batch["waveform"].to(device, non_blocking=True))  # (B, samples)
     targets = batch["target"].to(device, non_blocking=True)                    # (B, C)
     waveforms, targets = augment.augment_waveforms(waveforms, targets, learner.augment, rng, learner.background)
-    waveforms, targets = augment.mixup(waveforms, targets, args.mixup_alpha,
-                                       min(args.mixup_prob * args.aug_strength, 1.0), rng)
+    waveforms, targets = augment.mixup(waveforms, targets, settings.mixup_alpha, settings.mixup_prob, rng)
     for group in learner.optimizer.param_groups:
         group["lr"] = learner.schedule(state.global_step)
-    autocast_on, autocast_dtype, _ = learner_lib.precision_settings(args.amp, device)
+    autocast_on, autocast_dtype, _ = learner_lib.precision_settings(settings.amp, device)
     spec_augment = functools.partial(augment.augment_images, settings=learner.augment, rng=rng)
     with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_on):
         logits = learner.trainer(waveforms, image_augment=spec_augment)    # SpecAugment on (B, 1, n_mels, T)
-    loss = losses.batch_loss(logits, targets, args, loss_name)                    # this rank's mean
+    loss = losses.batch_loss(logits, targets, settings.loss, loss_name)           # this rank's mean
     global_loss = distributed.mean_over_ranks(loss.detach())               # the whole batch's mean
     learner.optimizer.zero_grad(set_to_none=True)
     problem = None if torch.isfinite(global_loss) else f"non-finite training loss ({global_loss.item()})"
     if problem is None:
         learner.scaler.scale(loss).backward()
-        problem = check_gradients(learner, args)
+        problem = check_gradients(learner, settings.clip_grad_norm)
     if problem is not None:
-        skip_or_stop(problem, state, args, batch["path"])
+        skip_or_stop(problem, state, settings.skip_nonfinite, batch["path"])
         learner.optimizer.zero_grad(set_to_none=True)
         return None
     learner.scaler.step(learner.optimizer)
@@ -151,38 +152,39 @@ def train_step(learner: learner_lib.Learner, batch, state: TrainingState, args, 
     return global_loss.item()
 
 
-def check_gradients(learner: learner_lib.Learner, args) -> str | None:
+def check_gradients(learner: learner_lib.Learner, clip_grad_norm: float) -> str | None:
     """Unscale and clip; return a description if the gradient norm is not finite.
 
     With fp16 and a GradScaler, inf gradients are routine (the scaler skips that step
     and lowers its scale), so only the unscaled, non-fp16 case is treated as a fault.
     """
     if learner.scaler.is_enabled():
-        if args.clip_grad_norm > 0:
+        if clip_grad_norm > 0:
             learner.scaler.unscale_(learner.optimizer)
-            torch.nn.utils.clip_grad_norm_(learner.model.parameters(), args.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(learner.model.parameters(), clip_grad_norm)
         return None
-    max_norm = args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf")
+    max_norm = clip_grad_norm if clip_grad_norm > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(learner.model.parameters(), max_norm)  # (also the check's cost)
     return None if torch.isfinite(norm) else f"non-finite gradient norm ({norm.item()})"
 
 
-def skip_or_stop(problem: str, state: TrainingState, args, paths) -> None:
+def skip_or_stop(problem: str, state: TrainingState, skip_nonfinite: int, paths) -> None:
     """--skip-nonfinite K: skip up to K bad batches, logging each; otherwise stop naming the files."""
     where = f"epoch {state.epoch} step {state.step_in_epoch}; batch files: {', '.join(paths)}"
-    if state.skipped_nonfinite < args.skip_nonfinite:
+    if state.skipped_nonfinite < skip_nonfinite:
         state.skipped_nonfinite += 1
         log.warning("skipping batch %d of at most %d with a %s at %s", state.skipped_nonfinite,
-                    args.skip_nonfinite, problem, where)
+                    skip_nonfinite, problem, where)
         return
     raise losses.NonFiniteLossError(f"{problem} at {where}")
 
 
-def evaluate_and_save(learner: learner_lib.Learner, validation: evaluation.Validation, state: TrainingState, args,
-                      loss_name: str, steps_per_epoch: int) -> None:
+def evaluate_and_save(learner: learner_lib.Learner, validation: evaluation.Validation, state: TrainingState,
+                      settings: options.TrainingSettings, loss_name: str, steps_per_epoch: int) -> None:
     """An evaluation point: evaluate -> best and patience -> metrics.csv, steps.csv, plot -> checkpoint."""
     state.evaluations += 1
-    results = evaluation.evaluate_all(learner.model, learner.ema, validation, args, loss_name, learner.device)
+    run = settings.run
+    results = evaluation.evaluate_all(learner.model, learner.ema, validation, loss_name, learner.device)
     row = {"evaluation": state.evaluations,
            "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
            "global_step": state.global_step,
@@ -190,10 +192,11 @@ def evaluate_and_save(learner: learner_lib.Learner, validation: evaluation.Valid
            "train_loss": state.train_loss_sum / state.train_loss_count if state.train_loss_count else float("nan"),
            "lr": learner.optimizer.param_groups[0]["lr"], **results, **evaluation.chance_columns(validation)}
     state.train_loss_sum, state.train_loss_count = 0.0, 0
-    improved = state.update_best(results[args.monitor], args.monitor, args.min_delta)
+    improved = state.update_best(results[run.monitor], run.monitor, run.min_delta)
     if distributed.is_main_process():
-        checkpoint = make_checkpoint(learner, args, state)
-        runfolder.write_evaluation(state.out_dir, row, state.step_log, checkpoint, improved, args)
+        checkpoint = make_checkpoint(learner, settings.config, state)
+        runfolder.write_evaluation(state.out_dir, row, state.step_log, checkpoint, improved, run.monitor,
+                                   run.keep_best, run.keep_last)
     state.step_log.clear()
     log.info("epoch %.2f  train_loss %.4f  val_loss %.4f  cmAP5 %.4f  cmAP3 %.4f  macroAP %.4f  LRAP %.4f%s%s",
              row["epoch"], row["train_loss"], row["val_loss"], row["cmap5"], row["cmap3"],
@@ -207,7 +210,7 @@ def evaluate_and_save(learner: learner_lib.Learner, validation: evaluation.Valid
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def make_checkpoint(learner: learner_lib.Learner, args, state: TrainingState) -> dict:
+def make_checkpoint(learner: learner_lib.Learner, config: dict, state: TrainingState) -> dict:
     """A plain dict of state_dicts and plain values, loadable with weights_only=True."""
     checkpoint = {
         "format": model_lib.CHECKPOINT_FORMAT,
@@ -216,7 +219,7 @@ def make_checkpoint(learner: learner_lib.Learner, args, state: TrainingState) ->
         "labels": list(learner.model.labels),
         "optimizer": learner.optimizer.state_dict(),
         "scaler": learner.scaler.state_dict(),
-        "args": runfolder.plain_args(args),
+        "args": config,                                      # every resolved argument (config.json)
         **{name: getattr(state, name) for name in TrainingState.CHECKPOINTED},
         "world_size": distributed.rank_and_world_size()[1],  # step_in_epoch counts global batches
         "data_fingerprint": state.data_fingerprint,          # a resume on other data is refused
@@ -227,11 +230,11 @@ def make_checkpoint(learner: learner_lib.Learner, args, state: TrainingState) ->
     return checkpoint
 
 
-def save_step_checkpoint(learner: learner_lib.Learner, state: TrainingState, args) -> None:
+def save_step_checkpoint(learner: learner_lib.Learner, state: TrainingState, config: dict, keep_last: int) -> None:
     """A checkpoint between evaluation points (Ctrl-C), with the steps since the last evaluation."""
     if distributed.is_main_process():
         runfolder.append_steps(state.out_dir / "steps.csv", state.step_log)
-        runfolder.save_checkpoint(state.out_dir, make_checkpoint(learner, args, state), args.keep_last)
+        runfolder.save_checkpoint(state.out_dir, make_checkpoint(learner, config, state), keep_last)
     state.step_log.clear()
 
 
@@ -257,57 +260,59 @@ class CtrlC:
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(learner: learner_lib.Learner, train_set, validation: evaluation.Validation, state: TrainingState, args, ctrl_c: CtrlC) -> None:
+def train(learner: learner_lib.Learner, train_set, validation: evaluation.Validation, state: TrainingState,
+          settings: options.TrainingSettings, ctrl_c: CtrlC) -> None:
     """Epochs of steps until --epochs, patience, --max-steps or Ctrl-C. Each step:
     step -> (at an evaluation point) evaluate -> log -> checkpoint -> patience/stop."""
-    while state.epoch < args.epochs and state.stop_reason is None:
-        epoch, loss_name = state.epoch, losses.loss_at_epoch(args, state.epoch)
-        frozen = learner_lib.frozen_parts(args, epoch)                  # (backbone, head)
+    run, batch_settings = settings.run, settings.loader
+    while state.epoch < run.epochs and state.stop_reason is None:
+        epoch, loss_name = state.epoch, settings.step.loss.at_epoch(state.epoch)
+        frozen = learner_lib.frozen_parts(settings.learner, epoch)                  # (backbone, head)
         learner_lib.set_activation(learner, loss_name)
         learner_lib.set_train_mode(learner.model, *frozen)
-        batches = loader.epoch_batches(train_set, args, epoch, state.step_in_epoch)
-        evaluation_points = {max(1, round(batches.steps * k / args.evals_per_epoch))
-                             for k in range(1, args.evals_per_epoch + 1)}
-        bar = progress.bar(loader.make_loader(train_set, args, learner.device, batches), total=len(batches),
-                           desc=f"epoch {epoch}", unit="step", every=args.log_every)
+        batches = loader.epoch_batches(train_set, batch_settings, epoch, state.step_in_epoch)
+        evaluation_points = {max(1, round(batches.steps * k / run.evals_per_epoch))
+                             for k in range(1, run.evals_per_epoch + 1)}
+        bar = progress.bar(loader.training_loader(train_set, batch_settings, learner.device, batches),
+                           total=len(batches), desc=f"epoch {epoch}", unit="step", every=run.log_every)
         for batch in bar:
-            loss = train_step(learner, batch, state, args, loss_name)
+            loss = train_step(learner, batch, state, settings.step, loss_name)
             state.record_step(loss, learner.optimizer.param_groups[0]["lr"])
             if loss is not None:
                 bar.set_postfix(loss=f"{loss:.4f}")
             evaluation_point = (state.step_in_epoch in evaluation_points
-                                or bool(args.max_steps and state.global_step >= args.max_steps))
+                                or bool(run.max_steps and state.global_step >= run.max_steps))
             if state.step_in_epoch == batches.steps:       # the one place an epoch ends
-                finish_epoch(state, train_set, batches.draw, args)
+                finish_epoch(state, train_set, batches.draw, batch_settings.batch_size)
             if evaluation_point:
-                evaluate_and_save(learner, validation, state, args, loss_name, batches.steps)
+                evaluate_and_save(learner, validation, state, settings, loss_name, batches.steps)
                 learner_lib.set_train_mode(learner.model, *frozen)
-            state.stop_reason = stop_reason(state, args, evaluation_point, ctrl_c)
+            state.stop_reason = stop_reason(state, run, evaluation_point, ctrl_c)
             if state.stop_reason is not None:
                 if not evaluation_point:                   # an evaluation point has saved this step already
-                    save_step_checkpoint(learner, state, args)
+                    save_step_checkpoint(learner, state, settings.config, run.keep_last)
                 break
 
 
-def finish_epoch(state: TrainingState, train_set, draw, args) -> None:
+def finish_epoch(state: TrainingState, train_set, draw, batch_size: int) -> None:
     """drawn_counts.csv gets the species the epoch drew (rank 0); the state moves to the start of
     the next epoch, where this step's checkpoint resumes."""
     if distributed.is_main_process():
         counter = sampling.DrawCounter(len(train_set))
-        counter.add(draw[:state.step_in_epoch * args.batch_size * distributed.rank_and_world_size()[1]])
+        counter.add(draw[:state.step_in_epoch * batch_size * distributed.rank_and_world_size()[1]])
         with runfolder.writing(state.out_dir / "drawn_counts.csv"):
             sampling.append_drawn_counts(state.out_dir / "drawn_counts.csv",
                                          counter.to_frame(train_set.primary_labels, state.epoch))
     state.epoch, state.step_in_epoch = state.epoch + 1, 0
 
 
-def stop_reason(state: TrainingState, args, evaluated: bool, ctrl_c: CtrlC) -> str | None:
+def stop_reason(state: TrainingState, run: options.RunSettings, evaluated: bool, ctrl_c: CtrlC) -> str | None:
     """The one place that decides whether training stops after this step, and says why."""
-    if evaluated and args.patience and state.patience_counter >= args.patience:
-        return (f"{args.monitor} did not improve by more than {args.min_delta} for {args.patience} evaluations "
+    if evaluated and run.patience and state.patience_counter >= run.patience:
+        return (f"{run.monitor} did not improve by more than {run.min_delta} for {run.patience} evaluations "
                 f"(best {state.best_metric:.4f} at step {state.best_step})")
-    if evaluated and args.max_steps and state.global_step >= args.max_steps:
-        return f"reached --max-steps {args.max_steps}"
+    if evaluated and run.max_steps and state.global_step >= run.max_steps:
+        return f"reached --max-steps {run.max_steps}"
     if distributed.any_rank(ctrl_c.requested):  # shared: Ctrl-C may reach only some ranks
         return (f"interrupted: saved checkpoint_step{state.global_step:08d}.pt; continue with --resume auto "
                 f"--out-dir {state.out_dir}")
@@ -318,74 +323,91 @@ def stop_reason(state: TrainingState, args, evaluated: bool, ctrl_c: CtrlC) -> s
 
 def main(args):
     """Train -> the final TrainingState (with --audit-sampling or --lr-find: a dict of what they found).
-    Under torchrun, every rank runs this."""
+    Under torchrun, every rank runs this. Nothing is written before the arguments and the weights are
+    known to be usable."""
+    options.resolve_deprecated(args)
     options.check_arguments(args)
+    model_lib.check_model(options.model_settings(args))   # one forward on silence: a backbone that cannot work stops here
     device = distributed.local_device(args.device)
-    if args.flush_denormal:  # process-wide, so for this run only
+    with flush_denormal(args.flush_denormal), distributed.process_group(device):
+        world_size = distributed.rank_and_world_size()[1]
+        continuing = args.resume == "auto"
+        checkpoint = checkpoint_to_resume(args)               # sets --resume (auto) and --out-dir (its folder)
+        if checkpoint is None:
+            learner_lib.check_pretrained_weights(args.backbone, args.pretrained, args.pretrained_file)
+        else:
+            options.check_resume(checkpoint, args, world_size)  # may keep the schedule's length
+        settings = options.training_settings(args)
+        out_dir = make_run_folder(args, checkpoint, continuing)
+        main_process = distributed.is_main_process()
+        with runfolder.locked(out_dir, main_process), runfolder.log_file(out_dir / "train.log", main_process):
+            if main_process:
+                runfolder.write_config(out_dir, settings.config)
+            # the data: the datasets (the same as the resumed run's) and what the sampler will draw
+            labels, train_set, val_set = data.build_datasets(settings.data, out_dir)
+            fingerprint = check_resumed_data(checkpoint, labels, train_set, val_set, args.resume, args.data_dir)
+            audit_table, audit = audit_sampling(train_set, settings.loader, out_dir)
+            if args.audit_sampling:
+                return {"audit": audit, "audit_table": audit_table, "out_dir": out_dir}
+            # the model with its optimiser, scaler and EMA (restored when resumed)
+            steps_per_epoch = steps_in_epoch(audit["epoch_length"], args.batch_size, world_size)
+            learner = learner_lib.build_learner(settings.learner, labels, device, steps_per_epoch, checkpoint)
+            if args.lr_find:
+                if world_size > 1:
+                    raise ValueError("--lr-find runs in one process: start it without torchrun")
+                return {"suggested_lr": lr_find.find_learning_rate(learner, train_set, settings.loader,
+                                                                   settings.step.loss, args.lr_find_steps, out_dir),
+                        "out_dir": out_dir}
+            # the loop, with its evaluation and checkpoint points
+            state = TrainingState(out_dir=out_dir, data_fingerprint=fingerprint)
+            if checkpoint is not None:
+                state.load(checkpoint)
+                log.info("resumed from %s at epoch %d step %d", args.resume, state.epoch, state.step_in_epoch)
+            if main_process:
+                runfolder.start_logs(out_dir, checkpoint)
+            validation = evaluation.build_validation(learner.model, val_set, settings.validation, device)
+            state.chance = validation.chance
+            started = time.time()
+            with CtrlC() as ctrl_c:
+                train(learner, train_set, validation, state, settings, ctrl_c)
+            log.info("stopped: %s; %.0f s; best %s %.4f; run folder %s", state.stop_reason or f"completed "
+                     f"{args.epochs} epochs", time.time() - started, args.monitor,
+                     state.best_metric if state.best_metric is not None else float("nan"), out_dir)
+            state.stop_reason = state.stop_reason or "epochs"
+            return state
+
+
+@contextlib.contextmanager
+def flush_denormal(enabled: bool):
+    """--flush-denormal: denormal floats flushed to zero on the CPU for the body (process-wide, so undone after)."""
+    if enabled:
         torch.set_flush_denormal(True)
     try:
-        return distributed.call_in_group(device, functools.partial(set_up_and_train, args, device))
+        yield
     finally:
-        if args.flush_denormal:
+        if enabled:
             torch.set_flush_denormal(False)
 
 
-def set_up_and_train(args, device: torch.device):
-    """Checkpoint to resume and pretrained weights checked -> run folder (with train.log) -> the run in it.
-    Nothing is written before the arguments and the weights are known to be usable."""
-    continuing = args.resume == "auto"
-    checkpoint = checkpoint_to_resume(args)
-    if checkpoint is None:
-        learner_lib.check_pretrained_weights(args)
-    else:
-        runfolder.check_resume_settings(checkpoint, args, distributed.rank_and_world_size()[1])
-    out_dir = make_run_folder(args, checkpoint, continuing)
-    main_process = distributed.is_main_process()
-    with runfolder.locked(out_dir, main_process), runfolder.log_file(out_dir / "train.log", main_process):
-        if main_process:
-            runfolder.write_config(out_dir, args)
-        return train_in_folder(args, device, checkpoint, out_dir)
-
-
-def train_in_folder(args, device: torch.device, checkpoint: dict | None, out_dir: Path):
-    """Data -> sampling audit -> learner -> state -> validation -> the loop."""
-    labels, train_set, val_set = data.build_datasets(args, out_dir)
+def check_resumed_data(checkpoint: dict | None, labels, train_set, val_set, resume: str | None, data_dirs) -> str:
+    """The data's fingerprint; a resumed run must find the data its checkpoint was trained on."""
     fingerprint = data.data_fingerprint(labels, train_set, val_set)
     if checkpoint is not None and checkpoint["labels"] != labels:
-        raise ValueError(f"{args.resume} was trained on another label list than {' '.join(args.data_dir)}")
+        raise ValueError(f"{resume} was trained on another label list than {' '.join(data_dirs)}")
     if checkpoint is not None and checkpoint.get("data_fingerprint", fingerprint) != fingerprint:
-        raise ValueError(f"{args.resume} was trained on other data: the recordings, their labels, the split or the "
-                         f"training windows of {' '.join(args.data_dir)} changed since (a metadata row added or "
+        raise ValueError(f"{resume} was trained on other data: the recordings, their labels, the split or the "
+                         f"training windows of {' '.join(data_dirs)} changed since (a metadata row added or "
                          f"removed, a file now unreadable: see bad_files.csv). Restore them, or start a new run")
-    audit_table, audit = audit_sampling(train_set, args, out_dir)
-    if args.audit_sampling:
-        return {"audit": audit, "audit_table": audit_table, "out_dir": out_dir}
-    world_size = distributed.rank_and_world_size()[1]
-    steps_per_epoch = audit["epoch_length"] // (args.batch_size * world_size)
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} x {world_size} process(es) is larger than an epoch's "
-                         f"{audit['epoch_length']} draws")
-    learner = learner_lib.build_learner(args, labels, device, steps_per_epoch, checkpoint)
-    if args.lr_find:
-        if world_size > 1:
-            raise ValueError("--lr-find runs in one process: start it without torchrun")
-        return {"suggested_lr": lr_find.find_learning_rate(learner, train_set, args, out_dir), "out_dir": out_dir}
-    state = TrainingState(out_dir=out_dir, data_fingerprint=fingerprint)
-    if checkpoint is not None:
-        state.load(checkpoint)
-        log.info("resumed from %s at epoch %d step %d", args.resume, state.epoch, state.step_in_epoch)
-    if distributed.is_main_process():
-        runfolder.start_logs(out_dir, checkpoint)
-    validation = evaluation.build_validation(learner.model, val_set, args, device)
-    state.chance = validation.chance
-    started = time.time()
-    with CtrlC() as ctrl_c:
-        train(learner, train_set, validation, state, args, ctrl_c)
-    log.info("stopped: %s; %.0f s; best %s %.4f; run folder %s", state.stop_reason or f"completed {args.epochs} "
-             f"epochs", time.time() - started, args.monitor,
-             state.best_metric if state.best_metric is not None else float("nan"), out_dir)
-    state.stop_reason = state.stop_reason or "epochs"
-    return state
+    return fingerprint
+
+
+def steps_in_epoch(epoch_length: int, batch_size: int, world_size: int) -> int:
+    """Optimiser steps in an epoch of `epoch_length` draws (a partial last batch is dropped)."""
+    steps = epoch_length // (batch_size * world_size)
+    if steps == 0:
+        raise ValueError(f"--batch-size {batch_size} x {world_size} process(es) is larger than an epoch's "
+                         f"{epoch_length} draws")
+    return steps
 
 
 def checkpoint_to_resume(args) -> dict | None:
@@ -427,14 +449,14 @@ def make_run_folder(args, checkpoint: dict | None, continuing: bool) -> Path:
     return out_dir
 
 
-def audit_sampling(train_set, args, out_dir: Path):
+def audit_sampling(train_set, settings: loader.LoaderSettings, out_dir: Path):
     """What --sampler does to an epoch: logged, and written to sampling_audit.csv -> (table, summary)."""
-    audit_table, audit = sampling.sampling_audit(train_set.primary_labels, args.sampler, args.cap_per_class,
+    audit_table, audit = sampling.sampling_audit(train_set.primary_labels, settings.sampler, settings.cap_per_class,
                                                  extras=train_set.extras if train_set.extras.any() else None)
     if distributed.is_main_process():
         with runfolder.writing(out_dir / "sampling_audit.csv"):
             sampling.write_sampling_audit(audit_table, out_dir / "sampling_audit.csv")
-    for line in sampling.format_sampling_audit(audit_table, audit, args.sampler).splitlines():
+    for line in sampling.format_sampling_audit(audit_table, audit, settings.sampler).splitlines():
         (log.warning if line.startswith("WARNING") else log.info)("%s", line)
     return audit_table, audit
 

@@ -81,7 +81,8 @@ def model_only(checkpoint: str, backend: str, precision: str, threads: int, batc
     args = infer.get_args_parser().parse_args(["--ckpts", checkpoint,
                                                *backend_flags(backend, precision, threads, batch_size, streams)])
     model = model_lib.load_model(checkpoint)
-    runner = engines.make_runner(model, args, torch.device("cpu"), engines.use_bf16(precision, torch.device("cpu")))
+    settings = infer.settings_of(engines.EngineSettings, vars(args))
+    runner = engines.make_runner(model, settings, torch.device("cpu"), engines.use_bf16(precision, torch.device("cpu")))
     batch = torch.randn(batch_size, model.window_samples) * 0.05
     list(runner.map([batch] * 4))  # warm-up (and the parity check for exported backends)
     done, started = 0, time.perf_counter()

@@ -12,6 +12,7 @@ its first batch (worker start-up) is not timed.
 """
 from __future__ import annotations
 
+import dataclasses
 import argparse
 import itertools
 import logging
@@ -33,10 +34,11 @@ import options  # noqa: E402
 def measure(train_set, args, workers: int, seconds: float) -> tuple[float, int]:
     """-> (samples per second, samples timed) of train.py's loader with `workers` processes."""
     run_args = options.get_args_parser().parse_args(["--workers", str(workers), "--batch-size", str(args.batch_size)])
+    settings = options.training_settings(run_args).loader
     batches = itertools.chain.from_iterable(
-        loader.epoch_batches(train_set, run_args, epoch)
+        loader.epoch_batches(train_set, settings, epoch)
         for epoch in itertools.count())
-    batches_loader = loader.make_loader(train_set, run_args, torch.device("cpu"), batch_sampler=batches)
+    batches_loader = loader.training_loader(train_set, settings, torch.device("cpu"), batches)
     iterator = iter(batches_loader)
     next(iterator)                                   # workers started, first batch decoded
     samples, started = 0, time.perf_counter()
@@ -67,9 +69,9 @@ def main() -> None:
     cache_seconds = time.perf_counter() - started
 
     run_args = options.get_args_parser().parse_args(["--data-dir", str(data_dir), "--val-fraction", "0.01"])
-    _, uncached, _ = data.build_datasets(run_args, work)
-    run_args.cache = str(cache_dir)
-    _, cached, _ = data.build_datasets(run_args, work)
+    settings = options.training_settings(run_args).data
+    _, uncached, _ = data.build_datasets(settings, work)
+    _, cached, _ = data.build_datasets(dataclasses.replace(settings, cache=str(cache_dir)), work)
     hours = sum(uncached.durations) / 3600
     print(f"\n{len(uncached)} training recordings, {hours:.2f} h of audio (median length "
           f"{sorted(uncached.durations)[len(uncached) // 2]:.0f} s); cache built in {cache_seconds:.0f} s, "

@@ -34,7 +34,7 @@ def build_variant(data_dir: Path, work: Path, name: str, seed: int, flags: list[
     out = work / f"{name}_seed{seed}"
     if not (out / "labels.csv").is_file():
         data.main(["soundscapes", "--data-dir", str(data_dir), "--out", str(out), "--seed", str(seed),
-                   "--bg-dir", str(work / "bed_pseudo"), *flags])
+                   "--bed-dir", str(work / "bed_pseudo"), *flags])
     return out
 
 

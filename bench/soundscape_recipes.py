@@ -38,7 +38,7 @@ import train  # noqa: E402
 
 README_RECIPE = ["--no-pretrained", "--lr", "1e-3", "--batch-size", "16"]
 BED = ["--bg-dir", "{bg}", "--bg-prob", "0.5", "--bg-snr", "0", "15"]       # the test site's own sound
-NOCALL = ["--nocall", "--nocall-soundscapes", "{bg}"]                     # every 5-s row of the training bed
+NOCALL = ["--nocall", "--nocall-soundscapes", "{bg}", "--nocall-audio", "{bg}"]   # every 5-s row and crops of it
 SOUNDSCAPE_STYLE = ["--mix-prob", "0.5", "--distance-prob", "0.5", "--reverb-prob", "0.3", "--bg-dir", "{bg}",
                     "--bg-prob", "0.8", "--bg-snr", "-3", "12"]
 RECIPES = {
@@ -76,7 +76,7 @@ def pseudo_soundscapes(data_dir: Path, seed: int, work: Path) -> Path:
     out = work / f"pseudo_seed{seed}"
     if not (out / "labels.csv").is_file():
         data.main(["soundscapes", "--data-dir", str(data_dir), "--out", str(out), "--seed", str(seed),
-                   "--bg-dir", str(work / "bed_pseudo")])
+                   "--bed-dir", str(work / "bed_pseudo")])
     return out / "labels.csv"
 
 

@@ -103,6 +103,17 @@ def quick_args(data_dir, out_dir, *extra):
         "--fmax", "8000", "--window-seconds", "2", "--ends-seconds", "4", *extra])
 
 
+def settings_of(args) -> options.TrainingSettings:
+    """The settings train.main builds from these arguments."""
+    options.resolve_deprecated(args)
+    return options.training_settings(args)
+
+
+def quick_settings(data_dir, out_dir, *extra) -> options.TrainingSettings:
+    """The settings of quick_args's run."""
+    return settings_of(quick_args(data_dir, out_dir, *extra))
+
+
 def run_infer(*argv) -> dict:
     """infer.py with these command-line arguments (paths may be Path objects)."""
     return infer.main(infer.get_args_parser().parse_args([str(a) for a in argv]))

@@ -16,7 +16,9 @@ import options  # noqa: E402
 out, argv = Path(sys.argv[1]), sys.argv[2:]
 args = options.get_args_parser().parse_args(argv)
 rank, world_size = distributed.setup(distributed.local_device(args.device))
-_, train_set, _ = data.build_datasets(args, Path(args.out_dir))
-items = {epoch: [item for batch in loader.epoch_batches(train_set, args, epoch) for item in batch] for epoch in (0, 1)}
+settings = options.training_settings(args)
+_, train_set, _ = data.build_datasets(settings.data, Path(args.out_dir))
+items = {epoch: [item for batch in loader.epoch_batches(train_set, settings.loader, epoch) for item in batch]
+         for epoch in (0, 1)}
 out.with_suffix(f".rank{rank}.json").write_text(json.dumps({"world_size": world_size, "items": items}))
 distributed.shutdown()

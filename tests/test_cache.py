@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import quick_args, small_tmpfs, tone_recording
+from conftest import quick_args, quick_settings, small_tmpfs, tone_recording
 
 import audio
 import cache as cache_lib
@@ -180,8 +180,8 @@ def test_training_with_the_cache_says_so_and_trains_the_same(native_data, tmp_pa
     refused = tmp_path / "refused"
     refused.mkdir()
     with pytest.raises(cache_lib.CacheError, match="crop_policy"):     # where train.py reads its data
-        data.build_datasets(quick_args(native_data, refused, "--cache", str(tmp_path / "cache"),
-                                       "--crop-policy", "random", *common), refused)
+        data.build_datasets(quick_settings(native_data, refused, "--cache", str(tmp_path / "cache"),
+                                           "--crop-policy", "random", *common).data, refused)
 
 
 @pytest.mark.parametrize("max_seconds", [0.0, 5.0])     # 5 s: some crops are not cached and are decoded

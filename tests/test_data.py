@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_COUNTS, TINY_SPECIES, quick_args, write_tiny_dataset
+from conftest import TINY_COUNTS, TINY_SPECIES, quick_settings, write_tiny_dataset
 
+import cli
 import data
 
 BIRDCLEF_2023_COLUMNS = ["primary_label", "secondary_labels", "type", "latitude", "longitude",
@@ -288,6 +291,16 @@ def test_split_folds_deterministic_under_seed():
 
 # ----------------------------------------------------------------------------- build_datasets
 
+def test_split_usable_recordings_follows_the_split_settings():
+    table = pd.DataFrame({"primary_label": split_labels()})
+    split = data.SplitSettings(seed=3, val_fraction=0.25, folds=3, fold=1)
+    train_index, val_index = data.split_usable_recordings(table, split)
+    expected = data.split_recordings(table["primary_label"], 0.25, 3, 1, 3)
+    np.testing.assert_array_equal(train_index, expected[0])
+    np.testing.assert_array_equal(val_index, expected[1])
+
+
+
 def test_unreadable_and_missing_files_are_reported_and_skipped(tmp_path):
     data_dir = write_tiny_dataset(tmp_path / "data")
     table = pd.read_csv(data_dir / "train_metadata.csv")
@@ -297,7 +310,7 @@ def test_unreadable_and_missing_files_are_reported_and_skipped(tmp_path):
     missing.unlink()
     out = tmp_path / "run"
     out.mkdir()
-    labels, train_set, val_set = data.build_datasets(quick_args(data_dir, out, "--epochs", "1"), out)
+    labels, train_set, val_set = data.build_datasets(quick_settings(data_dir, out, "--epochs", "1").data, out)
     bad = pd.read_csv(out / "bad_files.csv")
     assert sorted(bad["path"]) == sorted([str(corrupt.resolve()), str(missing.resolve())])
     assert bad["reason"].str.len().min() > 10
@@ -307,3 +320,24 @@ def test_unreadable_and_missing_files_are_reported_and_skipped(tmp_path):
     assert sorted(train_set.paths + val_set.paths) == usable
     assert (len(train_set), len(val_set)) == (12, 4)
     assert labels == sorted(TINY_SPECIES)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+@pytest.mark.parametrize("command, flag", [("demo", "--median-seconds"), ("extras", "--keep-all-below"),
+                                           ("cache", "--max-seconds"), ("soundscapes", "--call-distance-prob")])
+def test_each_subcommand_answers_help_with_the_flags_of_the_module_that_defines_it(command, flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        data.main([command, "--help"])
+    assert stop.value.code == 0 and flag in capsys.readouterr().out
+
+
+def test_python_data_py_soundscapes_help_runs_as_a_script():
+    result = subprocess.run([sys.executable, "data.py", "soundscapes", "--help"], cwd=Path(data.__file__).parent,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "--bed-dir" in result.stdout and "deprecated spelling of --bed-dir" in result.stdout
+
+
+def test_the_demo_folder_is_defined_once():
+    assert data.DEMO_DIR is cli.DEMO_DIR

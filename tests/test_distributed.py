@@ -51,9 +51,11 @@ def test_rank_shards_are_disjoint_and_together_the_single_process_draw(tiny_data
         shares = [json.loads((tmp_path / f"probe.rank{rank}.json").read_text()) for rank in (0, 1)]
         args = options.get_args_parser().parse_args(["--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "one"),
                                                    "--batch-size", "4", *COMMON, *sampler])
-        _, train_set, _ = data.build_datasets(args, tmp_path)
+        settings = options.training_settings(args)
+        _, train_set, _ = data.build_datasets(settings.data, tmp_path)
         for epoch in ("0", "1"):
-            one = [tuple(item) for batch in loader.epoch_batches(train_set, args, int(epoch)) for item in batch]
+            one = [tuple(item) for batch in loader.epoch_batches(train_set, settings.loader, int(epoch))
+                   for item in batch]
             ranks = [[tuple(item) for item in share["items"][epoch]] for share in shares]
             assert all(share["world_size"] == 2 for share in shares)
             positions = [{position for _, _, position in items} for items in ranks]
@@ -120,7 +122,7 @@ def test_resume_with_another_number_of_processes_is_refused(tiny_data, trained_r
 def test_ranks_that_read_different_data_are_stopped(tiny_data, tmp_path, monkeypatch):
     args = options.get_args_parser().parse_args(["--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "r"),
                                                "--batch-size", "4", *COMMON])
-    labels, train_set, val_set = data.build_datasets(args, tmp_path)
+    labels, train_set, val_set = data.build_datasets(options.training_settings(args).data, tmp_path)
     data.check_same_data_on_every_rank(labels, train_set, val_set)            # one process: agrees with itself
     real = distributed.gather_objects
     monkeypatch.setattr(distributed, "gather_objects", lambda value: [value, real(value)[0] + "x"])

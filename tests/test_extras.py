@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
-from conftest import quick_args
+from conftest import quick_args, quick_settings
 
 import audio
 import data
@@ -143,7 +143,8 @@ def test_cli_writes_csv_and_audio_chunks(tmp_path, capsys):
 # ----------------------------------------------------------------------------- train.py --extras
 
 def test_train_extras_are_fixed_windows_of_training_recordings_only(tiny_data, tmp_path, caplog):
-    plain_labels, plain_train, plain_val = data.build_datasets(quick_args(tiny_data, tmp_path / "plain"), tmp_path)
+    plain = quick_settings(tiny_data, tmp_path / "plain").data
+    plain_labels, plain_train, plain_val = data.build_datasets(plain, tmp_path)
     table = data.read_metadata(tiny_data)
     names = dict(zip(table["path"], table["filename"]))
     train_names = [names[path] for path in plain_train.paths]
@@ -154,9 +155,9 @@ def test_train_extras_are_fixed_windows_of_training_recordings_only(tiny_data, t
     pd.DataFrame({"filename": [r[0] for r in rows], "start_s": [r[1] for r in rows], "primary_score": 0.9,
                   "labels": "x"}).to_csv(tmp_path / "extras.csv", index=False)
 
-    args = quick_args(tiny_data, tmp_path / "run", "--extras", str(tmp_path / "extras.csv"))
+    settings = quick_settings(tiny_data, tmp_path / "run", "--extras", str(tmp_path / "extras.csv")).data
     with caplog.at_level("INFO", logger="birdclef"):
-        labels, train_set, val_set = data.build_datasets(args, tmp_path)
+        labels, train_set, val_set = data.build_datasets(settings, tmp_path)
     assert "3 windows of 2 training recordings used; 1 dropped (their recording is in the validation split), " \
            "1 dropped (no such usable recording)" in caplog.text
     n = len(plain_train)
@@ -178,12 +179,13 @@ def test_train_extras_are_fixed_windows_of_training_recordings_only(tiny_data, t
 def test_extras_chunk_crops_randomly_inside_a_chunk_centred_on_the_window(tiny_data, tmp_path):
     """--extras-chunk 6 (window 2 s): training crops start anywhere in the 6-s chunk centred on the 5-s row
     that still holds the window; other rows and evaluation keep their fixed start."""
-    _, plain_train, _ = data.build_datasets(quick_args(tiny_data, tmp_path / "plain"), tmp_path)
+    _, plain_train, _ = data.build_datasets(quick_settings(tiny_data, tmp_path / "plain").data, tmp_path)
     table = data.read_metadata(tiny_data)
     name = dict(zip(table["path"], table["filename"]))[plain_train.paths[0]]
     pd.DataFrame({"filename": [name], "start_s": [0.0]}).to_csv(tmp_path / "extras.csv", index=False)
-    args = quick_args(tiny_data, tmp_path / "run", "--extras", str(tmp_path / "extras.csv"), "--extras-chunk", "6")
-    _, train_set, _ = data.build_datasets(args, tmp_path)
+    settings = quick_settings(tiny_data, tmp_path / "run", "--extras", str(tmp_path / "extras.csv"),
+                              "--extras-chunk", "6").data
+    _, train_set, _ = data.build_datasets(settings, tmp_path)
     row, duration = len(train_set) - 1, train_set.durations[-1]
     assert train_set.chunks.tolist() == [0.0] * row + [6.0]
     chunk_start = min(max(0.0 + 2.5 - 3.0, 0.0), max(duration - 6.0, 0.0))      # centred on 0-5 s, inside
@@ -196,7 +198,7 @@ def test_extras_chunk_crops_randomly_inside_a_chunk_centred_on_the_window(tiny_d
 
 
 def test_sampling_audit_counts_extras_separately(tiny_data, tmp_path):
-    _, plain_train, _ = data.build_datasets(quick_args(tiny_data, tmp_path / "plain"), tmp_path)
+    _, plain_train, _ = data.build_datasets(quick_settings(tiny_data, tmp_path / "plain").data, tmp_path)
     table = data.read_metadata(tiny_data)
     names = dict(zip(table["path"], table["filename"]))
     chosen = [names[path] for path in plain_train.paths[:4]]

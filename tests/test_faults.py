@@ -19,7 +19,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
-from conftest import quick_args, read_rows, run_infer, small_tmpfs, tone_recording, write_tiny_dataset
+from conftest import quick_args, quick_settings, read_rows, run_infer, small_tmpfs, tone_recording, write_tiny_dataset
 
 import audio
 import data
@@ -94,7 +94,7 @@ def test_training_skips_bad_recordings_and_strict_refuses(tmp_path):
     # what train.py trains on: the data set as data.build_datasets reads it
     out = tmp_path / "run"
     out.mkdir()
-    _, train_set, val_set = data.build_datasets(quick_args(data_dir, out, "--epochs", "1"), out)
+    _, train_set, val_set = data.build_datasets(quick_settings(data_dir, out, "--epochs", "1").data, out)
     assert len(train_set) // 4 > 0                      # at least one training step of --batch-size 4
     bad = pd.read_csv(out / "bad_files.csv")
     assert len(bad) >= 1 and bad["reason"].str.len().min() > 5
@@ -103,7 +103,7 @@ def test_training_skips_bad_recordings_and_strict_refuses(tmp_path):
     assert set(train_set.paths + val_set.paths) == {path for path in data.read_metadata(data_dir)["path"]
                                                      if path not in listed}
     with pytest.raises(ValueError, match="--strict"):
-        data.build_datasets(quick_args(data_dir, out, "--strict"), out)
+        data.build_datasets(quick_settings(data_dir, out, "--strict").data, out)
 
 
 def test_nan_samples_are_zeroed_and_short_clips_padded(tmp_path):
@@ -126,7 +126,7 @@ def test_species_without_usable_recordings_is_warned(tmp_path, caplog):
     for name in table.loc[table["primary_label"] == "ggghhh1", "filename"]:
         (data_dir / "train_audio" / name).write_text("broken")
     with caplog.at_level("WARNING"):
-        data.build_datasets(quick_args(data_dir, tmp_path / "run"), tmp_path)
+        data.build_datasets(quick_settings(data_dir, tmp_path / "run").data, tmp_path)
     assert "no usable recording" in caplog.text and "ggghhh1" in caplog.text
 
 
@@ -337,8 +337,8 @@ def test_every_metadata_row_twice_is_merged_not_leaked(tiny_data, tmp_path, capl
     assert f"{len(table)} row(s) name a file listed before" in caplog.text
     assert list(merged["path"]) == [path.replace(str(tiny_data), str(data_dir))
                                     for path in data.read_metadata(tiny_data)["path"]]
-    args = quick_args(data_dir, tmp_path / "run")
-    train_index, val_index = data.split_usable_recordings(merged, args)
+    settings = quick_settings(data_dir, tmp_path / "run")
+    train_index, val_index = data.split_usable_recordings(merged, settings.data.split)
     assert not set(merged["path"].iloc[train_index]) & set(merged["path"].iloc[val_index])
 
 

@@ -18,6 +18,7 @@ import soundfile as sf
 import torch
 from conftest import ROOT, TINY_SPECIES, quick_args, run_infer, tone_recording, write_tone
 
+import engines
 import infer
 import outputs
 import model as model_lib
@@ -88,6 +89,19 @@ def test_smoothing_and_file_prior_by_hand():
         infer.smooth_rows(scores, [0.5, 0.5])
     prior = infer.apply_file_prior(scores, weight=0.25)
     np.testing.assert_allclose(prior[:, 0], [1.0, 0.25, 0.25, 0.625])
+
+
+def test_each_flag_is_a_settings_field_with_the_fields_default():
+    """The flags' defaults are written once, in the settings dataclasses, and Predictor's options are the flags."""
+    args = infer.get_args_parser().parse_args(["--ckpts", "a.pt"])
+    assert set(vars(args)) == infer.OPTIONS
+    settings = [infer.settings_of(kind, vars(args)) for kind in infer.SETTINGS]
+    assert settings == [infer.Job(("a.pt",)), infer.Scoring(), engines.EngineSettings()]
+    assert infer.settings_of(infer.Scoring, {"hop": 2.5, "out": "x.csv"}) == infer.Scoring(hop=2.5)
+    with pytest.raises(ValueError, match="--smooth 0.5,0.5: needs an odd number"):
+        infer.Scoring(smooth="0.5,0.5").check()
+    with pytest.raises(ValueError, match="--hop 6: seconds between windows"):
+        infer.Scoring(hop=6).check()
 
 
 def test_combine_power_mean_and_missing_species():

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import quick_args
+from conftest import quick_settings, settings_of
 
 import learner as learner_lib
 import model as model_lib
@@ -24,8 +24,8 @@ CPU = torch.device("cpu")
 def test_init_from_copies_shared_species_rows_by_name(checkpoint, tiny_data, tmp_path):
     source = torch.load(checkpoint, weights_only=True)
     vocabulary = ["eeefff1", "zzzzzz1", "aaabbb1", "ggghhh1", "cccddd1"]  # permuted, plus a new species
-    args = quick_args(tiny_data, tmp_path / "finetune", "--init-from", str(checkpoint))
-    learner = learner_lib.build_learner(args, vocabulary, CPU, steps_per_epoch=3)
+    settings = quick_settings(tiny_data, tmp_path / "finetune", "--init-from", str(checkpoint))
+    learner = learner_lib.build_learner(settings.learner, vocabulary, CPU, steps_per_epoch=3)
     assert learner.model.labels == vocabulary
     target = learner.model.state_dict()
     source_row = {label: i for i, label in enumerate(source["labels"])}
@@ -44,9 +44,10 @@ def test_init_from_copies_shared_species_rows_by_name(checkpoint, tiny_data, tmp
 
 
 def test_compile_and_channels_last_leave_checkpoints_unchanged(tiny_data, tmp_path):
-    plain = learner_lib.build_learner(quick_args(tiny_data, tmp_path / "a"), ["a", "b"], CPU, steps_per_epoch=10)
-    fast_args = quick_args(tiny_data, tmp_path / "b", "--compile", "--channels-last", "--ema", "0.9")
-    fast = learner_lib.build_learner(fast_args, ["a", "b"], CPU, steps_per_epoch=10)
+    plain = learner_lib.build_learner(quick_settings(tiny_data, tmp_path / "a").learner, ["a", "b"], CPU,
+                                      steps_per_epoch=10)
+    fast_settings = quick_settings(tiny_data, tmp_path / "b", "--compile", "--channels-last", "--ema", "0.9")
+    fast = learner_lib.build_learner(fast_settings.learner, ["a", "b"], CPU, steps_per_epoch=10)
     assert list(fast.model.state_dict()) == list(plain.model.state_dict())       # no "_orig_mod." names
     assert list(fast.ema.module.state_dict()) == list(plain.model.state_dict())
     weights = [p for p in fast.model.backbone.parameters() if p.dim() == 4]
@@ -58,7 +59,7 @@ def test_compile_and_channels_last_leave_checkpoints_unchanged(tiny_data, tmp_pa
 
 def schedule(*extra, epochs="10", steps_per_epoch=10):
     args = options.get_args_parser().parse_args(["--epochs", epochs, "--lr", "1e-3", *extra])
-    return learner_lib.schedule_of(args, steps_per_epoch)
+    return learner_lib.schedule_of(settings_of(args).learner.optimization, steps_per_epoch)
 
 
 def test_cosine_after_a_warm_up_from_warmup_lr_against_the_formula():
@@ -101,8 +102,8 @@ def test_onecycle_equals_torchs_onecyclelr():
 
 
 def test_weight_decay_reaches_convolution_and_linear_weights_only(tiny_data, tmp_path):
-    learner = learner_lib.build_learner(quick_args(tiny_data, tmp_path, "--weight-decay", "0.05"), ["a", "b"], CPU,
-                                        steps_per_epoch=10)
+    settings = quick_settings(tiny_data, tmp_path, "--weight-decay", "0.05")
+    learner = learner_lib.build_learner(settings.learner, ["a", "b"], CPU, steps_per_epoch=10)
     decay = {id(p): group["weight_decay"] for group in learner.optimizer.param_groups for p in group["params"]}
     names = dict(learner.model.named_parameters())
     assert len(decay) == len(names)                            # every parameter in exactly one group
@@ -116,8 +117,8 @@ def test_weight_decay_reaches_convolution_and_linear_weights_only(tiny_data, tmp
 @pytest.mark.parametrize("name, kind", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam),
                                         ("sgd", torch.optim.SGD)])
 def test_optimizer_and_momentum_flags(name, kind, tiny_data, tmp_path):
-    args = quick_args(tiny_data, tmp_path, "--optimizer", name, "--momentum", "0.8")
-    optimizer = learner_lib.build_learner(args, ["a", "b"], CPU, steps_per_epoch=10).optimizer
+    settings = quick_settings(tiny_data, tmp_path, "--optimizer", name, "--momentum", "0.8")
+    optimizer = learner_lib.build_learner(settings.learner, ["a", "b"], CPU, steps_per_epoch=10).optimizer
     assert type(optimizer) is kind
     group = optimizer.param_groups[0]
     assert (group["momentum"] if name == "sgd" else group["betas"][0]) == 0.8
@@ -129,35 +130,35 @@ VOCABULARY = ["eeefff1", "zzzzzz1", "aaabbb1"]   # two of the pre-trained specie
 
 
 def fine_tune(checkpoint, tiny_data, tmp_path, *extra):
-    args = quick_args(tiny_data, tmp_path / "finetune", "--init-from", str(checkpoint), *extra)
-    return args, learner_lib.build_learner(args, VOCABULARY, CPU, steps_per_epoch=3)
+    settings = quick_settings(tiny_data, tmp_path / "finetune", "--init-from", str(checkpoint), *extra)
+    return settings, learner_lib.build_learner(settings.learner, VOCABULARY, CPU, steps_per_epoch=3)
 
 
-def a_step(learner, args, epoch: int):
+def a_step(learner, settings, epoch: int):
     """One real training step (train.train_step) in `epoch`, with that epoch's frozen parts."""
-    learner_lib.set_train_mode(learner.model, *learner_lib.frozen_parts(args, epoch))
+    learner_lib.set_train_mode(learner.model, *learner_lib.frozen_parts(settings.learner, epoch))
     batch = {"waveform": torch.randn(4, learner.model.window_samples) * 0.1,
              "target": torch.eye(len(VOCABULARY))[[0, 1, 2, 0]], "path": ["a", "b", "c", "d"]}
     state = train.TrainingState(epoch=epoch)
-    assert train.train_step(learner, batch, state, args, "ce") is not None
+    assert train.train_step(learner, batch, state, settings.step, "ce") is not None
 
 
 def test_head_init_fresh_replaces_the_whole_head(checkpoint, tiny_data, tmp_path):
     source = torch.load(checkpoint, weights_only=True)["model"]
-    args, learner = fine_tune(checkpoint, tiny_data, tmp_path, "--head-init", "fresh")
+    settings, learner = fine_tune(checkpoint, tiny_data, tmp_path, "--head-init", "fresh")
     state = learner.model.state_dict()
     for name in source:
         if name.startswith(("frontend.", "backbone.")):
             assert torch.equal(state[name], source[name]), name
     torch.manual_seed(42)                                      # what a fresh model of this run starts with
-    fresh = model_lib.build_model(args, VOCABULARY).state_dict()
+    fresh = model_lib.build_model(settings.learner.model, VOCABULARY, pretrained=False).state_dict()
     assert torch.equal(state["head.weight"], fresh["head.weight"]) and torch.equal(state["head.bias"], fresh["head.bias"])
 
 
 def test_head_init_extend_keeps_the_head_adds_a_layer_of_ones_and_trains_only_that_first(checkpoint, tiny_data,
                                                                                            tmp_path):
     source = torch.load(checkpoint, weights_only=True)
-    args, learner = fine_tune(checkpoint, tiny_data, tmp_path, "--head-init", "extend",
+    settings, learner = fine_tune(checkpoint, tiny_data, tmp_path, "--head-init", "extend",
                               "--freeze-backbone-epochs", "2", "--freeze-head-epochs", "1")
     model = learner.model
     assert model.head.out_features == len(source["labels"]) == 4                 # the pre-trained vocabulary
@@ -170,22 +171,22 @@ def test_head_init_extend_keeps_the_head_adds_a_layer_of_ones_and_trains_only_th
     # which parameters train in which epoch: backbone frozen 2 epochs, pre-trained head 1, new layer never
     expected = {0: (False, False, True), 1: (False, True, True), 2: (True, True, True)}
     for epoch, (backbone, head, extension) in expected.items():
-        learner_lib.set_train_mode(model, *learner_lib.frozen_parts(args, epoch))
+        learner_lib.set_train_mode(model, *learner_lib.frozen_parts(settings.learner, epoch))
         assert {p.requires_grad for p in model.backbone.parameters()} == {backbone}
         assert {p.requires_grad for p in model.head.parameters()} == {head}
         assert {p.requires_grad for p in model.extension.parameters()} == {extension}
     # and which change after a step of epoch 0: only the new layer; the rest still equals the source
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    a_step(learner, args, epoch=0)
+    a_step(learner, settings, epoch=0)
     after = model.state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed == {"extension.weight", "extension.bias"}
-    a_step(learner, args, epoch=1)                                                 # now the head trains too
+    a_step(learner, settings, epoch=1)                                                 # now the head trains too
     changed = {name for name in before if not torch.equal(before[name], model.state_dict()[name])}
     assert {"head.weight", "head.bias"} <= changed and not any(name.startswith("backbone.") for name in changed)
     # a checkpoint of the extended model resumes to the same model
-    resumed = learner_lib.build_learner(args, VOCABULARY, CPU, 3, train.make_checkpoint(learner, args,
-                                                                                         train.TrainingState()))
+    resumed = learner_lib.build_learner(settings.learner, VOCABULARY, CPU, 3,
+                                        train.make_checkpoint(learner, settings.config, train.TrainingState()))
     for name, tensor in model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], tensor), name
 

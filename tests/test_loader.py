@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import quick_args, ramp, write_wav
+from conftest import quick_settings, ramp, write_wav
 
 import audio
 import data
@@ -113,7 +113,7 @@ def test_deleted_file_gives_none_with_warning_and_collate_drops_it(ramp_dataset,
 def test_file_failing_mid_epoch_is_skipped_not_fatal(tiny_data, tmp_path, caplog):
     data_dir = tmp_path / "data"
     shutil.copytree(tiny_data, data_dir)
-    labels, train_set, _ = data.build_datasets(quick_args(data_dir, tmp_path / "run"), tmp_path)
+    labels, train_set, _ = data.build_datasets(quick_settings(data_dir, tmp_path / "run").data, tmp_path)
     # The header check passed; now the file breaks before it is decoded.
     open(train_set.paths[0], "wb").close()
     assert train_set[(0, 0, 0)] is None

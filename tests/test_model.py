@@ -5,7 +5,6 @@ path is forced offline, or timm.create_model is replaced). Other timm families: 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import random
 
@@ -222,13 +221,12 @@ def test_create_backbone_random_init_has_one_channel_and_no_classifier():
     assert features.ndim == 4 and features.shape[:2] == (2, backbone.num_features)
 
 
-def check_args(**overrides) -> argparse.Namespace:
-    """train.py's model arguments; --pretrained (the default), which the check must not download."""
-    values = dict(backbone="test_efficientnet", loss="ce", sample_rate=SAMPLE_RATE, window_seconds=1.0, n_fft=N_FFT,
-                  hop=HOP, n_mels=N_MELS, fmin=FMIN, fmax=FMAX, normalization="standard", dropout=0.0,
-                  pretrained=True, pretrained_file=None)
+def check_args(**overrides) -> dict:
+    """train.py's model settings (options.model_settings); the check must not download anything."""
+    values = dict(backbone="test_efficientnet", activation="softmax", sample_rate=SAMPLE_RATE, window_seconds=1.0,
+                  n_fft=N_FFT, hop=HOP, n_mels=N_MELS, fmin=FMIN, fmax=FMAX, normalization="standard", dropout=0.0)
     values.update(overrides)
-    return argparse.Namespace(**values)
+    return values
 
 
 def test_check_model_builds_random_weights_runs_one_forward_and_leaves_random_streams_alone(monkeypatch):

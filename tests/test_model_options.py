@@ -7,7 +7,6 @@ built; nothing is downloaded.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 
@@ -490,15 +489,15 @@ def test_a_checkpoint_from_before_backbone_fitting_loads_and_scores_bit_for_bit(
     assert list(new.state_dict()) == list(initial)
 
 
-def test_model_config_writes_the_new_keys_with_defaults_when_flags_are_absent():
-    args = argparse.Namespace(backbone="test_efficientnet", loss="bce", sample_rate=SAMPLE_RATE,
-                              window_seconds=2.0, n_fft=N_FFT, hop=HOP, n_mels=N_MELS, fmin=FMIN,
-                              fmax=FMAX, normalization="standard", dropout=0.1)
-    config = model_lib.model_config(args, ["aaa1"])
+def test_model_config_writes_the_new_keys_with_defaults_when_settings_are_absent():
+    settings = dict(backbone="test_efficientnet", activation="sigmoid", sample_rate=SAMPLE_RATE,
+                    window_seconds=2.0, n_fft=N_FFT, hop=HOP, n_mels=N_MELS, fmin=FMIN,
+                    fmax=FMAX, normalization="standard", dropout=0.1)
+    config = model_lib.model_config(settings, ["aaa1"])
     assert config["frontend"] == "mel" and config["head"] == "linear" and config["img_size"] is None
     assert {k: config[k] for k in frontend_lib.PCEN_DEFAULTS} == frontend_lib.PCEN_DEFAULTS
-    args.frontend, args.head, args.img_size, args.pcen_gain = "pcen", "sed", (256, 157), 0.9
-    config = model_lib.model_config(args, ["aaa1"])
+    settings |= dict(frontend="pcen", head="sed", img_size=(256, 157), pcen_gain=0.9)
+    config = model_lib.model_config(settings, ["aaa1"])
     assert ((config["frontend"], config["head"], config["img_size"], config["pcen_gain"])
             == ("pcen", "sed", [256, 157], 0.9))
     for value in config.values():   # plain data only: checkpoints are read with weights_only=True

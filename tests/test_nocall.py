@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
-from conftest import TINY_SPECIES, quick_args, run_infer
+from conftest import TINY_SPECIES, quick_args, quick_settings, run_infer
 
 import audio
 import data
@@ -45,11 +45,11 @@ def nocall_sources(tiny_data, tmp_path):
 
 
 def test_nocall_windows_from_each_source(tiny_data, nocall_sources, tmp_path):
-    _, plain_train, _ = data.build_datasets(quick_args(tiny_data, tmp_path / "plain"), tmp_path)
-    args = quick_args(tiny_data, tmp_path / "run", "--nocall", "--bg-dir", str(nocall_sources / "bg"),
-                      "--nocall-soundscapes", str(nocall_sources / "scapes" / "labels.csv"),
-                      "--nocall-detections", str(nocall_sources / "detections.csv"))
-    labels, train_set, val_set = data.build_datasets(args, tmp_path)
+    _, plain_train, _ = data.build_datasets(quick_settings(tiny_data, tmp_path / "plain").data, tmp_path)
+    settings = quick_settings(tiny_data, tmp_path / "run", "--nocall", "--nocall-audio", str(nocall_sources / "bg"),
+                              "--nocall-soundscapes", str(nocall_sources / "scapes" / "labels.csv"),
+                              "--nocall-detections", str(nocall_sources / "detections.csv"))
+    labels, train_set, val_set = data.build_datasets(settings.data, tmp_path)
     assert labels == sorted(TINY_SPECIES) + ["nocall"]
     n = len(plain_train)
     nocall = slice(n, len(train_set))
@@ -94,9 +94,28 @@ def test_a_folder_of_background_recordings_gives_each_of_its_rows(nocall_sources
     assert from_table["start_s"].tolist() == rows["start_s"].tolist()
 
 
+def test_a_folder_as_nocall_audio_and_as_nocall_soundscapes_gives_its_files_then_its_rows(tiny_data,
+                                                                                         nocall_sources, tmp_path):
+    """The README's recipe (one folder as --nocall-audio, formerly --bg-dir under --nocall, and as
+    --nocall-soundscapes): each file whole (a crop anywhere per epoch), then each 5-s row of each file, in
+    this order, the order training's random draws are made in."""
+    folder = nocall_sources / "bg"
+    sources = data.NocallSources(audio_dir=str(folder), soundscapes=str(folder), detections=None, max_score=0.05,
+                                 per_recording=1)
+    table = data.read_metadata(tiny_data)
+    windows = data.nocall_windows(sources, table, np.arange(len(table)), tmp_path, strict=False)
+    a, b = str(folder / "a.ogg"), str(folder / "sub" / "b.wav")
+    assert [(Path(path).resolve(), source) for path, source in zip(windows["path"], windows["source"])] == [
+        (Path(a).resolve(), "--nocall-audio"), (Path(b).resolve(), "--nocall-audio"),
+        (Path(a).resolve(), "--nocall-soundscapes"), (Path(a).resolve(), "--nocall-soundscapes"),
+        (Path(b).resolve(), "--nocall-soundscapes")]
+    np.testing.assert_array_equal(windows["start_s"], [np.nan, np.nan, 0.0, 5.0, 0.0])
+    np.testing.assert_allclose(windows["duration"], [6.0, 3.0, 6.0, 6.0, 3.0], atol=0.01)
+
+
 def test_nocall_without_a_source_is_refused(tiny_data, tmp_path):
-    with pytest.raises(ValueError, match="--nocall needs background audio"):
-        data.build_datasets(quick_args(tiny_data, tmp_path / "run", "--nocall"), tmp_path)
+    with pytest.raises(ValueError, match="--nocall needs background audio: --nocall-audio, --nocall-soundscapes"):
+        data.build_datasets(quick_settings(tiny_data, tmp_path / "run", "--nocall").data, tmp_path)
 
 
 def test_gate_by_nocall_by_hand():

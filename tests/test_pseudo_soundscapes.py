@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import quick_args, tone_recording
+from conftest import quick_args, quick_settings, tone_recording
 
 import data
 import pseudo_soundscapes
@@ -37,14 +37,14 @@ def test_only_the_validation_split_supplies_calls(tiny_data, built, tmp_path):
     _, _, placements = built
     sources = set(placements.loc[placements["species"] != "", "source"])
     # the split train.py makes for the same --seed, read through train.py's own data path
-    _, train_set, val_set = data.build_datasets(quick_args(tiny_data, tmp_path / "run"), tmp_path)
+    _, train_set, val_set = data.build_datasets(quick_settings(tiny_data, tmp_path / "run").data, tmp_path)
     root = (tiny_data / "train_audio").resolve()
     validation = {Path(path).relative_to(root).as_posix() for path in val_set.paths}
     training = {Path(path).relative_to(root).as_posix() for path in train_set.paths}
     assert sources and sources <= validation and not sources & training
     # another split seed, another set of sources: the split follows --seed
     _, other = build(tiny_data, tmp_path / "seed7", "--seed", "7")
-    _, _, val_7 = data.build_datasets(quick_args(tiny_data, tmp_path / "run7", "--seed", "7"), tmp_path)
+    _, _, val_7 = data.build_datasets(quick_settings(tiny_data, tmp_path / "run7", "--seed", "7").data, tmp_path)
     names_7 = {Path(path).relative_to(root).as_posix() for path in val_7.paths}
     assert set(other.loc[other["species"] != "", "source"]) <= names_7
 
@@ -156,25 +156,65 @@ def test_calls_that_cannot_stay_in_their_row_are_refused(tmp_path, settings):
 
 
 def test_training_on_the_pseudo_soundscapes_bed_is_warned_about(tiny_data, tmp_path, caplog):
-    """beds.txt lists the --bg-dir files laid under the calls; a run whose --bg-dir or --nocall-soundscapes
-    audio is among them is warned (its pseudo-soundscape score would flatter it); a split folder is not."""
+    """beds.txt lists the --bed-dir files laid under the calls; a run whose --bg-dir, --nocall-audio or
+    --nocall-soundscapes audio is among them is warned (its pseudo-soundscape score would flatter it); a split
+    folder is not."""
     beds, other = tmp_path / "beds", tmp_path / "other"
     for folder, seed in ((beds, 1), (other, 2)):
         folder.mkdir()
         sf.write(folder / "site.wav", 0.05 * np.random.default_rng(seed).standard_normal(16000 * 10).astype("float32"),
                  16000)
     out = tmp_path / "pseudo"
-    build(tiny_data, out, "--bg-dir", str(beds))
+    build(tiny_data, out, "--bed-dir", str(beds))
     assert (out / "beds.txt").read_text().split() == [str((beds / "site.wav").resolve())]
     pd.DataFrame({"file": ["site.wav"], "start_s": [0], "end_s": [5], "labels": [""]}).to_csv(beds / "rows.csv",
                                                                                               index=False)
     cases = {("--bg-dir", beds): 1, ("--bg-dir", other): 0,
-             ("--bg-dir", other, "--nocall", "--nocall-soundscapes", beds / "rows.csv"): 1}
+             ("--bg-dir", other, "--nocall", "--nocall-soundscapes", beds / "rows.csv"): 1,
+             ("--bg-dir", other, "--nocall", "--nocall-audio", beds): 1,
+             ("--bg-dir", other, "--nocall", "--nocall-audio", other): 0}
     for flags, warned in cases.items():
         caplog.clear()
-        args = quick_args(tiny_data, tmp_path / "run", "--val-soundscapes", str(out / "labels.csv"), *map(str, flags))
-        data.build_datasets(args, tmp_path)
+        settings = quick_settings(tiny_data, tmp_path / "run", "--val-soundscapes", str(out / "labels.csv"),
+                                  *map(str, flags))
+        data.build_datasets(settings.data, tmp_path)
         assert len([r for r in caplog.records if "bed of the pseudo-soundscapes" in r.getMessage()]) == warned, flags
+
+
+# ----------------------------------------------------------------------------- the command line
+
+CALL_FLAGS = {"--distance-prob": ["0.9"], "--distance-db": ["-6", "-1"], "--distance-lowpass": ["2000", "9000"],
+              "--reverb-prob": ["0.7"], "--reverb-rt60": ["0.4", "0.8"]}
+
+
+def parse_soundscapes(*flags) -> pseudo_soundscapes.SoundscapesCommand:
+    args = data.get_args_parser().parse_args(["soundscapes", "--out", "pseudo", *flags])
+    return pseudo_soundscapes.command_from_args(args)
+
+
+def test_old_spellings_of_the_soundscapes_flags_still_work_and_say_which_to_use(tmp_path, caplog):
+    """--bg-dir is the bed (now --bed-dir) and --distance-*/--reverb-* the placed calls' (now --call-*):
+    train.py's flags of those names are augmentation, with other defaults."""
+    new = ["--bed-dir", str(tmp_path)] + [text for flag, values in CALL_FLAGS.items()
+                                          for text in (f"--call-{flag[2:]}", *values)]
+    old = ["--bg-dir", str(tmp_path)] + [text for flag, values in CALL_FLAGS.items() for text in (flag, *values)]
+    with caplog.at_level("WARNING", logger="birdclef"):
+        assert parse_soundscapes(*old) == parse_soundscapes(*new)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert "--bg-dir is deprecated: use --bed-dir" in warnings
+    assert {f"{flag} is deprecated: use --call-{flag[2:]}" for flag in CALL_FLAGS} <= set(warnings)
+    assert len(warnings) == 1 + len(CALL_FLAGS)                             # only the old spellings warn
+    placement = parse_soundscapes(*new).placement
+    assert (placement.distance_prob, placement.distance_db, placement.distance_lowpass_hz, placement.reverb_prob,
+            placement.reverb_rt60) == (0.9, (-6.0, -1.0), (2000.0, 9000.0), 0.7, (0.4, 0.8))
+    assert parse_soundscapes(*new).bed_dir == str(tmp_path)
+
+
+def test_the_soundscapes_defaults_are_the_placement_settings(caplog):
+    with caplog.at_level("WARNING", logger="birdclef"):
+        command = parse_soundscapes()
+    assert command.placement == pseudo_soundscapes.PlacementSettings() and command.bed_dir is None
+    assert not caplog.records
 
 
 def test_remove_noise_floor_takes_out_stationary_noise_and_keeps_the_call():

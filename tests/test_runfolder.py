@@ -169,14 +169,14 @@ def test_a_lock_refuses_a_second_process_and_is_taken_over_from_a_dead_one(tmp_p
 def test_resume_refuses_changed_settings_and_names_them(checkpoint):
     saved = torch.load(checkpoint, weights_only=True)
     args = argparse.Namespace(**saved["args"])
-    runfolder.check_resume_settings(saved, args)                        # the same settings
+    options.check_resume(saved, args, 1)                        # the same settings
     for name, value in (("epochs", 40), ("workers", 7), ("patience", 1), ("keep_last", 9), ("data_dir", ["x"])):
         setattr(args, name, value)
-    runfolder.check_resume_settings(saved, args)                        # settings a resume may change
+    options.check_resume(saved, args, 1)                        # settings a resume may change
     args.sample_rate, args.fmax, args.lr = 22050, 11025.0, 0.1
     with pytest.raises(ValueError, match=r"--fmax 8000.0 -> 11025.0; --lr 0.0005 -> 0.1; --sample-rate 16000 -> "
                                          r"22050\. Resume with the checkpoint's settings"):
-        runfolder.check_resume_settings(saved, args)
+        options.check_resume(saved, args, 1)
     assert set(runfolder.CHANGEABLE_ON_RESUME) <= set(saved["args"]) | {"overwrite"}   # no stale names
 
 
@@ -225,16 +225,16 @@ def test_more_epochs_on_resume_keep_the_learning_rate_curve_the_run_started_on()
     """Without --schedule-epochs the schedule's length is --epochs, which may change on resume: the resumed
     run keeps the first part's length (and a later resume keeps it again) instead of jumping curves."""
     first = options.get_args_parser().parse_args(["--epochs", "2"])
-    checkpoint = {"args": runfolder.plain_args(first)}
+    checkpoint = {"args": options.plain_config(first)}
     resumed = options.get_args_parser().parse_args(["--epochs", "4", "--resume", "x.pt"])
-    runfolder.check_resume_settings(checkpoint, resumed)
+    options.check_resume(checkpoint, resumed, 1)
     assert resumed.schedule_epochs == 2
     again = options.get_args_parser().parse_args(["--epochs", "6", "--resume", "y.pt"])
-    runfolder.check_resume_settings({"args": runfolder.plain_args(resumed)}, again)
+    options.check_resume({"args": options.plain_config(resumed)}, again, 1)
     assert again.schedule_epochs == 2
     same = options.get_args_parser().parse_args(["--epochs", "2", "--resume", "x.pt"])
-    runfolder.check_resume_settings(checkpoint, same)
+    options.check_resume(checkpoint, same, 1)
     assert same.schedule_epochs is None                              # nothing changed, nothing set
     with pytest.raises(ValueError, match="--schedule-epochs 2 -> 3"):
-        runfolder.check_resume_settings({"args": runfolder.plain_args(resumed)},
-                                        options.get_args_parser().parse_args(["--schedule-epochs", "3"]))
+        options.check_resume({"args": options.plain_config(resumed)},
+                             options.get_args_parser().parse_args(["--schedule-epochs", "3"]), 1)

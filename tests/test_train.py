@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import TINY_SPECIES, quick_args, read_rows
+from conftest import TINY_SPECIES, quick_args, quick_settings, read_rows
 
 import augment
 import learner as learner_lib
@@ -149,7 +149,7 @@ def test_freeze_backbone_trains_only_the_head(tiny_data, tmp_path):
     out = tmp_path / "run"
     train.main(quick_args(tiny_data, out, "--freeze-backbone-epochs", "1", "--epochs", "1", "--keep-last", "10"))
     torch.manual_seed(42)  # the run's seed: the initial weights
-    initial = model_lib.build_model(quick_args(tiny_data, out), sorted(TINY_SPECIES))
+    initial = model_lib.build_model(quick_settings(tiny_data, out).learner.model, sorted(TINY_SPECIES), pretrained=False)
     trained = torch.load(out / "checkpoint_step00000003.pt", weights_only=True)["model"]
     for name, tensor in initial.state_dict().items():
         if name.startswith("backbone."):  # weights and BatchNorm statistics untouched
@@ -215,7 +215,8 @@ def test_background_noise_folder_is_mixed_into_training(tiny_data, trained_run, 
     plain, noisy = read_rows(trained_run / "steps.csv"), read_rows(tmp_path / "noisy" / "steps.csv")
     assert plain[0]["loss"] != noisy[0]["loss"]
     with pytest.raises(ValueError, match="empty"):
-        learner_lib.build_learner(quick_args(tiny_data, tmp_path / "bad", "--bg-dir", str(tmp_path / "empty_folder")),
+        learner_lib.build_learner(quick_settings(tiny_data, tmp_path / "bad", "--bg-dir",
+                                                 str(tmp_path / "empty_folder")).learner,
                                   sorted(TINY_SPECIES), torch.device("cpu"), steps_per_epoch=3)
 
 
@@ -286,10 +287,12 @@ def test_the_readme_first_command_parses_to_the_recommended_recipe():
     recipe bench/soundscape_recipes.py measured as pcen-nocall-bed (with the whole unlabeled folder)."""
     readme = (ROOT / "README.md").read_text()
     command = next(line for line in readme.splitlines() if "pip install -r requirements.txt" in line and "train.py" in line)
-    args = options.get_args_parser().parse_args(shlex.split(command.split("train.py", 1)[1]))
+    assert len(command) < 160
+    args = options.parse_args(shlex.split(command.split("train.py", 1)[1]))
+    options.resolve_deprecated(args)
     assert (args.frontend, args.nocall, args.bg_prob, args.bg_snr) == ("pcen", True, 0.5, [0.0, 15.0])
-    assert args.nocall_soundscapes == args.bg_dir == "demo_data/unlabeled_soundscapes"
-    assert (args.pretrained, args.lr, args.batch_size, args.epochs) == (False, 1e-3, 16, 20)
+    assert args.nocall_soundscapes == args.nocall_audio == args.bg_dir == "demo_data/unlabeled_soundscapes"
+    assert (args.pretrained, args.lr, args.batch_size, args.epochs, args.patience) == (False, 1e-3, 16, 20, 0)
 
 
 def test_config_json_replays_a_run_and_the_command_line_overrides_it(tiny_data, trained_run, tmp_path):
