@@ -42,12 +42,14 @@ import demo
 import distributed
 import extras as extras_lib
 import loader
+import pseudo_labels
 import pseudo_soundscapes
 import soundscapes
 
 log = logging.getLogger("birdclef")
 
 DEMO_DIR = cli.DEMO_DIR     # defined once, in cli.py; this name is kept for the callers that read it here
+SOUNDSCAPE_WINDOW = "(soundscape window)"   # the sampler's and drawn_counts.csv's name for --soundscape-labels rows
 
 
 # ----------------------------------------------------------------------------- settings
@@ -69,7 +71,9 @@ class SplitSettings:
 class NocallSources:
     """Where the no-call class's windows come from (train.py --nocall); nocall_windows gathers them."""
     audio_dir: str | None     # --nocall-audio: whole files, a crop anywhere in each per epoch
-    soundscapes: str | None   # --nocall-soundscapes: no-call rows of a labelled table, or every row of a folder
+    soundscapes: str | None   # --nocall-soundscapes: no-call rows of a labelled table, a teacher's quiet rows, or
+                              # every row of a folder
+    soundscape_audio: str | None   # --soundscape-audio: where a teacher's table's files are
     detections: str | None    # --nocall-detections: the quietest windows of training recordings
     max_score: float          # --nocall-max-score
     per_recording: int        # --nocall-per-recording
@@ -88,7 +92,9 @@ class DataSettings:
     extras_chunk: float
     nocall: NocallSources | None      # None: no nocall class (no --nocall)
     background_dir: str | None        # --bg-dir (augmentation audio): only for the shared-bed warning
-    val_soundscapes: str | None       # only for the shared-bed warning
+    val_soundscapes: str | None       # the shared-bed warning; its files lend no training window
+    test_soundscapes: str | None      # its files lend no training window
+    soundscape_windows: pseudo_labels.PseudoLabelSettings | None   # --soundscape-labels: windows to train on
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -374,9 +380,10 @@ def build_datasets(settings: DataSettings, out_dir: Path) -> tuple[list[str], lo
     """The data settings -> (labels, training set, validation set).
 
     The training set is the training split's recordings (crops by --crop-policy), then
-    --extras windows, then --nocall windows (both fixed 5-s windows); `train_set.extras`
-    marks the extra windows for the sampling audit. Under torchrun every rank builds
-    the same sets (checked).
+    --extras windows, then --nocall windows, then --soundscape-labels windows (all fixed 5-s
+    windows); `train_set.extras` and `train_set.soundscape` mark the extra and the soundscape
+    windows for the sampler and its audit, `train_set.weights` holds each window's loss weight.
+    Under torchrun every rank builds the same sets (checked).
     """
     crop = settings.crop
     table, labels, cache = read_usable_recordings(settings.data_dirs, out_dir, strict=settings.strict,
@@ -391,19 +398,27 @@ def build_datasets(settings: DataSettings, out_dir: Path) -> tuple[list[str], lo
     train_targets[known] = targets[windows["record"].to_numpy()[known]]          # a recording's own targets
     if not known.all():
         train_targets[~known, labels.index(soundscapes.NOCALL)] = 1.0
+    weights = np.ones(len(windows), dtype=np.float32)
+    if settings.soundscape_windows is not None:
+        scapes = soundscape_windows(settings.soundscape_windows, labels, settings)
+        windows = pd.concat([windows, scapes.frame], ignore_index=True)
+        train_targets = np.concatenate([train_targets, scapes.targets])
+        weights = np.concatenate([weights, scapes.weights])
     seed = settings.split.seed            # train.py's --seed: the split's and the crops' streams
     train_set = loader.RecordingDataset(windows["path"], windows["duration"], train_targets, crop, seed,
                                         windows["primary_label"], windows["start_s"], cache, windows["cache_row"],
                                         chunks=np.where(windows["kind"] == "extra", settings.extras_chunk, 0.0),
                                         anywhere=(windows["kind"] == "nocall").to_numpy())
     train_set.extras = (windows["kind"] == "extra").to_numpy()
+    train_set.soundscape = (windows["kind"] == "soundscape").to_numpy()
+    train_set.weights = weights
     val = table.iloc[val_index]
     val_set = loader.RecordingDataset(val["path"], val["duration"], targets[val_index], crop, seed,
                                       val["primary_label"], cache=cache, cache_rows=val["cache_row"])
     counts = windows["kind"].value_counts()
-    log.info("%d species, %d training recordings (+%d extra windows, +%d no-call windows), %d validation "
-             "recordings", len(labels), len(train_index), counts.get("extra", 0), counts.get("nocall", 0),
-             len(val_index))
+    log.info("%d species, %d training recordings (+%d extra windows, +%d no-call windows, +%d soundscape windows), "
+             "%d validation recordings", len(labels), len(train_index), counts.get("extra", 0),
+             counts.get("nocall", 0), counts.get("soundscape", 0), len(val_index))
     check_same_data_on_every_rank(labels, train_set, val_set)
     return labels, train_set, val_set
 
@@ -511,8 +526,7 @@ def nocall_windows(sources: NocallSources, table: pd.DataFrame, train_index, out
         files = [str(path) for path in audio.audio_files(sources.audio_dir)]
         parts.append(pd.DataFrame({"path": files, "start_s": np.nan, "source": "--nocall-audio"}))
     if sources.soundscapes:
-        rows = soundscapes.nocall_soundscape_rows(sources.soundscapes)
-        parts.append(rows.assign(source="--nocall-soundscapes"))
+        parts.append(nocall_soundscape_rows(sources).assign(source="--nocall-soundscapes"))
     if sources.detections:
         chosen = extras_lib.select_nocall_detections(pd.read_csv(sources.detections, keep_default_na=False),
                                                      sources.max_score, sources.per_recording)
@@ -533,6 +547,65 @@ def nocall_windows(sources: NocallSources, table: pd.DataFrame, train_index, out
     for source, count in windows.groupby("source", sort=False).size().items():
         log.info("nocall class: %d window(s) from %s", count, source)
     return windows
+
+
+def nocall_soundscape_rows(sources: NocallSources) -> pd.DataFrame:
+    """--nocall-soundscapes -> path, start_s: the no-call rows of a labelled table, the rows a teacher's
+    probability table scores below --nocall-max-score for every species, or every row of a folder."""
+    if Path(sources.soundscapes).is_dir():
+        log.warning("--nocall-soundscapes %s: every window of a folder trains the no-call class, but unlabelled "
+                    "recordings of a site usually hold the target birds. Label them with a teacher (infer.py "
+                    "--format csv) and pass that table instead", sources.soundscapes)
+    if Path(sources.soundscapes).is_file() and pseudo_labels.is_probability_table(sources.soundscapes):
+        quiet = pseudo_labels.quiet_windows(sources.soundscapes, sources.max_score)
+        audio_dir = Path(sources.soundscape_audio or Path(sources.soundscapes).parent)
+        paths, _ = pseudo_labels.file_paths(quiet, audio_dir, sources.soundscapes)
+        return pd.DataFrame({"path": paths, "start_s": quiet["start_s"].to_numpy(dtype=float)})
+    return soundscapes.nocall_soundscape_rows(sources.soundscapes)
+
+
+@dataclass
+class SoundscapeWindows:
+    frame: pd.DataFrame               # training_windows' columns, kind "soundscape"
+    targets: np.ndarray               # (N, C)
+    weights: np.ndarray               # (N,)
+
+
+def soundscape_windows(source: pseudo_labels.PseudoLabelSettings, labels: list[str],
+                       settings: DataSettings) -> SoundscapeWindows:
+    """--soundscape-labels windows as training rows; windows of a file that --val-soundscapes or
+    --test-soundscapes score are left out (by file name), so no file lends windows to training and
+    validation both."""
+    table = pseudo_labels.read_windows(source, labels)
+    held_out = held_out_soundscapes([path for path in (settings.val_soundscapes, settings.test_soundscapes) if path])
+    keep = np.array([not held_out(Path(path).name) for path in table.paths], dtype=bool)
+    if not keep.all():
+        log.warning("--soundscape-labels: %d window(s) of %d file(s) left out: those files are scored by "
+                    "--val-soundscapes or --test-soundscapes", int((~keep).sum()),
+                    len({p for p, k in zip(table.paths, keep) if not k}))
+    if not keep.any():
+        raise ValueError(f"--soundscape-labels {source.table}: no window left to train on")
+    frame = pd.DataFrame({"record": -1, "path": np.asarray(table.paths)[keep], "duration": table.durations[keep],
+                          "start_s": table.starts[keep], "primary_label": SOUNDSCAPE_WINDOW, "cache_row": -1,
+                          "kind": "soundscape"})
+    log.info("--soundscape-labels %s: %d windows of %d files, %.2f species per window on average", source.table,
+             int(keep.sum()), len(set(frame["path"])), float(table.targets[keep].sum(axis=1).mean()))
+    return SoundscapeWindows(frame, table.targets[keep], table.weights[keep])
+
+
+def held_out_soundscapes(tables: list[str]):
+    """The files that labelled-soundscape tables score -> is_held_out(file name): by name for
+    file,start_s,end_s,labels tables, by the `<audio_id>_` prefix for BirdCLEF 2021's."""
+    names, prefixes = set(), set()
+    for path in tables:
+        header = set(pd.read_csv(path, nrows=0).columns)
+        column = "file" if "file" in header else "audio_id"
+        values = pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False)[column]
+        if column == "file":
+            names |= {Path(name).name for name in values}
+        else:
+            prefixes |= {f"{audio_id}_" for audio_id in values}
+    return lambda name: name in names or any(name.startswith(prefix) for prefix in prefixes)
 
 
 def warn_if_training_hears_the_bed(windows: pd.DataFrame, background_dir: str | None,

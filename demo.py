@@ -9,7 +9,8 @@ writes, in the BirdCLEF 2024 Kaggle layout::
     out_dir/sample_submission.csv
     out_dir/test_soundscapes/soundscape_<nn>.ogg
     out_dir/test_soundscapes_labels.csv     (file,start_s,end_s,labels; not in Kaggle)
-    out_dir/unlabeled_soundscapes/site_<n>.ogg
+    out_dir/unlabeled_soundscapes/site_<nn>.ogg
+    out_dir/unlabeled_soundscapes_labels.csv (their truth, same columns; for evaluation only, not in Kaggle)
     out_dir/README.txt
 
 Ten invented species, each with a parametric synthetic call (sweeps, trill,
@@ -17,7 +18,10 @@ whistle, harmonic stack, buzz, click train, warble, note cascade, hoot) with
 per-call random variation, mixed at 0-20 dB in-band SNR into pink/brown
 background noise with occasional wind rumble and insect chorus. The test
 soundscapes are harder on purpose (another site, distance, rooms, lower SNR,
-birds outside the vocabulary), as real soundscapes are. Everything is
+birds outside the vocabulary), as real soundscapes are. The unlabelled
+soundscapes are other recordings from that site, made the same way (the ten
+species call at the same density), as BirdCLEF 2024/2025's are: data for
+self-training, whose truth is written apart for scoring only. Everything is
 drawn from ``numpy.random.default_rng`` streams derived from ``seed``, so a
 seed gives byte-identical CSVs and identical audio samples; the OGG files are
 also byte-identical because the (otherwise random) Ogg stream serial number
@@ -80,7 +84,8 @@ TEST_DISTANCE_DB = (-10.0, 0.0)
 TEST_REVERB_PROB = 0.3         # share of test-site calls in a room (RT60 0.3-1.5 s)
 TEST_CALL_SECONDS = (1.0, 3.0) # seconds of calling per species in an active window
 UNKNOWN_BIRDS = 0.2            # share of test-site windows with a bird outside the vocabulary
-UNLABELED_SOUNDSCAPES = 4      # 1 minute each, the test site's sound without the vocabulary's species
+UNLABELED_SOUNDSCAPES = 16     # 1 minute each, more recordings from the test site (the species call there too)
+UNLABELED_LABELS = "unlabeled_soundscapes_labels.csv"  # their truth, beside (not in) the folder: evaluation only
 
 
 # ----------------------------------------------------------------------------
@@ -133,7 +138,7 @@ def plan_demo(seed=0, soundscape_minutes=1.0, median_seconds=10.0):
     windows = max(int(round(soundscape_minutes * 12)), 1)
     scapes = [dict(name=f"soundscape_{k + 1:02d}", n_windows=windows, seed=[seed, 2, k])
               for k in range(TEST_SOUNDSCAPES)]
-    unlabeled = [dict(name=f"site_{k + 1}", n_windows=windows, seed=[seed, 3, k])
+    unlabeled = [dict(name=f"site_{k + 1:02d}", n_windows=windows, seed=[seed, 3, k])
                  for k in range(UNLABELED_SOUNDSCAPES)]
     return dict(species=codes, recordings=recs, soundscapes=scapes, unlabeled=unlabeled)
 
@@ -325,15 +330,12 @@ def synth_soundscape(sc, species):
     return mix.astype(np.float32), rows
 
 
-def synth_unlabeled(sc):
-    """The test site without the vocabulary's species: its background and unknown birds only, as
-    BirdCLEF 2024's unlabeled_soundscapes (a bed for pseudo-soundscapes and background noise)."""
-    rng = np.random.default_rng(sc["seed"])
-    sr, n = SOUNDSCAPE_SR, sc["n_windows"] * 5 * SOUNDSCAPE_SR
-    mix = sounds.make_site_background(rng, n, sr)
-    _unknown_birds(rng, mix, sounds.band_rms(mix, sr), sr, n, UNKNOWN_BIRDS)
-    mix *= rng.uniform(0.5, 0.8) / (np.abs(mix).max() + 1e-12)
-    return mix.astype(np.float32)
+def synth_unlabeled(sc, species):
+    """An unlabelled soundscape: another recording from the test site, as BirdCLEF 2024/2025's
+    unlabeled_soundscapes are, so the vocabulary's species call in it at the test soundscapes'
+    density, distance, rooms, SNR and unknown-bird rate (`synth_soundscape` on the file's own seeded
+    stream). Returns (audio, rows); the rows go to UNLABELED_LABELS, for scoring only, never training."""
+    return synth_soundscape(sc, species)
 
 
 # ----------------------------------------------------------------------------
@@ -364,9 +366,14 @@ the full pipeline runs offline.
   30 % in a reverberant space. test_soundscapes_labels.csv (not part of Kaggle)
   gives, per 5-s window, the species with >= 0.3 s of call sound in it (empty =
   no call; read it with pandas keep_default_na=False).
-* unlabeled_soundscapes: {nunl} one-minute recordings of the test site without the
-  ten species (as BirdCLEF 2024's): a bed for `python data.py soundscapes --bg-dir`
-  and for train.py --bg-dir.
+* unlabeled_soundscapes: {nunl} more one-minute recordings from the test site, made
+  like test_soundscapes (as BirdCLEF 2024/2025's are): the ten species call in
+  them at the same density, distance, rooms and SNR, among the same background
+  and unknown birds. Data for self-training (a teacher's pseudo-labels), not a
+  bed of pure background or a no-call class: about half the 5-s windows hold
+  calls. {unl_labels} (beside the folder, same columns
+  as test_soundscapes_labels.csv) is their truth, for evaluation and benchmarks
+  only: never train on it.
 * sample_submission.csv: row_id = <soundscape stem>_<end second>, one column
   per species code (sorted).
 Metadata (authors, coordinates, XC ids, URLs) are invented.
@@ -393,9 +400,16 @@ def write_demo_dataset(out_dir, seed: int = 0, soundscape_minutes: float = 1.0,
     pd.DataFrame(lab_rows, columns=["file", "start_s", "end_s", "labels"]).to_csv(
         out / "test_soundscapes_labels.csv", index=False)
     (out / "unlabeled_soundscapes").mkdir(parents=True, exist_ok=True)
-    for k, sc in enumerate(plan["unlabeled"]):
-        sounds.write_ogg(out / "unlabeled_soundscapes" / (sc["name"] + ".ogg"), synth_unlabeled(sc), SOUNDSCAPE_SR,
+    unl_rows = []
+    for k, sc in enumerate(progress.bar(plan["unlabeled"], total=len(plan["unlabeled"]),
+                                        desc="demo unlabeled soundscapes", unit="soundscape")):
+        audio, r = synth_unlabeled(sc, species)
+        sounds.write_ogg(out / "unlabeled_soundscapes" / (sc["name"] + ".ogg"), audio, SOUNDSCAPE_SR,
                          (seed * 1000003 + 950001 + k) & 0x7FFFFFFF)
+        unl_rows += r
+        sc_s += len(audio) / SOUNDSCAPE_SR
+    pd.DataFrame(unl_rows, columns=["file", "start_s", "end_s", "labels"]).to_csv(
+        out / UNLABELED_LABELS, index=False)
     first = plan["soundscapes"][0]["name"]
     sub = pd.DataFrame({"row_id": [f"{first}_{e}" for e in (5, 10, 15)]})
     for c in sorted(species):
@@ -403,11 +417,11 @@ def write_demo_dataset(out_dir, seed: int = 0, soundscape_minutes: float = 1.0,
     sub.to_csv(out / "sample_submission.csv", index=False)
     (out / "README.txt").write_text(_README.format(
         seed=seed, nsp=len(species), codes=", ".join(sorted(species)), nrec=len(rows),
-        nsc=len(plan["soundscapes"]), nunl=len(plan["unlabeled"])))
+        nsc=len(plan["soundscapes"]), nunl=len(plan["unlabeled"]), unl_labels=UNLABELED_LABELS))
     mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
     print(f"demo data: {len(species)} species, {len(rows)} recordings "
-          f"({train_s / 60:.1f} min) + {len(plan['soundscapes'])} soundscapes "
-          f"({sc_s / 60:.1f} min), {mb:.1f} MB, {time.time() - t_start:.1f} s -> {out}")
+          f"({train_s / 60:.1f} min) + {len(plan['soundscapes'])} test and {len(plan['unlabeled'])} unlabeled "
+          f"soundscapes ({sc_s / 60:.1f} min), {mb:.1f} MB, {time.time() - t_start:.1f} s -> {out}")
     return out
 
 

@@ -261,20 +261,35 @@ def _worker_init(_):
 @dataclass(frozen=True)
 class LoaderSettings:
     """How training batches are drawn and loaded: --batch-size (per process), --workers, --sampler,
-    --cap-per-class, --seed."""
+    --cap-per-class, --seed, --soundscape-share."""
     batch_size: int
     workers: int
     sampler: str
     cap_per_class: int
     seed: int
+    soundscape_share: float          # share of each batch from --soundscape-labels windows (0 without them)
+
+
+def epoch_draw(train_set, settings: LoaderSettings, epoch: int) -> np.ndarray:
+    """The epoch's single draw, every rank's share: the sampler's draw of the recordings (and extra and
+    no-call windows), with --soundscape-share of every batch from the soundscape windows, which come
+    last in the dataset."""
+    soundscape = getattr(train_set, "soundscape", None)
+    if soundscape is None or not soundscape.any():
+        return sampling.draw_epoch(len(train_set), settings.seed, epoch, train_set.primary_labels, settings.sampler,
+                                   settings.cap_per_class)
+    recordings = int((~soundscape).sum())
+    draw = sampling.draw_epoch(recordings, settings.seed, epoch, train_set.primary_labels[:recordings],
+                               settings.sampler, settings.cap_per_class)
+    per_batch = sampling.soundscape_windows_per_batch(settings.soundscape_share, settings.batch_size)
+    return sampling.with_soundscape_windows(draw, np.arange(recordings, len(train_set)), per_batch, settings.batch_size,
+                                            distributed.rank_and_world_size()[1], settings.seed, epoch)
 
 
 def epoch_batches(train_set, settings: LoaderSettings, epoch: int, start_batch: int = 0) -> sampling.EpochBatchSampler:
     """This rank's batches of one epoch, from `start_batch`: its shard of the epoch's single draw."""
-    draw = sampling.draw_epoch(len(train_set), settings.seed, epoch, train_set.primary_labels, settings.sampler,
-                               settings.cap_per_class)
-    return sampling.EpochBatchSampler(draw, settings.batch_size, epoch, start_batch,
-                                      *distributed.rank_and_world_size())
+    return sampling.EpochBatchSampler(epoch_draw(train_set, settings, epoch), settings.batch_size, epoch,
+                                      start_batch, *distributed.rank_and_world_size())
 
 
 def training_loader(train_set, settings: LoaderSettings, device, batches: sampling.EpochBatchSampler) -> RingDataLoader:

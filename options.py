@@ -24,6 +24,7 @@ import loader
 import losses
 import model as model_lib
 import progress
+import pseudo_labels
 import runfolder
 import sampling
 
@@ -77,16 +78,36 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "5-s crop anywhere in each file per epoch trains the nocall class")
     group.add_argument("--nocall-soundscapes", default=None,
                        help="labelled-soundscape table (file,start_s,end_s,labels or BirdCLEF 2021's "
-                            "train_soundscape_labels.csv) whose no-call rows train the nocall class; or a folder "
-                            "of recordings without the vocabulary's birds (e.g. unlabeled soundscapes): every 5-s "
-                            "row of each file, once per epoch")
+                            "train_soundscape_labels.csv) whose no-call rows train the nocall class; a teacher's "
+                            "probability table (infer.py --format csv): the rows it scores below "
+                            "--nocall-max-score for every species; or a folder of recordings without the "
+                            "vocabulary's birds: every 5-s row of each file, once per epoch")
     group.add_argument("--nocall-detections", default=None,
                        help="infer.py --detections table: windows whose best score is below "
                             "--nocall-max-score train the nocall class")
     group.add_argument("--nocall-max-score", type=float, default=0.05,
-                       help="a detections window is no-call below this best score")
+                       help="a detections window, or a row of a teacher's --nocall-soundscapes table, is no-call "
+                            "below this best score")
     group.add_argument("--nocall-per-recording", type=int, default=1,
                        help="no-call windows taken from each recording's detections, quietest first")
+    group.add_argument("--soundscape-labels", default=None,
+                       help="5-s soundscape windows to train on: file,start_s,end_s with a labels column (hard "
+                            "labels) or one probability column per species (a teacher's infer.py --format csv "
+                            "output: pseudo-labels). Windows of files --val-soundscapes or --test-soundscapes "
+                            "score are left out")
+    group.add_argument("--soundscape-audio", default=None,
+                       help="folder of the --soundscape-labels files (default: the table's folder); also where a "
+                            "teacher's --nocall-soundscapes table finds its files")
+    group.add_argument("--soundscape-share", type=float, default=0.25,
+                       help="share of every training batch drawn from the --soundscape-labels windows")
+    group.add_argument("--soundscape-power", type=float, default=1.0,
+                       help="a teacher's probability p becomes the target p ** power (above 1: low "
+                            "probabilities fade, the teacher's confident calls stay)")
+    group.add_argument("--soundscape-threshold", type=float, default=0.0,
+                       help="a teacher's probability below this becomes a target of 0")
+    group.add_argument("--soundscape-weight", choices=pseudo_labels.WEIGHTINGS, default="none",
+                       help="confidence: each window's loss weight is the teacher's top probability in it "
+                            "(windows the teacher hears nothing in count little); none: every window 1")
     group.add_argument("--audit-sampling", action="store_true",
                        help="build the sampler exactly as training would, write sampling_audit.csv, print "
                             "the summary and exit without training")
@@ -389,10 +410,20 @@ def check_arguments(args) -> None:
         raise ValueError(f"--head-init {args.head_init} needs --init-from (a pre-trained checkpoint)")
     if args.head_init == "extend" and args.head == "sed":
         raise ValueError("--head-init extend adds a layer on clip logits; use --head linear or mlp")
+    if args.soundscape_labels:
+        check_soundscape_share(args.soundscape_share, args.batch_size)
     if args.nocall and not (args.nocall_audio or args.bg_dir or args.nocall_soundscapes or args.nocall_detections):
         raise ValueError("--nocall needs background audio: --nocall-audio, --nocall-soundscapes or --nocall-detections")
     learner_lib.precision_settings(args.amp, distributed.local_device(args.device))
     model_lib.check_backbone_name(args.backbone)  # fail before any data is read, with timm's error
+
+
+def check_soundscape_share(share: float, batch_size: int) -> None:
+    """--soundscape-share must leave at least one soundscape window and one recording in every batch."""
+    per_batch = sampling.soundscape_windows_per_batch(share, batch_size)
+    if not 0 < per_batch < batch_size:
+        raise ValueError(f"--soundscape-share {share} of --batch-size {batch_size} is {per_batch} window(s) per "
+                         f"batch: it must leave at least one soundscape window and one recording in every batch")
 
 
 def resolve_deprecated(args) -> None:
@@ -438,7 +469,8 @@ def training_settings(args) -> TrainingSettings:
                                args.loss_after, args.loss_switch_epoch)
     return TrainingSettings(
         data=data_settings(args),
-        loader=loader.LoaderSettings(args.batch_size, args.workers, args.sampler, args.cap_per_class, args.seed),
+        loader=loader.LoaderSettings(args.batch_size, args.workers, args.sampler, args.cap_per_class, args.seed,
+                                     args.soundscape_share if args.soundscape_labels else 0.0),
         learner=learner_settings(args),
         step=learner_lib.StepSettings(args.seed, loss, args.mixup_alpha, min(args.mixup_prob * args.aug_strength, 1.0),
                                       args.amp, args.clip_grad_norm, args.skip_nonfinite),
@@ -459,14 +491,18 @@ def training_settings_from_saved(saved: dict) -> TrainingSettings:
 
 
 def data_settings(args) -> data.DataSettings:
-    nocall = (data.NocallSources(args.nocall_audio, args.nocall_soundscapes, args.nocall_detections,
-                                 args.nocall_max_score, args.nocall_per_recording) if args.nocall else None)
+    nocall = (data.NocallSources(args.nocall_audio, args.nocall_soundscapes, args.soundscape_audio,
+                                 args.nocall_detections, args.nocall_max_score, args.nocall_per_recording)
+              if args.nocall else None)
+    windows = (pseudo_labels.PseudoLabelSettings(args.soundscape_labels, args.soundscape_audio, args.soundscape_share,
+                                                 args.soundscape_power, args.soundscape_threshold,
+                                                 args.soundscape_weight) if args.soundscape_labels else None)
     return data.DataSettings(
         data_dirs=tuple(args.data_dir), split=data.SplitSettings(args.seed, args.val_fraction, args.folds, args.fold),
         crop=audio.CropSettings(args.sample_rate, args.window_seconds, args.crop_policy, args.ends_seconds, args.pad),
         secondary_weight=args.secondary_weight, strict=args.strict, cache=args.cache, extras=args.extras,
         extras_chunk=args.extras_chunk, nocall=nocall, background_dir=args.bg_dir,
-        val_soundscapes=args.val_soundscapes)
+        val_soundscapes=args.val_soundscapes, test_soundscapes=args.test_soundscapes, soundscape_windows=windows)
 
 
 def model_settings(args) -> dict:

@@ -156,7 +156,7 @@ def _alive(pid: int) -> bool:
 CHANGEABLE_ON_RESUME = (
     "data_dir", "cache", "workers", "strict", "device", "amp", "compile", "channels_last", "flush_denormal",
     "epochs", "max_steps", "patience", "min_delta", "evals_per_epoch", "keep_last", "keep_best", "log_every",
-    "val_soundscapes", "val_soundscape_audio", "test_soundscapes", "test_soundscape_audio",
+    "val_soundscapes", "val_soundscape_audio", "test_soundscapes", "test_soundscape_audio", "soundscape_audio",
     "out_dir", "resume", "overwrite", "config", "audit_sampling", "lr_find", "lr_find_steps",
     "pretrained", "pretrained_file", "init_from",           # the weights come from the checkpoint
 )

@@ -150,6 +150,33 @@ def draw_epoch(n_records: int, seed: int, epoch: int, primary_labels=None, sampl
     return rng.choice(subset, size=len(subset), replace=True, p=weights / weights.sum()).astype(np.int64)
 
 
+def with_soundscape_windows(draw: np.ndarray, soundscape_rows: np.ndarray, per_batch: int, batch_size: int,
+                            world_size: int, seed: int, epoch: int) -> np.ndarray:
+    """An epoch's draw of recordings -> the draw with `per_batch` soundscape windows (rows of the dataset,
+    --soundscape-labels) in every batch of `batch_size` per process.
+
+    Each global batch of batch_size * world_size draws holds (batch_size - per_batch) * world_size draws of
+    `draw`, in order, then per_batch * world_size soundscape windows: a permutation of all of them seeded by
+    (seed, epoch), repeated as needed. As shard_draw gives each rank every world_size-th draw, every rank's
+    batch has the same split. The epoch is as many batches as `draw` fills.
+    """
+    recordings_per_batch, windows_per_batch = (batch_size - per_batch) * world_size, per_batch * world_size
+    steps = len(draw) // recordings_per_batch
+    rng = np.random.default_rng([seed, epoch, 104729])
+    needed = steps * windows_per_batch
+    rounds = -(-needed // max(len(soundscape_rows), 1))
+    windows = np.concatenate([rng.permutation(soundscape_rows) for _ in range(rounds)] or [np.zeros(0, np.int64)])
+    batches = np.empty((steps, recordings_per_batch + windows_per_batch), dtype=np.int64)
+    batches[:, :recordings_per_batch] = np.asarray(draw)[:steps * recordings_per_batch].reshape(steps, -1)
+    batches[:, recordings_per_batch:] = windows[:needed].reshape(steps, windows_per_batch)
+    return batches.reshape(-1)
+
+
+def soundscape_windows_per_batch(share: float, batch_size: int) -> int:
+    """--soundscape-share of a batch of `batch_size` (per process), as a whole number of windows."""
+    return int(round(share * batch_size))
+
+
 def shard_draw(draw: np.ndarray, rank: int, world_size: int, batch_size: int) -> np.ndarray:
     """Rank `rank`'s share of an epoch's draw: draw trimmed to a multiple of
     world_size * batch_size, then every world_size-th element from `rank`.
@@ -303,6 +330,21 @@ def _audit_warnings(summary: dict, species, counts, per_species_draws, species_u
     return warnings
 
 
+def add_soundscape_windows(per_species: pd.DataFrame, summary: dict, windows: int, per_batch: int, batch_size: int,
+                           world_size: int) -> tuple[pd.DataFrame, dict]:
+    """The audit of the recordings' draw -> the audit of the epoch with `per_batch` of every batch of `batch_size`
+    (per process) from `windows` soundscape windows (with_soundscape_windows): a row for them in the table, and
+    in the summary their count, draws and share; epoch_length becomes the whole epoch's draws."""
+    steps = summary["epoch_length"] // ((batch_size - per_batch) * world_size)
+    draws = steps * per_batch * world_size
+    summary = summary | {"recording_draws": steps * (batch_size - per_batch) * world_size,
+                         "epoch_length": steps * batch_size * world_size, "soundscape_windows": int(windows),
+                         "soundscape_draws": int(draws), "soundscape_share": per_batch / batch_size}
+    row = pd.DataFrame([{"species": "(soundscape window)", "recordings": int(windows), "expected_draws_per_epoch":
+                         float(draws), "share": per_batch / batch_size, "draws_per_recording": draws / windows}])
+    return pd.concat([per_species, row], ignore_index=True), summary
+
+
 def format_sampling_audit(per_species: pd.DataFrame, summary: dict, sampler: str) -> str:
     """A few lines that make an over-aggressive sampler visible at a glance."""
     cap = f" (cap {summary['cap_per_class']} per species)" if "cap_per_class" in summary else ""
@@ -323,6 +365,10 @@ def format_sampling_audit(per_species: pd.DataFrame, summary: dict, sampler: str
     ]
     if "extra_share" in summary:
         lines.append(f"  extra windows share of the epoch: {summary['extra_share']:.1%}")
+    if "soundscape_windows" in summary:
+        lines.append(f"  soundscape windows (--soundscape-labels): {summary['soundscape_draws']} draws of "
+                     f"{summary['soundscape_windows']} windows per epoch, {summary['soundscape_share']:.1%} of "
+                     f"every batch")
     lines += [f"WARNING: {warning}" for warning in summary["warnings"]]
     return "\n".join(lines)
 

@@ -111,11 +111,12 @@ def is_improvement(value: float, best: float | None, monitor: str, min_delta: fl
 # ----------------------------------------------------------------------------- one training step
 
 def train_step(learner: learner_lib.Learner, batch, state: TrainingState, settings: learner_lib.StepSettings,
-               loss_name: str) -> float | None:
+               loss_name: str, window_weights: np.ndarray | None = None) -> float | None:
     """One optimiser step -> the loss of the whole (global) batch, or None if the step was skipped.
 
     Every random choice (augmentation, mixup, dropout) is seeded from (seed, epoch, step, rank),
-    so a resumed run draws exactly what the uninterrupted run drew.
+    so a resumed run draws exactly what the uninterrupted run drew. `window_weights` (N,): the loss
+    weight of each row of the training set (--soundscape-weight), None: all 1.
     """
     epoch, step, device = state.epoch, state.step_in_epoch, learner.device
     if distributed.any_rank(batch is None):  # under torchrun every rank takes or skips a step together
@@ -126,15 +127,24 @@ def train_step(learner: learner_lib.Learner, batch, state: TrainingState, settin
     rng = np.random.default_rng([settings.seed, epoch, step, 1] + ([rank] if rank else []))
     waveforms = audio.as_float(batch["waveform"].to(device, non_blocking=True))  # (B, samples)
     targets = batch["target"].to(device, non_blocking=True)                    # (B, C)
+    if window_weights is not None:
+        # the weight rides along as a last target column, so every augmentation that mixes targets
+        # (mixup, cutmix, mix_clips) mixes the weights the same way
+        weights = torch.from_numpy(window_weights[batch["index"].numpy()]).to(device)
+        targets = torch.cat([targets, weights[:, None]], dim=1)                # (B, C + 1)
     waveforms, targets = augment.augment_waveforms(waveforms, targets, learner.augment, rng, learner.background)
     waveforms, targets = augment.mixup(waveforms, targets, settings.mixup_alpha, settings.mixup_prob, rng)
+    weights = None
+    if window_weights is not None:
+        targets, weights = targets[:, :-1], targets[:, -1]                    # (B, C), (B,)
     for group in learner.optimizer.param_groups:
         group["lr"] = learner.schedule(state.global_step)
     autocast_on, autocast_dtype, _ = learner_lib.precision_settings(settings.amp, device)
     spec_augment = functools.partial(augment.augment_images, settings=learner.augment, rng=rng)
     with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_on):
         logits = learner.trainer(waveforms, image_augment=spec_augment)    # SpecAugment on (B, 1, n_mels, T)
-    loss = losses.batch_loss(logits, targets, settings.loss, loss_name)           # this rank's mean
+    loss = (losses.batch_loss(logits, targets, settings.loss, loss_name) if weights is None   # this rank's mean
+            else losses.batch_loss(logits, targets, settings.loss, loss_name, weights))
     global_loss = distributed.mean_over_ranks(loss.detach())               # the whole batch's mean
     learner.optimizer.zero_grad(set_to_none=True)
     problem = None if torch.isfinite(global_loss) else f"non-finite training loss ({global_loss.item()})"
@@ -265,6 +275,9 @@ def train(learner: learner_lib.Learner, train_set, validation: evaluation.Valida
     """Epochs of steps until --epochs, patience, --max-steps or Ctrl-C. Each step:
     step -> (at an evaluation point) evaluate -> log -> checkpoint -> patience/stop."""
     run, batch_settings = settings.run, settings.loader
+    # per-window loss weights only when some window has another weight than 1 (--soundscape-weight confidence)
+    weights = getattr(train_set, "weights", None)
+    window_weights = weights if weights is not None and (weights != 1).any() else None
     while state.epoch < run.epochs and state.stop_reason is None:
         epoch, loss_name = state.epoch, settings.step.loss.at_epoch(state.epoch)
         frozen = learner_lib.frozen_parts(settings.learner, epoch)                  # (backbone, head)
@@ -276,7 +289,7 @@ def train(learner: learner_lib.Learner, train_set, validation: evaluation.Valida
         bar = progress.bar(loader.training_loader(train_set, batch_settings, learner.device, batches),
                            total=len(batches), desc=f"epoch {epoch}", unit="step", every=run.log_every)
         for batch in bar:
-            loss = train_step(learner, batch, state, settings.step, loss_name)
+            loss = train_step(learner, batch, state, settings.step, loss_name, window_weights)
             state.record_step(loss, learner.optimizer.param_groups[0]["lr"])
             if loss is not None:
                 bar.set_postfix(loss=f"{loss:.4f}")
@@ -450,9 +463,18 @@ def make_run_folder(args, checkpoint: dict | None, continuing: bool) -> Path:
 
 
 def audit_sampling(train_set, settings: loader.LoaderSettings, out_dir: Path):
-    """What --sampler does to an epoch: logged, and written to sampling_audit.csv -> (table, summary)."""
-    audit_table, audit = sampling.sampling_audit(train_set.primary_labels, settings.sampler, settings.cap_per_class,
-                                                 extras=train_set.extras if train_set.extras.any() else None)
+    """What --sampler (and --soundscape-share) does to an epoch: logged, and written to sampling_audit.csv
+    -> (table, summary)."""
+    soundscape = getattr(train_set, "soundscape", np.zeros(len(train_set), bool))
+    recordings = int((~soundscape).sum())                     # the soundscape windows come last
+    extras = train_set.extras[:recordings] if train_set.extras.any() else None
+    audit_table, audit = sampling.sampling_audit(train_set.primary_labels[:recordings], settings.sampler,
+                                                 settings.cap_per_class, extras=extras)
+    if soundscape.any():
+        audit_table, audit = sampling.add_soundscape_windows(
+            audit_table, audit, int(soundscape.sum()),
+            sampling.soundscape_windows_per_batch(settings.soundscape_share, settings.batch_size),
+            settings.batch_size, distributed.rank_and_world_size()[1])
     if distributed.is_main_process():
         with runfolder.writing(out_dir / "sampling_audit.csv"):
             sampling.write_sampling_audit(audit_table, out_dir / "sampling_audit.csv")

@@ -94,13 +94,15 @@ def tiny_data(tmp_path_factory) -> Path:
 
 # ----------------------------------------------------------------------------- running train.py and infer.py
 
+QUICK_FLAGS = ["--backbone", "test_efficientnet", "--no-pretrained", "--batch-size", "4", "--workers", "0",
+               "--epochs", "2", "--n-mels", "32", "--n-fft", "512", "--hop", "256", "--sample-rate", "16000",
+               "--fmax", "8000", "--window-seconds", "2", "--ends-seconds", "4"]
+
+
 def quick_args(data_dir, out_dir, *extra):
     """train.py arguments for a seconds-long CPU run on the tiny data set."""
-    return options.get_args_parser().parse_args([
-        "--data-dir", str(data_dir), "--out-dir", str(out_dir), "--backbone", "test_efficientnet",
-        "--no-pretrained", "--batch-size", "4", "--workers", "0", "--epochs", "2",
-        "--n-mels", "32", "--n-fft", "512", "--hop", "256", "--sample-rate", "16000",
-        "--fmax", "8000", "--window-seconds", "2", "--ends-seconds", "4", *extra])
+    return options.get_args_parser().parse_args(["--data-dir", str(data_dir), "--out-dir", str(out_dir),
+                                                 *QUICK_FLAGS, *extra])
 
 
 def settings_of(args) -> options.TrainingSettings:

@@ -3,6 +3,7 @@ labels, a test site unlike the training recordings, determinism, and train.py th
 from __future__ import annotations
 
 import ast
+import hashlib
 
 import numpy as np
 import pandas as pd
@@ -68,6 +69,77 @@ def test_soundscapes_have_5_second_labels(demo_dir):
     assert codes <= species
     share_with_calls = (labels["labels"] != "").mean()
     assert 0.2 < share_with_calls < 0.9  # no-call windows exist, as in real soundscapes
+
+
+# sha256 of the seed-0 CSVs written before the unlabelled soundscapes got their species (issue #25):
+# changing unlabeled_soundscapes/ must leave every other part of the data set as it was.
+UNCHANGED_SHA256 = {
+    "test_soundscapes_labels.csv": "7fd2f0180b2075b2e6111705980585804e5abb92985d9b216cfb903a31a4c571",
+    "train_metadata.csv": "bcac998787a07bb5190a7c2d57d248973bc50e8dee54f0ef32a148ab81af414d",
+    "sample_submission.csv": "2685f2d693d274d4d804abdd0a628a13812959d1615a599f24cdc791d2041ae1",
+}
+
+
+def test_the_other_parts_are_unchanged(demo_dir):
+    for name, digest in UNCHANGED_SHA256.items():
+        assert hashlib.sha256((demo_dir / name).read_bytes()).hexdigest() == digest, name
+
+
+def _per_file_density(labels):
+    """Per file: the share of 5-s rows with >= 1 vocabulary species, and species labels per row."""
+    count = labels["labels"].str.split().str.len()
+    by_file = count.groupby(labels["file"])
+    return by_file.apply(lambda n: (n > 0).mean()).to_numpy(), by_file.mean().to_numpy()
+
+
+def test_unlabeled_soundscapes_are_the_test_site_with_its_species(demo_dir):
+    """As BirdCLEF 2024/2025's: more recordings from the test site, the vocabulary calling at the test
+    soundscapes' density; the truth sits beside the folder (evaluation only), never in it."""
+    folder = demo_dir / "unlabeled_soundscapes"
+    assert not list(folder.glob("*.csv")) and (demo_dir / demo.UNLABELED_LABELS).is_file()
+    files = sorted(path.name for path in folder.glob("*.ogg"))
+    assert len(files) == demo.UNLABELED_SOUNDSCAPES == 16
+    truth = pd.read_csv(demo_dir / demo.UNLABELED_LABELS, keep_default_na=False)
+    test = pd.read_csv(demo_dir / "test_soundscapes_labels.csv", keep_default_na=False)
+    assert list(truth.columns) == list(test.columns) == ["file", "start_s", "end_s", "labels"]
+    assert sorted(truth["file"].unique()) == files
+    for name, rows in truth.groupby("file"):  # every 5-s row of every file, in order
+        info = sf.info(folder / name)
+        assert info.samplerate == demo.SOUNDSCAPE_SR and info.duration == pytest.approx(60, abs=0.1)
+        assert list(rows["start_s"]) == list(range(0, 60, 5)) and ((rows["end_s"] - rows["start_s"]) == 5).all()
+    species = set(pd.read_csv(demo_dir / "train_metadata.csv")["primary_label"])
+    codes = {code for value in truth["labels"] for code in value.split()}
+    assert codes == species  # every vocabulary species calls there, nothing else is labelled
+    # The same density as the test soundscapes. Both sets are draws of one process (synth_soundscape), so
+    # they differ by chance only: per file, the share of rows with calls has a standard deviation of about
+    # 0.1 and the labels per row about 0.2, so means over 20 and 16 files differ by about 0.034 and 0.065
+    # (one standard error). Seed 0: share 0.621 (test) vs 0.542, labels per row 1.000 vs 0.807 (40 more
+    # files of the process: 0.556 and 0.856, so the test set is the denser draw).
+    test_share, test_calls = _per_file_density(test)
+    unl_share, unl_calls = _per_file_density(truth)
+    assert 0.3 < unl_share.mean() < 0.8 and abs(unl_share.mean() - test_share.mean()) <= 0.10
+    assert abs(unl_calls.mean() - test_calls.mean()) <= 0.25
+    assert (unl_calls > 1).any()  # several species at once in some rows, as in the test soundscapes
+
+
+def test_unlabeled_soundscapes_are_deterministic_and_their_own_stream(demo_dir, tmp_path):
+    plan = demo.plan_demo(0)
+    species, first = plan["species"], plan["unlabeled"][0]
+    audio, rows = demo.synth_unlabeled(first, species)
+    again, rows_again = demo.synth_unlabeled(first, species)
+    np.testing.assert_array_equal(audio, again)
+    assert rows == rows_again
+    truth = pd.read_csv(demo_dir / demo.UNLABELED_LABELS, keep_default_na=False)
+    assert [row["labels"] for row in rows] == list(truth[truth["file"] == first["name"] + ".ogg"]["labels"])
+    # The written file is that audio, byte for byte (the seed-derived Ogg serial of write_demo_dataset).
+    demo_sounds.write_ogg(tmp_path / "site.ogg", audio, demo.SOUNDSCAPE_SR, 950001)
+    written = demo_dir / "unlabeled_soundscapes" / (first["name"] + ".ogg")
+    assert (tmp_path / "site.ogg").read_bytes() == written.read_bytes()
+    # Each file and each part draws from its own stream: no two unlabelled files and no test soundscape share one.
+    seeds = [tuple(sc["seed"]) for sc in plan["unlabeled"] + plan["soundscapes"]]
+    assert len(set(seeds)) == len(seeds)
+    other, _ = demo.synth_unlabeled(plan["unlabeled"][1], species)
+    assert not np.array_equal(audio, other)
 
 
 def test_small_and_deterministic(demo_dir, tmp_path):

@@ -100,8 +100,8 @@ def test_a_folder_as_nocall_audio_and_as_nocall_soundscapes_gives_its_files_then
     --nocall-soundscapes): each file whole (a crop anywhere per epoch), then each 5-s row of each file, in
     this order, the order training's random draws are made in."""
     folder = nocall_sources / "bg"
-    sources = data.NocallSources(audio_dir=str(folder), soundscapes=str(folder), detections=None, max_score=0.05,
-                                 per_recording=1)
+    sources = data.NocallSources(audio_dir=str(folder), soundscapes=str(folder), soundscape_audio=None, detections=None,
+                                 max_score=0.05, per_recording=1)
     table = data.read_metadata(tiny_data)
     windows = data.nocall_windows(sources, table, np.arange(len(table)), tmp_path, strict=False)
     a, b = str(folder / "a.ogg"), str(folder / "sub" / "b.wav")
