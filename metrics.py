@@ -81,3 +81,54 @@ def classification_metrics(targets, scores):
         "macro_ap": macro_average_precision(targets, scores),
         "lrap": label_ranking_average_precision(targets, scores),
     }
+
+
+# ----------------------------------------------------------------------------- calibration of probabilities
+
+def _validate_probabilities(targets, probabilities):
+    """As _validate, and every probability within [0, 1]."""
+    y, p = _validate(targets, probabilities)
+    outside = int(np.count_nonzero((p < 0) | (p > 1)))
+    if outside:
+        raise ValueError(f"probabilities contain {outside} value(s) outside [0, 1]")
+    return y, p
+
+
+def bin_edges(bins: int = 10) -> np.ndarray:
+    """`bins` equal bins over [0, 1]: edges k / bins. Bin k holds lower <= p < upper, the last one also p = 1."""
+    if int(bins) != bins or bins < 1:
+        raise ValueError(f"bins must be a positive whole number, got {bins}")
+    return np.arange(int(bins) + 1) / int(bins)
+
+
+def calibration_bins(targets, probabilities, bins: int = 10) -> dict:
+    """Reliability of probabilities over every (row, species) pair: per bin of the predicted probability
+    (bin_edges), the number of pairs, their mean predicted probability and the observed frequency of the
+    species being present (targets binarised at 0.5). Empty bins have nan means.
+    -> {"lower", "upper", "pairs", "mean_predicted", "observed"}, each an array of `bins` values."""
+    y, p = _validate_probabilities(targets, probabilities)
+    edges = bin_edges(bins)
+    p, y = p.ravel(), y.ravel()
+    index = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, len(edges) - 2)
+    pairs = np.bincount(index, minlength=len(edges) - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_predicted = np.bincount(index, weights=p, minlength=len(edges) - 1) / pairs
+        observed = np.bincount(index, weights=y, minlength=len(edges) - 1) / pairs
+    return {"lower": edges[:-1], "upper": edges[1:], "pairs": pairs, "mean_predicted": mean_predicted,
+            "observed": observed}
+
+
+def expected_calibration_error(targets, probabilities, bins: int = 10) -> float:
+    """ECE: the pair-weighted mean over the non-empty bins of |mean predicted - observed frequency|."""
+    table = calibration_bins(targets, probabilities, bins)
+    used = table["pairs"] > 0
+    gaps = np.abs(table["mean_predicted"][used] - table["observed"][used])
+    return float((table["pairs"][used] * gaps).sum() / table["pairs"].sum())
+
+
+def probability_metrics(targets, probabilities, bins: int = 10) -> dict:
+    """How good a table of probabilities (e.g. pseudo-labels) is: classification_metrics (ranking) plus the
+    expected calibration error over `bins` equal bins (do the probabilities mean what they say?)."""
+    _validate_probabilities(targets, probabilities)
+    return classification_metrics(targets, probabilities) | {
+        "ece": expected_calibration_error(targets, probabilities, bins)}

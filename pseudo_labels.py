@@ -194,6 +194,10 @@ def quiet_windows(path, max_score: float) -> pd.DataFrame:
     quiet = top < max_score
     log.info("no-call windows from %s: %d of %d (the teacher scores the other %d at or above %g for some species)",
              path, int(quiet.sum()), len(table), int((~quiet).sum()), max_score)
+    if not quiet.any() and species and np.allclose(probabilities(table, columns, path).sum(axis=1), 1.0, atol=0.02):
+        log.warning("%s: every row sums to 1, as a softmax teacher's (--loss ce) without a no-call class does: it "
+                    "never scores a window quiet. Label with a sigmoid teacher (--loss bce) or one with --nocall",
+                    path)
     return pd.DataFrame({"file": table["file"].to_numpy()[quiet], "start_s": starts[quiet]})
 
 

@@ -3,6 +3,7 @@
     python report.py runs/a runs/b runs/c                          # table + overlaid curves -> report/
     python report.py runs/* --leaderboard leaderboard.csv          # + rank correlation with your public scores
     python report.py runs/a --per-species runs/a/best.pt           # + per-species AP against training recordings
+    python report.py --pseudo-labels pseudo.csv --truth labels.csv # how good a teacher's pseudo-labels are
 
 Everything comes from what train.py wrote in each run folder (config.json,
 metrics.csv, checkpoints); nothing is re-trained. The table gives, per run, the
@@ -16,6 +17,14 @@ submission made with that run folder's checkpoint (best.pt or
 checkpoint_stepNNNNNNNN.pt). With three or more rows the report gives, for each
 validation metric, its Spearman rank correlation with the leaderboard over those
 submissions: "validation up, leaderboard flat" shows after three submissions.
+
+--pseudo-labels takes a table of probabilities (`infer.py --format csv`: file, start_s,
+end_s and one column per species; row_id and nocall are ignored) and --truth the labelled
+rows of the same recordings (file,start_s,end_s,labels); rows are matched on file and
+start_s. It gives the ranking metrics (cmAP5 and the rest, with the chance level) and
+the calibration: per probability bin, the (row, species) pairs, their mean probability
+and how often the species is really there, and the expected calibration error
+(pseudo_label_scores.csv, pseudo_label_calibration.csv).
 """
 from __future__ import annotations
 
@@ -34,9 +43,11 @@ import torch
 import data
 import evaluation
 import loader
+import metrics as metrics_lib
 import model as model_lib
 import options
 import runfolder
+import soundscapes
 
 log = logging.getLogger("birdclef")
 
@@ -48,14 +59,33 @@ MONITORED_METRICS = (*options.MONITORED, "test_cmap5")
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Compare training runs; check validation against the leaderboard.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run folders written by train.py")
+    parser.add_argument("runs", nargs="*", help="run folders written by train.py (optional with --pseudo-labels)")
     parser.add_argument("--out", default="report", help="folder for runs.csv, curves.png and the rest")
     parser.add_argument("--leaderboard", default=None,
                         help="CSV with run, checkpoint, score (your public leaderboard scores)")
     parser.add_argument("--per-species", default=None, metavar="CHECKPOINT",
                         help="a checkpoint of one of the runs: per-species AP on its validation clips against the "
                              "number of training recordings (re-reads the run's data)")
+    parser.add_argument("--pseudo-labels", default=None, metavar="TABLE",
+                        help="probabilities per 5-s row and species (infer.py --format csv) to score against --truth")
+    parser.add_argument("--truth", default=None, metavar="TABLE",
+                        help="file,start_s,end_s,labels rows of the recordings --pseudo-labels scored")
+    parser.add_argument("--bins", type=int, default=10, help="equal probability bins over [0, 1] for the calibration")
     return parser
+
+
+def check_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """Run folders, or --pseudo-labels with --truth, or both; anything else is a usage error."""
+    if not args.runs and not args.pseudo_labels:
+        parser.error("give run folders to compare, or --pseudo-labels TABLE --truth TABLE to score pseudo-labels")
+    if args.pseudo_labels and not args.truth:
+        parser.error("--pseudo-labels needs --truth (file,start_s,end_s,labels rows of the same recordings)")
+    if args.truth and not args.pseudo_labels:
+        parser.error("--truth is only read with --pseudo-labels")
+    if not args.runs and args.leaderboard:
+        parser.error("--leaderboard needs run folders")
+    if args.bins < 1:
+        parser.error(f"--bins {args.bins}: at least 1")
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -268,27 +298,157 @@ def plot_per_species(table: pd.DataFrame, path: Path, checkpoint: Path) -> None:
     plt.close(figure)
 
 
+# ----------------------------------------------------------------------------- pseudo-label quality
+
+KEY_COLUMNS = ("file", "start_s", "end_s")
+NOT_SPECIES = {"row_id", *KEY_COLUMNS, soundscapes.NOCALL}
+
+
+def row_keys(files, starts) -> list[tuple[str, float]]:
+    """(file, start_s rounded to the millisecond): how a probability row finds its truth row."""
+    return [(str(name), round(float(start), 3)) for name, start in zip(files, starts)]
+
+
+def read_probability_table(path) -> tuple[pd.DataFrame, list[str]]:
+    """infer.py --format csv output (file, start_s, end_s, one probability column per species; row_id and
+    nocall are dropped) -> (the table, its species). Refused, in one line: missing columns, a repeated row,
+    a value that is not a number, NaN or outside [0, 1]."""
+    table = pd.read_csv(path, dtype={"file": str})
+    missing = [column for column in KEY_COLUMNS if column not in table.columns]
+    species = [column for column in table.columns if column not in NOT_SPECIES]
+    if missing or not species:
+        raise ValueError(f"{path}: missing column(s) {missing or ['<species>']}: expected file,start_s,end_s and "
+                         f"one probability column per species (infer.py --format csv); found {list(table.columns)}")
+    values = table[species].apply(pd.to_numeric, errors="coerce")
+    text = values.isna() & table[species].notna()
+    if text.any().any():
+        row, column = np.argwhere(text.to_numpy())[0]
+        raise ValueError(f"{path}: {int(text.to_numpy().sum())} value(s) are not numbers, e.g. line {row + 2} "
+                         f"{species[column]}: {table[species].iat[row, column]!r}")
+    probabilities = values.to_numpy(dtype=np.float64)
+    bad = ~((probabilities >= 0) & (probabilities <= 1))              # NaN compares false: bad too
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise ValueError(f"{path}: {int(bad.sum())} probability value(s) are NaN or outside [0, 1], e.g. line "
+                         f"{row + 2} {species[column]}: {probabilities[row, column]}")
+    for column in ("start_s", "end_s"):
+        if pd.to_numeric(table[column], errors="coerce").isna().any():
+            raise ValueError(f"{path}: column {column} holds empty or non-numeric values")
+    keys = row_keys(table["file"], table["start_s"])
+    repeated = pd.Series(keys).duplicated()
+    if repeated.any():
+        name, start = keys[int(np.flatnonzero(repeated)[0])]
+        raise ValueError(f"{path}: {int(repeated.sum())} repeated row(s), e.g. {name} at {start:g} s")
+    table = pd.DataFrame({"file": table["file"], "start_s": table["start_s"].astype(float),
+                          "end_s": table["end_s"].astype(float)}).join(pd.DataFrame(probabilities, columns=species))
+    return table, species
+
+
+def truth_targets(table: pd.DataFrame, species: list[str], truth_path, table_name="the table") -> np.ndarray:
+    """The (rows, species) 0/1 truth of each probability row, from a file,start_s,end_s,labels table (or
+    BirdCLEF 2021's). Every row must have a truth row with the same end_s; truth rows the table lacks and
+    labels of species outside its columns are only warned about."""
+    truth, _ = soundscapes.read_soundscape_labels(truth_path)
+    truth_keys = row_keys(truth["file"], truth["start_s"])
+    repeated = pd.Series(truth_keys).duplicated()
+    if repeated.any():
+        name, start = truth_keys[int(np.flatnonzero(repeated)[0])]
+        raise ValueError(f"{truth_path}: {int(repeated.sum())} repeated row(s), e.g. {name} at {start:g} s")
+    by_key = dict(zip(truth_keys, range(len(truth))))
+    keys = row_keys(table["file"], table["start_s"])
+    unmatched = [key for key in keys if key not in by_key]
+    if unmatched:
+        raise ValueError(f"{table_name}: {len(unmatched)} row(s) have no row in {truth_path} (matched on file and "
+                         f"start_s), e.g. {unmatched[0][0]} at {unmatched[0][1]:g} s")
+    index = np.array([by_key[key] for key in keys], dtype=np.int64)
+    ends = truth["end_s"].to_numpy(dtype=np.float64)[index]
+    differ = np.flatnonzero(np.abs(ends - table["end_s"].to_numpy(dtype=np.float64)) > 1e-3)
+    if len(differ):
+        name, start = keys[differ[0]]
+        raise ValueError(f"{table_name}: {len(differ)} row(s) end elsewhere than in {truth_path}, e.g. {name} at "
+                         f"{start:g} s: end_s {table['end_s'].iat[differ[0]]:g} against {ends[differ[0]]:g}")
+    if len(truth) > len(keys):
+        log.warning("%s: %d of its %d rows are not in %s and are not scored", truth_path, len(truth) - len(keys),
+                    len(truth), table_name)
+    column = {code: position for position, code in enumerate(species)}
+    targets, unknown = np.zeros((len(keys), len(species)), dtype=np.int64), set()
+    for row, labels in enumerate(truth["labels"].to_numpy()[index]):
+        for code in str(labels).split():
+            if code in column:
+                targets[row, column[code]] = 1
+            elif code != soundscapes.NOCALL:
+                unknown.add(code)
+    if unknown:
+        log.warning("%s: labels of %d species without a column in %s are ignored: %s", truth_path, len(unknown),
+                    table_name, " ".join(sorted(unknown)[:10]))
+    return targets
+
+
+def pseudo_label_quality(table_path, truth_path, bins: int = 10) -> dict:
+    """A probability table (pseudo-labels) against the truth of the same rows -> {"scores": rows, species,
+    pairs, positives, cmap5, cmap3, macro_ap, lrap, ece, chance_cmap5 (random scores), bins;
+    "calibration": one row per bin: lower, upper, pairs, mean_predicted, observed, gap}."""
+    table, species = read_probability_table(table_path)
+    if table.empty:
+        raise ValueError(f"{table_path}: no rows to score")
+    targets = truth_targets(table, species, truth_path, str(table_path))
+    probabilities = table[species].to_numpy(dtype=np.float64)
+    calibration = pd.DataFrame(metrics_lib.calibration_bins(targets, probabilities, bins))
+    calibration["gap"] = (calibration["mean_predicted"] - calibration["observed"]).abs()
+    scores = {"rows": len(table), "species": len(species), "pairs": int(targets.size),
+              "positives": int(targets.sum()), **metrics_lib.probability_metrics(targets, probabilities, bins),
+              "chance_cmap5": evaluation.chance_level(targets, 0)["cmap5"], "bins": bins}
+    return {"scores": scores, "calibration": calibration}
+
+
+def pseudo_label_report(table_path, truth_path, out: Path, bins: int = 10) -> dict:
+    """pseudo_label_quality printed and written to out/pseudo_label_scores.csv and pseudo_label_calibration.csv."""
+    result = pseudo_label_quality(table_path, truth_path, bins)
+    scores = result["scores"]
+    pd.DataFrame([{"table": str(table_path), "truth": str(truth_path), **scores}]).to_csv(
+        out / "pseudo_label_scores.csv", index=False)
+    result["calibration"].to_csv(out / "pseudo_label_calibration.csv", index=False)
+    print(f"\npseudo-labels {table_path} against {truth_path}: {scores['rows']} rows x {scores['species']} "
+          f"species, {scores['positives']} present")
+    print(f"cmAP5 {scores['cmap5']:.4f} (random scores: {scores['chance_cmap5']:.4f})  cmAP3 {scores['cmap3']:.4f}  "
+          f"macro AP {scores['macro_ap']:.4f}  LRAP {scores['lrap']:.4f}  ECE {scores['ece']:.4f} ({bins} bins)")
+    print(result["calibration"].to_string(index=False, float_format=lambda value: f"{value:.4f}"))
+    return result
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> dict:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [read_run(folder) for folder in args.runs]
+    result = {}
+    if args.pseudo_labels:
+        result["pseudo_labels"] = pseudo_label_report(args.pseudo_labels, args.truth, out, args.bins)
+    if args.runs:
+        result |= runs_report(args.runs, out, args.leaderboard, args.per_species)
+    print(f"\nwritten to {out}/")
+    return result
+
+
+def runs_report(folders: list[str], out: Path, leaderboard: str | None, per_species: str | None) -> dict:
+    """The run folders' table and curves, with --leaderboard and --per-species if given."""
+    runs = [read_run(folder) for folder in folders]
     table = summary_table(runs)
     table.to_csv(out / "runs.csv", index=False)
     plot_curves(runs, out / "curves.png")
     print(table.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
     result = {"runs": table}
-    if args.leaderboard:
-        correlations = leaderboard_correlations(runs, pd.read_csv(args.leaderboard))
+    if leaderboard:
+        correlations = leaderboard_correlations(runs, pd.read_csv(leaderboard))
         correlations.to_csv(out / "leaderboard_correlation.csv", index=False)
         print("\nSpearman rank correlation with the leaderboard:")
         print(correlations.to_string(index=False))
         result["leaderboard"] = correlations
-    if args.per_species:
-        result["per_species"] = per_species_report(args.per_species, out)
-    print(f"\nwritten to {out}/")
+    if per_species:
+        result["per_species"] = per_species_report(per_species, out)
     return result
 
 

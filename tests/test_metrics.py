@@ -12,10 +12,14 @@ from sklearn.metrics import label_ranking_average_precision_score
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from metrics import (  # noqa: E402
+    bin_edges,
+    calibration_bins,
     classification_metrics,
+    expected_calibration_error,
     label_ranking_average_precision,
     macro_average_precision,
     padded_cmap,
+    probability_metrics,
 )
 
 
@@ -229,3 +233,89 @@ def test_classification_metrics_keys_and_types():
         assert type(v) is float
     assert m["cmap5"] == padded_cmap(targets, scores, padding_factor=5)
     assert m["cmap3"] == padded_cmap(targets, scores, padding_factor=3)
+
+
+# ---------------------------------------------------------------- calibration
+
+def plain_calibration(targets, probabilities, n_bins):
+    """Per bin [k/n, (k+1)/n) (the last one closed): pair count, mean probability, share present, by loops."""
+    rows = []
+    for k in range(n_bins):
+        lower, upper = k / n_bins, (k + 1) / n_bins
+        members = [(float(p), int(t)) for t_row, p_row in zip(targets, probabilities) for t, p in zip(t_row, p_row)
+                   if lower <= p < upper or (k == n_bins - 1 and p == 1.0)]
+        if members:
+            rows.append((len(members), sum(p for p, _ in members) / len(members),
+                         sum(t for _, t in members) / len(members)))
+        else:
+            rows.append((0, math.nan, math.nan))
+    total = sum(count for count, _, _ in rows)
+    ece = sum(count * abs(mean - seen) for count, mean, seen in rows if count) / total
+    return rows, ece
+
+
+def test_calibration_by_hand():
+    # 3 rows x 2 species = 6 pairs; 4 bins [0,.25) [.25,.5) [.5,.75) [.75,1]
+    targets = np.array([[1, 0], [0, 0], [1, 1]])
+    probabilities = np.array([[0.9, 0.1], [0.25, 0.0], [0.6, 1.0]])
+    table = calibration_bins(targets, probabilities, bins=4)
+    # bin 0: .1 (absent), 0 (absent) -> 2 pairs, mean .05, observed 0
+    # bin 1: .25 (absent)            -> 1 pair, mean .25, observed 0 (.25 is a lower edge)
+    # bin 2: .6 (present)            -> 1 pair, mean .6, observed 1
+    # bin 3: .9 (present), 1.0 (present) -> 2 pairs, mean .95, observed 1 (1.0 is in the last bin)
+    assert list(table["pairs"]) == [2, 1, 1, 2]
+    assert table["mean_predicted"] == pytest.approx([0.05, 0.25, 0.6, 0.95], abs=1e-15)
+    assert table["observed"] == pytest.approx([0, 0, 1, 1], abs=1e-15)
+    assert list(table["lower"]) == [0, 0.25, 0.5, 0.75] and list(table["upper"]) == [0.25, 0.5, 0.75, 1.0]
+    # ECE = (2*.05 + 1*.25 + 1*.4 + 2*.05) / 6
+    assert expected_calibration_error(targets, probabilities, bins=4) == pytest.approx(0.85 / 6, abs=1e-15)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n_bins", [1, 3, 10])
+def test_calibration_matches_plain_rederivation(seed, n_bins):
+    targets, scores = random_case(seed)   # scores on a 0.1 grid: many on bin edges
+    rows, ece = plain_calibration(targets, scores, n_bins)
+    table = calibration_bins(targets, scores, bins=n_bins)
+    assert list(table["pairs"]) == [count for count, _, _ in rows]
+    assert table["pairs"].sum() == targets.size
+    np.testing.assert_allclose(table["mean_predicted"], [mean for _, mean, _ in rows], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(table["observed"], [seen for _, _, seen in rows], rtol=0, atol=1e-12)
+    assert expected_calibration_error(targets, scores, bins=n_bins) == pytest.approx(ece, abs=1e-12)
+
+
+def test_empty_bins_have_nan_means_and_do_not_count():
+    targets = np.array([[1, 0]])
+    probabilities = np.array([[1.0, 0.0]])
+    table = calibration_bins(targets, probabilities, bins=10)
+    assert list(table["pairs"]) == [1] + [0] * 8 + [1]
+    assert np.isnan(table["mean_predicted"][1:9]).all() and np.isnan(table["observed"][1:9]).all()
+    assert expected_calibration_error(targets, probabilities) == 0.0
+    # always wrong and sure of it: ECE 1
+    assert expected_calibration_error(1 - targets, probabilities) == 1.0
+
+
+def test_bin_edges_are_exact_fractions():
+    assert list(bin_edges(10)) == [k / 10 for k in range(11)]
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="bins"):
+            bin_edges(bad)
+
+
+def test_probability_metrics_adds_ece_to_the_ranking_metrics():
+    targets, scores = random_case(2)
+    result = probability_metrics(targets, scores, bins=5)
+    assert list(result) == ["cmap5", "cmap3", "macro_ap", "lrap", "ece"]
+    assert {key: result[key] for key in ("cmap5", "cmap3", "macro_ap", "lrap")} == classification_metrics(
+        targets, scores)
+    assert result["ece"] == pytest.approx(plain_calibration(targets, scores, 5)[1], abs=1e-12)
+
+
+@pytest.mark.parametrize("bad", [-0.01, 1.01, np.nan])
+def test_probabilities_outside_unit_interval_raise(bad):
+    targets, scores = random_case(0)
+    scores = scores.copy()
+    scores[1, 1] = bad
+    for fn in (calibration_bins, expected_calibration_error, probability_metrics):
+        with pytest.raises(ValueError, match="outside|non-finite"):
+            fn(targets, scores)

@@ -3,6 +3,8 @@ correlation picks each submission's own evaluation, and per-species AP equals a 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -10,6 +12,7 @@ import pytest
 import scipy.stats
 
 import report
+from conftest import ROOT, run_infer, write_tone
 
 
 def write_run(folder, config: dict, metrics: pd.DataFrame):
@@ -107,3 +110,126 @@ def test_per_species_report_of_a_trained_checkpoint(trained_run, tiny_data, tmp_
         "aaabbb1": 5, "cccddd1": 4, "eeefff1": 3, "ggghhh1": 2}
     assert (table["validation_clips"] == 1).all()
     assert table["ap"].between(0, 1).all() and table["chance_ap"].between(0, 1).all()
+
+
+# ----------------------------------------------------------------------------- pseudo-label quality
+
+SPECIES = ["sp_a", "sp_b", "sp_c"]
+
+
+def pseudo_tables(tmp_path):
+    """An infer.py --format csv table (with row_id and nocall, rows shuffled) and its truth, which also has
+    a row the table lacks, a nocall row and a species no column names."""
+    probabilities = np.array([[0.95, 0.10, 0.00], [0.62, 0.40, 0.05], [0.20, 0.81, 0.30],
+                              [0.05, 0.15, 1.00], [0.33, 0.70, 0.10], [0.10, 0.05, 0.45]])
+    files = ["x.ogg"] * 3 + ["y.ogg"] * 3
+    starts = [0.0, 5.0, 10.0] * 2
+    labels = ["sp_a", "sp_a sp_b", "sp_b", "sp_c", "nocall", "sp_c sp_zzz"]
+    table = pd.DataFrame({"row_id": [f"{f[0]}_{int(s + 5)}" for f, s in zip(files, starts)], "file": files,
+                          "start_s": starts, "end_s": [s + 5 for s in starts]})
+    table = table.join(pd.DataFrame(probabilities, columns=SPECIES)).assign(nocall=0.5)
+    order = [4, 0, 5, 2, 1, 3]
+    table.iloc[order].to_csv(tmp_path / "pseudo.csv", index=False)
+    truth = pd.DataFrame({"file": files + ["y.ogg"], "start_s": starts + [15.0], "end_s": starts[:] + [20.0],
+                          "labels": labels + ["sp_a"]})
+    truth["end_s"] = truth["start_s"] + 5
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    targets = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0], [0, 0, 1]])
+    return tmp_path / "pseudo.csv", tmp_path / "truth.csv", probabilities, targets
+
+
+def test_pseudo_label_quality_equals_a_plain_rederivation(tmp_path):
+    from sklearn.metrics import average_precision_score
+    table, truth, probabilities, targets = pseudo_tables(tmp_path)
+    result = report.main(["--pseudo-labels", str(table), "--truth", str(truth), "--bins", "4",
+                          "--out", str(tmp_path / "out")])["pseudo_labels"]
+    scores, calibration = result["scores"], result["calibration"]
+    # cmAP5: per species AP after 5 rows of ones, averaged
+    padded_y, padded_p = np.vstack([targets, np.ones((5, 3))]), np.vstack([probabilities, np.ones((5, 3))])
+    assert scores["cmap5"] == pytest.approx(np.mean([average_precision_score(padded_y[:, c], padded_p[:, c])
+                                                     for c in range(3)]))
+    assert (scores["rows"], scores["species"], scores["pairs"], scores["positives"]) == (6, 3, 18, 6)
+    # bins [0,.25) [.25,.5) [.5,.75) [.75,1]: (probability, present) pairs sorted into them by hand
+    pairs = {0: [(.10, 0), (.00, 0), (.05, 0), (.20, 0), (.05, 0), (.15, 0), (.10, 0), (.10, 0), (.05, 0)],
+             1: [(.40, 1), (.30, 0), (.33, 0), (.45, 1)],
+             2: [(.62, 1), (.70, 0)],
+             3: [(.95, 1), (.81, 1), (1.0, 1)]}
+    for k, members in pairs.items():
+        row = calibration.iloc[k]
+        assert row["pairs"] == len(members)
+        assert row["mean_predicted"] == pytest.approx(np.mean([p for p, _ in members]))
+        assert row["observed"] == pytest.approx(np.mean([t for _, t in members]))
+    ece = sum(len(m) * abs(np.mean([p for p, _ in m]) - np.mean([t for _, t in m])) for m in pairs.values()) / 18
+    assert scores["ece"] == pytest.approx(ece)
+    written = pd.read_csv(tmp_path / "out" / "pseudo_label_scores.csv")
+    assert written.loc[0, "cmap5"] == pytest.approx(scores["cmap5"]) and written.loc[0, "ece"] == pytest.approx(ece)
+    assert pd.read_csv(tmp_path / "out" / "pseudo_label_calibration.csv")["pairs"].tolist() == [9, 4, 2, 3]
+
+
+def rewrite(path, change):
+    table = pd.read_csv(path)
+    change(table)
+    table.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t.__setitem__("start_s", t["start_s"] + 100), "6 row\\(s\\) have no row in .*truth.csv"),
+    (lambda t: t.__setitem__("sp_b", t["sp_b"].where(t.index != 2, np.nan)), "NaN or outside"),
+    (lambda t: t.__setitem__("sp_c", t["sp_c"].where(t.index != 1, 1.5)), "NaN or outside"),
+    (lambda t: t.__setitem__("sp_a", t["sp_a"].where(t.index != 3, -0.1)), "NaN or outside"),
+    (lambda t: t.__setitem__("sp_a", t["sp_a"].astype(object).where(t.index != 3, "high")), "not numbers"),
+    (lambda t: t.pop("start_s"), r"missing column\(s\) \['start_s'\]"),
+    (lambda t: [t.pop(c) for c in SPECIES + ["nocall"]], "missing column"),
+    (lambda t: t.__setitem__("end_s", t["end_s"] + 1), "end elsewhere"),
+    (lambda t: t.__setitem__("file", "x.ogg"), "repeated row"),
+])
+def test_bad_probability_tables_are_refused_in_one_line(tmp_path, change, message):
+    table, truth, _, _ = pseudo_tables(tmp_path)
+    rewrite(table, change)
+    with pytest.raises(ValueError, match=message) as error:
+        report.pseudo_label_quality(table, truth)
+    assert "\n" not in str(error.value)
+
+
+def test_a_truth_table_without_labels_is_refused(tmp_path):
+    table, truth, _, _ = pseudo_tables(tmp_path)
+    rewrite(truth, lambda t: t.pop("labels"))
+    with pytest.raises(ValueError, match="expected columns file,start_s,end_s,labels"):
+        report.pseudo_label_quality(table, truth)
+
+
+def test_the_command_line_needs_runs_or_pseudo_labels(tmp_path, capsys):
+    for argv in ([], ["--pseudo-labels", "p.csv"], ["--truth", "t.csv", "runs/a"], ["--leaderboard", "l.csv",
+                                                                                   "--pseudo-labels", "p.csv",
+                                                                                   "--truth", "t.csv"]):
+        with pytest.raises(SystemExit) as exit_:
+            report.main(argv)
+        assert exit_.value.code == 2
+    assert "give run folders to compare, or --pseudo-labels" in capsys.readouterr().err
+
+
+def test_report_py_prints_a_bad_table_as_one_error_line(tmp_path):
+    table, truth, _, _ = pseudo_tables(tmp_path)
+    rewrite(table, lambda t: t.__setitem__("sp_c", t["sp_c"].where(t.index != 1, 1.5)))
+    done = subprocess.run([sys.executable, str(ROOT / "report.py"), "--pseudo-labels", str(table), "--truth",
+                           str(truth), "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "1 probability value(s) are NaN or outside [0, 1]" in lines[0], done.stderr
+
+
+def test_infer_csv_output_scores_against_its_truth(checkpoint, tmp_path):
+    """What infer.py --format csv writes is what --pseudo-labels reads."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    write_tone(folder / "s1.ogg", 12.0)
+    write_tone(folder / "s2.ogg", 7.0, frequency=900.0)
+    run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--out", tmp_path / "pseudo.csv", "--format", "csv")
+    written = pd.read_csv(tmp_path / "pseudo.csv")
+    labels = ["cccddd1", "", "nocall", "aaabbb1 cccddd1"]
+    truth = written[["file", "start_s", "end_s"]].assign(labels=[labels[i % 4] for i in range(len(written))])
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    scores = report.pseudo_label_quality(tmp_path / "pseudo.csv", tmp_path / "truth.csv")["scores"]
+    assert scores["rows"] == len(written) and scores["species"] == 4
+    assert 0 <= scores["ece"] <= 1 and 0 < scores["cmap5"] <= 1

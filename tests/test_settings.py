@@ -112,7 +112,7 @@ def test_every_train_flag_reaches_a_setting_or_train_main():
             read.add(name)
             return object.__getattribute__(self, name)
 
-    argv = ["--nocall", "--nocall-audio", "x", "--bg-dir", "y"]
+    argv = ["--nocall", "--nocall-audio", "x", "--bg-dir", "y", "--soundscape-labels", "t.csv"]
     args = Recording(**vars(options.get_args_parser().parse_args(argv)))
     settings = options.training_settings(args)
     read -= {"__dict__"}

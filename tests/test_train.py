@@ -284,15 +284,14 @@ def test_parser_defaults_are_the_original_recipe():
 
 def test_the_readme_first_command_parses_to_the_recommended_recipe():
     """The Quick start's train.py flags (what a fresh clone runs) are all known to the parser and are the
-    recipe bench/soundscape_recipes.py measured as pcen-nocall-bed (with the whole unlabeled folder)."""
+    recipe bench/self_training.py measured as pcen (no unlabelled audio: the demo's holds the site's birds)."""
     readme = (ROOT / "README.md").read_text()
     command = next(line for line in readme.splitlines() if "pip install -r requirements.txt" in line and "train.py" in line)
     assert len(command) < 160
     args = options.parse_args(shlex.split(command.split("train.py", 1)[1]))
     options.resolve_deprecated(args)
-    assert (args.frontend, args.nocall, args.bg_prob, args.bg_snr) == ("pcen", True, 0.5, [0.0, 15.0])
-    assert args.nocall_soundscapes == args.nocall_audio == args.bg_dir == "demo_data/unlabeled_soundscapes"
-    assert (args.pretrained, args.lr, args.batch_size, args.epochs, args.patience) == (False, 1e-3, 16, 20, 0)
+    assert (args.frontend, args.nocall, args.bg_dir, args.soundscape_labels) == ("pcen", False, None, None)
+    assert (args.pretrained, args.lr, args.batch_size, args.epochs, args.patience) == (False, 1e-3, 16, 10, 0)
 
 
 def test_config_json_replays_a_run_and_the_command_line_overrides_it(tiny_data, trained_run, tmp_path):
