@@ -1,8 +1,11 @@
-"""The options of train.py: every flag with its default and help, and the check that rejects
-impossible combinations before any data is read.
+"""The options of train.py: every flag with its default and help, the check that rejects impossible
+combinations before any data is read, and the typed settings the flags become. Below this module (and
+train.py's command-line layer) nothing sees the Namespace: each part of a run reads its own frozen
+settings (data.DataSettings, loader.LoaderSettings, learner.LearnerSettings, ...).
 
     python train.py --help
-    args = options.get_args_parser().parse_args([...])     # as tests and bench/ scripts build a run
+    args = options.parse_args([...])                     # --config files replayed, each value checked
+    settings = options.training_settings(args)           # TrainingSettings: .data, .loader, .learner, ...
 """
 from __future__ import annotations
 

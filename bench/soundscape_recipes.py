@@ -9,7 +9,10 @@ half (--work-dir/bed_train), so the pseudo-soundscapes never hold a bed a model 
 learnt. Every recipe trains from random weights with the README's budget, scoring
 at every evaluation the clip validation (cmap5), the pseudo-soundscapes
 (soundscape_cmap5) and, for the record only, the demo test soundscapes
-(test_cmap5, never used for selection). Printed and written to --work-dir:
+(test_cmap5, never used for selection). Its figures in bench/README.md were measured when
+unlabeled_soundscapes/ held the site's sound without its birds; since the demo's unlabelled
+recordings hold the species (as BirdCLEF 2024/2025's do), its beds and no-call windows hold calls:
+bench/self_training.py measures that case. Printed and written to --work-dir:
 per run the best clip cmAP5 and the test cmAP5 of that checkpoint, the best
 pseudo cmAP5 and the test cmAP5 of that checkpoint; the mean and spread per
 recipe; and the Spearman rank correlation, over the runs, of each validation
