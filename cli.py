@@ -5,7 +5,8 @@ default), the action that keeps an old spelling working, and the checked types o
     cli.add_data_dir(group); cli.add_split_flags(group)       # train.py, data.py cache / soundscapes
     parser.add_argument("--old-name", dest="new_name", action=cli.Deprecated, new="--new-name")
 
-Only command-line code imports this module: train.py's options, infer.py, data.py's subcommands.
+Command-line code uses it: train.py's options and each data.py subcommand's `add_command`; data.py
+also reads DEMO_DIR from it (the one place the demo folder is named).
 """
 from __future__ import annotations
 
