@@ -29,7 +29,7 @@ def compute_loss(logits: torch.Tensor, targets: torch.Tensor, loss_name: str, la
     if loss_name == "ce":
         # Soft-target cross-entropy; targets renormalised to a distribution so that
         # secondary labels share the mass instead of inflating it (a teacher's probabilities too:
-        # CE learns their ratios, not their level; a window with all-zero targets adds nothing)
+        # CE learns their ratios, not their level; without smoothing, all-zero targets add nothing)
         distribution = targets / targets.sum(dim=1, keepdim=True).clamp_min(1e-8)
         distribution = distribution * (1 - label_smoothing) + label_smoothing / logits.shape[1]
         if weights is None:
