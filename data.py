@@ -400,8 +400,8 @@ def build_datasets(settings: DataSettings, out_dir: Path) -> tuple[list[str], lo
         train_targets[~known, labels.index(soundscapes.NOCALL)] = 1.0
     weights = np.ones(len(windows), dtype=np.float32)
     if settings.soundscape_windows is not None:
-        scapes = soundscape_windows(settings.soundscape_windows, labels, settings)
-        windows = pd.concat([windows, scapes.frame], ignore_index=True)
+        frame, scapes = soundscape_windows(settings.soundscape_windows, labels, settings)
+        windows = pd.concat([windows, frame], ignore_index=True)
         train_targets = np.concatenate([train_targets, scapes.targets])
         weights = np.concatenate([weights, scapes.weights])
     seed = settings.split.seed            # train.py's --seed: the split's and the crops' streams
@@ -564,48 +564,15 @@ def nocall_soundscape_rows(sources: NocallSources) -> pd.DataFrame:
     return soundscapes.nocall_soundscape_rows(sources.soundscapes)
 
 
-@dataclass
-class SoundscapeWindows:
-    frame: pd.DataFrame               # training_windows' columns, kind "soundscape"
-    targets: np.ndarray               # (N, C)
-    weights: np.ndarray               # (N,)
-
-
 def soundscape_windows(source: pseudo_labels.PseudoLabelSettings, labels: list[str],
-                       settings: DataSettings) -> SoundscapeWindows:
-    """--soundscape-labels windows as training rows; windows of a file that --val-soundscapes or
-    --test-soundscapes score are left out (by file name), so no file lends windows to training and
-    validation both."""
-    table = pseudo_labels.read_windows(source, labels)
-    held_out = held_out_soundscapes([path for path in (settings.val_soundscapes, settings.test_soundscapes) if path])
-    keep = np.array([not held_out(Path(path).name) for path in table.paths], dtype=bool)
-    if not keep.all():
-        log.warning("--soundscape-labels: %d window(s) of %d file(s) left out: those files are scored by "
-                    "--val-soundscapes or --test-soundscapes", int((~keep).sum()),
-                    len({p for p, k in zip(table.paths, keep) if not k}))
-    if not keep.any():
-        raise ValueError(f"--soundscape-labels {source.table}: no window left to train on")
-    frame = pd.DataFrame({"record": -1, "path": np.asarray(table.paths)[keep], "duration": table.durations[keep],
-                          "start_s": table.starts[keep], "primary_label": SOUNDSCAPE_WINDOW, "cache_row": -1,
-                          "kind": "soundscape"})
-    log.info("--soundscape-labels %s: %d windows of %d files, %.2f species per window on average", source.table,
-             int(keep.sum()), len(set(frame["path"])), float(table.targets[keep].sum(axis=1).mean()))
-    return SoundscapeWindows(frame, table.targets[keep], table.weights[keep])
-
-
-def held_out_soundscapes(tables: list[str]):
-    """The files that labelled-soundscape tables score -> is_held_out(file name): by name for
-    file,start_s,end_s,labels tables, by the `<audio_id>_` prefix for BirdCLEF 2021's."""
-    names, prefixes = set(), set()
-    for path in tables:
-        header = set(pd.read_csv(path, nrows=0).columns)
-        column = "file" if "file" in header else "audio_id"
-        values = pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False)[column]
-        if column == "file":
-            names |= {Path(name).name for name in values}
-        else:
-            prefixes |= {f"{audio_id}_" for audio_id in values}
-    return lambda name: name in names or any(name.startswith(prefix) for prefix in prefixes)
+                       settings: DataSettings) -> tuple[pd.DataFrame, pseudo_labels.WindowTable]:
+    """--soundscape-labels windows as training rows (training_windows' columns, kind "soundscape") with
+    their targets and weights; the files --val-soundscapes or --test-soundscapes score lend none."""
+    held_out = [path for path in (settings.val_soundscapes, settings.test_soundscapes) if path]
+    table = pseudo_labels.without_held_out(pseudo_labels.read_windows(source, labels), held_out, source.table)
+    frame = pd.DataFrame({"record": -1, "path": table.paths, "duration": table.durations, "start_s": table.starts,
+                          "primary_label": SOUNDSCAPE_WINDOW, "cache_row": -1, "kind": "soundscape"})
+    return frame, table
 
 
 def warn_if_training_hears_the_bed(windows: pd.DataFrame, background_dir: str | None,

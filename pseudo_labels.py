@@ -134,6 +134,39 @@ def read_windows(settings: PseudoLabelSettings, labels: list[str]) -> WindowTabl
     return WindowTable(paths, starts, np.array([durations[p] for p in paths]), targets, weights)
 
 
+def without_held_out(table: WindowTable, held_out_tables: list[str], source) -> WindowTable:
+    """The windows of files none of `held_out_tables` (labelled soundscapes that validation or the test
+    scores) names, so no file lends windows to training and validation both; says how many were left out."""
+    held_out = held_out_files(held_out_tables)
+    keep = np.array([not held_out(Path(path).name) for path in table.paths], dtype=bool)
+    if not keep.all():
+        log.warning("--soundscape-labels: %d window(s) of %d file(s) left out: those files are scored by "
+                    "--val-soundscapes or --test-soundscapes", int((~keep).sum()),
+                    len({path for path, kept in zip(table.paths, keep) if not kept}))
+    if not keep.any():
+        raise ValueError(f"--soundscape-labels {source}: no window left to train on")
+    kept = WindowTable([path for path, k in zip(table.paths, keep) if k], table.starts[keep], table.durations[keep],
+                       table.targets[keep], table.weights[keep])
+    log.info("--soundscape-labels %s: %d windows of %d files, %.2f species per window on average", source,
+             len(kept.paths), len(set(kept.paths)), float(kept.targets.sum(axis=1).mean()))
+    return kept
+
+
+def held_out_files(tables: list[str]):
+    """The files that labelled-soundscape tables score -> is_held_out(file name): by name for
+    file,start_s,end_s,labels tables, by the `<audio_id>_` prefix for BirdCLEF 2021's."""
+    names, prefixes = set(), set()
+    for path in tables:
+        header = set(pd.read_csv(path, nrows=0).columns)
+        column = "file" if "file" in header else "audio_id"
+        values = pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False)[column]
+        if column == "file":
+            names |= {Path(name).name for name in values}
+        else:
+            prefixes |= {f"{audio_id}_" for audio_id in values}
+    return lambda name: name in names or any(name.startswith(prefix) for prefix in prefixes)
+
+
 def soft_targets(values: np.ndarray, columns: list[str], labels: list[str], settings: PseudoLabelSettings) -> np.ndarray:
     """A teacher's (N, K) probabilities -> (N, C) targets over the vocabulary: below `threshold` -> 0,
     then p ** `power`. A species the table lacks gets 0; a column no species of the run has is ignored."""
