@@ -101,6 +101,10 @@ def claim_folder(out_dir: Path, resuming: bool, overwrite: bool, move_aside: boo
         names = ", ".join(sorted(path.name for path in out_dir.iterdir())[:5])
         raise FileExistsError(f"{out_dir} already holds files ({names}, ...): continue that run with --resume auto, "
                               f"choose another --out-dir, or pass --overwrite to move them aside")
+    owner = live_owner(out_dir)
+    if owner:      # moving a live run's folder aside would leave two runs writing one metrics.csv
+        raise FileExistsError(f"{out_dir} is in use by a running process (pid {owner}): --overwrite moves a "
+                              f"folder aside only when no run is using it; wait for it, or choose another --out-dir")
     if not move_aside:
         return
     aside = next(out_dir.with_name(f"{out_dir.name}.previous-{n}") for n in range(1, 10_000)
@@ -110,9 +114,10 @@ def claim_folder(out_dir: Path, resuming: bool, overwrite: bool, move_aside: boo
 
 
 @contextlib.contextmanager
-def locked(out_dir: Path, enabled: bool = True):
+def locked(out_dir: Path, enabled: bool = True, holder: str = "training process", other: str = "--out-dir"):
     """A lock file with this process's id while the run lasts: a second process on the same folder is
-    refused. A lock left by a process that no longer exists (killed) is taken over."""
+    refused (the message names the `holder` and the flag to change, `other`). A lock left by a process
+    that no longer exists (killed) is taken over."""
     if not enabled:
         yield
         return
@@ -122,10 +127,10 @@ def locked(out_dir: Path, enabled: bool = True):
             handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
-            owner = int(lock.read_text().strip() or 0) if lock.is_file() else 0
-            if owner and _alive(owner):
-                raise FileExistsError(f"{out_dir} is in use by another training process (pid {owner}); wait for "
-                                      f"it, or choose another --out-dir") from None
+            owner = live_owner(out_dir)
+            if owner:
+                raise FileExistsError(f"{out_dir} is in use by another {holder} (pid {owner}); wait for "
+                                      f"it, or choose another {other}") from None
             lock.unlink(missing_ok=True)         # left by a killed run
     else:
         raise FileExistsError(f"could not lock {out_dir}")
@@ -135,6 +140,16 @@ def locked(out_dir: Path, enabled: bool = True):
         yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+def live_owner(out_dir: Path) -> int:
+    """The id of the live process holding out_dir's lock, or 0 (no lock, or one left by a killed process)."""
+    lock = Path(out_dir) / LOCK
+    try:
+        owner = int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):           # absent, or half written by a process being started
+        return 0
+    return owner if owner and _alive(owner) else 0
 
 
 def _alive(pid: int) -> bool:

@@ -135,7 +135,9 @@ def test_a_folder_with_files_is_refused_and_overwrite_moves_them_aside(tmp_path)
     out = tmp_path / "run"
     runfolder.claim_folder(out, resuming=False, overwrite=False)        # missing: fine
     out.mkdir()
-    (out / runfolder.LOCK).write_text("1")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    (out / runfolder.LOCK).write_text(finished.stdout.strip())          # a lock left by a killed run
     runfolder.claim_folder(out, resuming=False, overwrite=False)        # only a lock: fine
     (out / "metrics.csv").write_text("someone else's\n")
     with pytest.raises(FileExistsError, match="already holds files.*metrics.csv.*--resume auto.*--overwrite"):
@@ -238,3 +240,19 @@ def test_more_epochs_on_resume_keep_the_learning_rate_curve_the_run_started_on()
     with pytest.raises(ValueError, match="--schedule-epochs 2 -> 3"):
         options.check_resume({"args": options.plain_config(resumed)},
                              options.get_args_parser().parse_args(["--schedule-epochs", "3"]), 1)
+
+
+def test_overwrite_refuses_to_move_a_folder_a_live_run_holds(tmp_path):
+    """#26.2: --overwrite on the folder of a run still training moved the live run (and its lock) aside, so
+    both runs wrote one metrics.csv. A live lock is checked before anything moves."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text("live run\n")
+    (out / runfolder.LOCK).write_text(str(os.getppid()))               # a live process holds it
+    with pytest.raises(FileExistsError, match=f"in use by a running process \\(pid {os.getppid()}\\)"):
+        runfolder.claim_folder(out, resuming=False, overwrite=True)
+    assert (out / "metrics.csv").read_text() == "live run\n" and (out / runfolder.LOCK).is_file()
+    assert not (tmp_path / "run.previous-1").exists()
+    (out / runfolder.LOCK).unlink()                                     # the run finished: now it moves
+    runfolder.claim_folder(out, resuming=False, overwrite=True)
+    assert (tmp_path / "run.previous-1" / "metrics.csv").read_text() == "live run\n"
