@@ -35,6 +35,7 @@ import engines
 import model as model_lib
 import outputs
 import progress
+import runfolder
 import soundscapes
 
 log = logging.getLogger("birdclef")
@@ -98,7 +99,7 @@ class Scoring:
             except ValueError:
                 raise ValueError(f"--smooth {self.smooth!r}: expected comma-separated numbers such as "
                                  f"0.1,0.8,0.1") from None
-            if (len(weights) % 2 != 1 or min(weights) < 0 or not sum(weights) > 0
+            if (len(weights) % 2 != 1 or min(weights) < 0 or not max(weights) > 0
                     or not all(map(math.isfinite, weights))):
                 raise ValueError(f"--smooth {self.smooth}: needs an odd number of non-negative weights with a "
                                  f"positive sum (each row is their weighted mean)")
@@ -361,6 +362,7 @@ def smooth_rows(scores: np.ndarray, weights: list[float]) -> np.ndarray:
         raise ValueError(f"--smooth needs an odd number of weights, got {weights}")
     half = len(weights) // 2
     kernel = np.asarray(weights, dtype=np.float64)
+    kernel = kernel / kernel.max()          # scale-free: 1e308,1e308,1e308 would overflow their sum to inf
     total = np.zeros(scores.shape, dtype=np.float64)
     norm = np.zeros((scores.shape[0], 1), dtype=np.float64)
     for offset, weight in zip(range(-half, half + 1), kernel):
@@ -462,12 +464,37 @@ class Predictor:
             elif sample_rate is None:
                 raise ValueError("arrays need sample_rate=")
             else:
-                items.append((f"array_{number}", item, int(sample_rate)))
+                items.append((f"array_{number}", pcm_frames(item, f"array_{number}"), int(sample_rate)))
         keys = [item if isinstance(item, Path) else Path(item[0]) for item in items]
         outputs.check_unique_names(keys)
         results = {key: rows for key, rows, _, _ in self.scored(items) if rows is not None}
         table = outputs.row_table({Path(key): rows for key, rows in results.items()}, keys, self.columns, None)
         return table.drop(columns="row_id").set_index(["file", "start_s", "end_s"])
+
+
+MAX_CHANNELS = 8        # more columns than this in a (frames, channels) array means it is (channels, frames)
+
+
+def pcm_frames(samples, name: str) -> np.ndarray:
+    """An array of audio -> (frames, channels) float32 in [-1, 1]: 1-D is mono, 2-D is (frames, channels)
+    with a few channels, as soundfile reads; integer PCM is scaled by its type's full scale (int16 32768).
+    A (channels, frames) array, more dimensions, or no samples are refused: each would silently become
+    the wrong number of rows."""
+    array = np.asarray(samples)
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2 or array.shape[1] > MAX_CHANNELS:
+        raise ValueError(f"{name}: shape {array.shape}; give 1-D samples or (frames, channels) with at most "
+                         f"{MAX_CHANNELS} channels (transpose a (channels, frames) array)")
+    if array.size == 0:
+        raise ValueError(f"{name}: no samples")
+    if np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(array.dtype)        # unsigned PCM (uint8) is centred on its middle value
+        middle = (int(info.max) + int(info.min) + 1) / 2
+        return ((array.astype(np.float64) - middle) / (int(info.max) + 1 - middle)).astype(np.float32)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{name}: samples of type {array.dtype}; give float or integer PCM")
+    return array.astype(np.float32, copy=False)
 
 
 def finite_rows(key, rows: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -513,6 +540,8 @@ def infer(job: Job, scoring: Scoring, engine: engines.EngineSettings) -> dict:
     files = input_files(job)
     if not job.detections_mode:                  # row ids and Raven tables are named by the file's stem
         outputs.check_unique_names(files)
+    if job.format == "raven" and not job.detections_mode:
+        outputs.check_raven_folder(out, files, job.combined)
     predictor = Predictor(job.ckpts, **dataclasses.asdict(scoring), **dataclasses.asdict(engine))
     if not files:  # Kaggle's visible run: an empty test folder still needs a valid submission
         kind = "kaggle" if job.detections_mode else job.format
@@ -524,32 +553,60 @@ def infer(job: Job, scoring: Scoring, engine: engines.EngineSettings) -> dict:
                     "no table" if kind == "raven" else "the header")
         return {"rows": 0, "problems": [], "audio_seconds": 0.0, "wall_seconds": 0.0, "realtime_factor": 0.0}
     rank, world_size = distributed.rank_and_world_size()
-    store = outputs.PartStore(Path(f"{out}.parts"), job_settings(predictor), job.skip_existing, prepare=rank == 0)
-    distributed.barrier()                     # the other ranks write parts only once rank 0 has the folder ready
-    todo = [path for path in files[rank::world_size] if not store.has(path)]
-    log.info("%d file(s) (%d done before), %d model(s), %d species, backend %s, %s%s", len(files),
-             len(files) - len(todo) if world_size == 1 else 0, len(predictor.members), len(predictor.columns),
-             engine.backend, "bf16" if predictor.bf16 else "fp32",
-             f", {world_size} processes" if world_size > 1 else "")
-    started, seconds, unscored = time.perf_counter(), 0.0, []
-    for path, rows, problem, file_seconds in progress.bar(predictor.scored(todo), total=len(todo), desc="scoring",
-                                                          unit="file", every=job.log_every):
-        seconds += file_seconds
-        if rows is None:
-            unscored.append(problem)
-        else:
-            store.save(path, rows, problem)
-    shares = distributed.gather_objects((unscored, seconds))       # and every rank's parts are written
-    if rank != 0:
-        return {"rank": rank}
-    summary = write_outputs(job, predictor, files, store, out)
-    store.remove()
-    wall = time.perf_counter() - started
-    summary["problems"] = [line for share, _ in shares for line in share] + summary["problems"]
-    summary["audio_seconds"], summary["wall_seconds"] = sum(share for _, share in shares), wall
+    parts = Path(f"{out}.parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    # One job per output: a second one on the same --out would clear this one's parts and write over its output.
+    with runfolder.locked(parts, enabled=rank == 0, holder="infer.py job writing there", other="--out"):
+        store = outputs.PartStore(parts, job_settings(predictor), job.skip_existing, prepare=rank == 0)
+        distributed.barrier()                 # the other ranks write parts only once rank 0 has the folder ready
+        summary = score_files(files[rank::world_size], predictor, store, job)
+        if rank != 0:
+            return summary
+        summary |= write_outputs(job, predictor, files, store, out)
+        store.remove()
+    summary["wall_seconds"] = wall = time.perf_counter() - summary.pop("started")      # scoring and writing
     summary["realtime_factor"] = summary["audio_seconds"] / wall if wall > 0 else float("inf")
     report(summary, job)
     return summary
+
+
+def score_files(files: list[Path], predictor: Predictor, store, job: Job) -> dict:
+    """This process's share of the files -> a part each (unscorable ones too: no rows, their problem),
+    files whose usable part --skip-existing finds left out -> rank 0: seconds of audio scored by all ranks
+    and when scoring started; other ranks: {rank}."""
+    rank, world_size = distributed.rank_and_world_size()
+    todo = files if not job.skip_existing else redo_list(files, store, len(predictor.columns))
+    log.info("%d file(s) (%d done before), %d model(s), %d species, backend %s, %s%s", len(files),
+             len(files) - len(todo), len(predictor.members), len(predictor.columns),
+             predictor.engine.backend, "bf16" if predictor.bf16 else "fp32",
+             f", {world_size} processes" if world_size > 1 else "")
+    started, seconds = time.perf_counter(), 0.0
+    for path, rows, problem, file_seconds in progress.bar(predictor.scored(todo), total=len(todo), desc="scoring",
+                                                          unit="file", every=job.log_every):
+        seconds += file_seconds
+        store.save(path, np.zeros((0, len(predictor.columns))) if rows is None else rows, problem)
+    shares = distributed.gather_objects(seconds)                   # and every rank's parts are written
+    return {"rank": rank} if rank != 0 else {"audio_seconds": sum(shares), "started": started}
+
+
+def redo_list(files: list[Path], store, n_columns: int) -> list[Path]:
+    """--skip-existing: the files without a usable part (absent, damaged, edited, or of a replaced file);
+    why the used-to-be-done ones are scored again is logged."""
+    todo, stale = [], []
+    for path in files:
+        problem = store.problem_with(path, n_columns, expected_rows(path))
+        if problem is not None:
+            todo.append(path)
+            stale += [f"{path.name}: {problem}"] if problem != "no part" else []
+    if stale:
+        log.warning("--skip-existing: %d part(s) are scored again, e.g. %s", len(stale), stale[0])
+    return todo
+
+
+def expected_rows(path: Path) -> int:
+    """How many 5-s rows the file gives, from its header (0 when unreadable: scored, it gives none)."""
+    header = audio.check_audio_files([path])[0][0]
+    return soundscapes.row_count(*header) if header is not None else 0
 
 
 def input_files(job: Job) -> list[Path]:
@@ -578,6 +635,9 @@ def output_path(job: Job) -> Path:
         raise FileExistsError(f"--format raven writes a folder of tables and {out} is a file: give --out a folder")
     if (job.format != "raven" or job.detections_mode) and out.is_dir():
         raise IsADirectoryError(f"{out} is a folder: give --out a file name")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise NotADirectoryError(f"--out {out}: {blocking} is a file, not a folder")
     return out
 
 
@@ -597,10 +657,14 @@ def job_settings(predictor: Predictor) -> dict:
 def write_outputs(job: Job, predictor: Predictor, files: list[Path], store, out: Path) -> dict:
     """Every file's rows, from its part -> the output (atomically) -> a summary."""
     results, problems = {}, []
+    missing = [path for path in files if not store.has(path)]
+    if missing:     # removed under this job (by hand, or a job on the same --out before the lock existed)
+        raise FileNotFoundError(f"{len(missing)} of {len(files)} file(s) have no rows in {store.folder}, e.g. "
+                                f"{missing[0]}: nothing written; run again with --skip-existing")
     for path in files:
-        if store.has(path):
-            results[path], problem = store.load(path)
-            problems += [problem] if problem else []
+        rows, problem = store.load(path)
+        results |= {path: rows} if len(rows) else {}               # unscorable files give no rows
+        problems += [problem] if problem else []
     summary = {"problems": problems}
     if job.detections_mode:
         table = outputs.detections_table(results, files, predictor.columns, Path(job.audio_dir), job.metadata,
@@ -647,7 +711,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         main(get_args_parser().parse_args())
-    except (model_lib.CheckpointError, FileNotFoundError, FileExistsError, IsADirectoryError, ValueError,
-            FloatingPointError) as error:
+    except (model_lib.CheckpointError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            ValueError, FloatingPointError) as error:
         log.error("%s", error)
         sys.exit(1)

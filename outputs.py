@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import runfolder
 import soundscapes
 
 log = logging.getLogger("birdclef")
@@ -29,15 +30,18 @@ RAVEN_COLUMNS = ["Selection", "View", "Channel", "Begin Time (s)", "End Time (s)
 # ----------------------------------------------------------------------------- per-file parts
 
 class PartStore:
-    """One file's rows per part: <folder>/<hash of its path>.npz (rows float32 (n_rows, C), problem).
+    """One file's rows per part: <folder>/<hash of its path>.npz (rows float32 (n_rows, C), problem,
+    source = the audio file's [size, mtime_ns] when it was scored).
 
     `settings` describes how the rows were computed (checkpoints, hop, smoothing, ...); parts made
-    with other settings are never mixed in: resuming them is refused, naming the difference.
+    with other settings are never mixed in: resuming them is refused, naming the difference. A part
+    is used again only while it still fits its file (`problem_with`); any other is scored again.
     """
 
     def __init__(self, folder: Path, settings: dict, resume: bool, prepare: bool = True):
         """Every process checks; only the one that `prepare`s (under torchrun rank 0, then a barrier)
-        clears or creates the folder, so all refuse together and none deletes another's parts."""
+        clears or creates the folder, so all refuse together and none deletes another's parts. The
+        folder's lock (runfolder.LOCK, taken by the caller) is kept when a fresh job clears it."""
         self.folder = Path(folder)
         manifest = self.folder / "settings.json"
         resuming = resume and manifest.is_file()
@@ -50,9 +54,11 @@ class PartStore:
                                  f"--skip-existing to start again")
         if not prepare:
             return
-        if not resuming and self.folder.exists():
-            shutil.rmtree(self.folder)      # a fresh job does not reuse what another left
         self.folder.mkdir(parents=True, exist_ok=True)
+        if not resuming:                    # a fresh job does not reuse what another left
+            for path in self.folder.iterdir():
+                if path.name != runfolder.LOCK:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
         write_atomic(manifest, lambda path: path.write_text(json.dumps(settings, indent=2) + "\n"))
 
     def path_of(self, audio_path) -> Path:
@@ -63,15 +69,48 @@ class PartStore:
 
     def save(self, audio_path, rows: np.ndarray, problem: str | None) -> None:
         with_rows = np.asarray(rows, dtype=np.float32)
+        source = np.asarray(source_stamp(audio_path), dtype=np.int64)
         write_atomic(self.path_of(audio_path),
-                     lambda path: np.savez(path, rows=with_rows, problem=np.array(problem or "")))
+                     lambda path: np.savez(path, rows=with_rows, problem=np.array(problem or ""), source=source))
 
     def load(self, audio_path) -> tuple[np.ndarray, str | None]:
         with np.load(self.path_of(audio_path)) as part:
             return part["rows"], (str(part["problem"]) or None)
 
+    def problem_with(self, audio_path, n_columns: int, n_rows: int) -> str | None:
+        """Why this file's part cannot be used again (None: it can): absent, unreadable (a truncated
+        write, a hand edit), made from another version of the file (size or mtime changed since), or
+        rows that are not (n_rows, n_columns) scores, finite, within [0, 1]."""
+        if not self.has(audio_path):
+            return "no part"
+        try:
+            with np.load(self.path_of(audio_path)) as part:
+                rows, source = np.asarray(part["rows"]), [int(value) for value in part["source"]]
+        except Exception as error:          # BadZipFile, EOFError, KeyError (a part without source), ...
+            return f"unreadable part ({type(error).__name__})"
+        if source != source_stamp(audio_path):
+            return "the audio file changed since it was scored (size or modification time)"
+        if rows.ndim != 2 or rows.shape != (n_rows, n_columns):
+            return f"rows of shape {rows.shape}, not ({n_rows}, {n_columns})"
+        if not np.isfinite(rows).all() or rows.min(initial=0) < 0 or rows.max(initial=0) > 1 + SCORE_SLACK:
+            return "scores that are not finite or not within [0, 1]"
+        return None
+
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+SCORE_SLACK = 1e-5          # float32 rounding of a weighted mean of probabilities may pass 1 by a few ulps
+
+
+def source_stamp(audio_path) -> list[int]:
+    """[size, mtime_ns] of the audio file ([-1, -1] if it is gone): a part keyed on it goes stale when the
+    file is replaced (a 60-s recording by a 20-s one under the same name)."""
+    try:
+        stat = Path(audio_path).stat()
+    except OSError:
+        return [-1, -1]
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def write_atomic(path: Path, write) -> None:
@@ -166,6 +205,22 @@ def raven_tables(table: pd.DataFrame, paths: dict, min_conf: float, band_hz: tup
     return tables
 
 
+def check_raven_folder(folder: Path, files: list[Path], combined: bool) -> None:
+    """Before any work: a Raven folder holding selection tables this job will not write again (another
+    job's files, or a combined table this job will not replace) is refused, so that it never ends as a
+    mix of two jobs' tables."""
+    if not folder.is_dir():
+        return
+    ours = {f"{Path(path).stem}.selections.txt" for path in files} | ({COMBINED} if combined else set())
+    stale = sorted(path.name for path in folder.glob("*.selections.txt") if path.name not in ours)
+    if stale:
+        raise FileExistsError(f"{folder} holds {len(stale)} selection table(s) this job would not replace (e.g. "
+                              f"{stale[0]}): they would mix with its own; give --out an empty or new folder")
+
+
+COMBINED = "combined.selections.txt"
+
+
 def write_raven(tables: dict, folder: Path, combined: bool) -> int:
     """<stem>.selections.txt per file (tab-separated), and with `combined` one table of them all
     (Selection renumbered) -> selections written."""
@@ -180,7 +235,7 @@ def write_raven(tables: dict, folder: Path, combined: bool) -> int:
         everything = pd.concat(list(tables.values()), ignore_index=True) if tables else pd.DataFrame(
             columns=RAVEN_COLUMNS)
         everything["Selection"] = np.arange(1, len(everything) + 1)
-        write_atomic(folder / "combined.selections.txt", lambda path: everything.to_csv(path, sep="\t", index=False))
+        write_atomic(folder / COMBINED, lambda path: everything.to_csv(path, sep="\t", index=False))
     return sum(len(selections) for selections in tables.values())
 
 

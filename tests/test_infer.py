@@ -91,6 +91,36 @@ def test_smoothing_and_file_prior_by_hand():
     np.testing.assert_allclose(prior[:, 0], [1.0, 0.25, 0.25, 0.625])
 
 
+def test_smoothing_weights_are_scale_free():
+    """#26.9: --smooth 1e308,1e308,1e308 passed the check and gave an all-zero submission (their sum
+    overflowed to inf). Weights mean only their ratios."""
+    infer.Scoring(smooth="1e308,1e308,1e308").check()
+    scores = np.random.default_rng(0).random((6, 3)).astype(np.float32)
+    np.testing.assert_allclose(infer.smooth_rows(scores, [1e308] * 3), infer.smooth_rows(scores, [1.0] * 3),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="positive sum"):
+        infer.Scoring(smooth="0,0,0").check()
+
+
+def test_predict_takes_mono_or_frames_by_channels_scales_integer_pcm_and_refuses_the_rest(checkpoint):
+    """#26.12: a (2, N) or (1, 1, N) array became one row, an empty one a reshape error, int16 was cast
+    without scaling."""
+    predictor = infer.Predictor([checkpoint])
+    rate = 16000
+    mono = (0.3 * np.sin(2 * np.pi * 2500 * np.arange(10 * rate) / rate)).astype(np.float32)   # 10 s: 2 rows
+    reference = predictor.predict([mono], sample_rate=rate)
+    assert len(reference) == 2
+    stereo = predictor.predict([np.stack([mono, mono], axis=1)], sample_rate=rate)         # (frames, 2)
+    np.testing.assert_allclose(stereo.to_numpy(), reference.to_numpy(), rtol=1e-5, atol=1e-6)
+    pcm = np.round(mono * 32767).astype(np.int16)
+    np.testing.assert_allclose(predictor.predict([pcm], sample_rate=rate).to_numpy(), reference.to_numpy(),
+                               atol=1e-3)
+    for bad, message in ((np.stack([mono, mono]), "transpose"), (mono[None, None], "shape"),
+                         (np.zeros(0, np.float32), "no samples")):
+        with pytest.raises(ValueError, match=message):
+            predictor.predict([bad], sample_rate=rate)
+
+
 def test_each_flag_is_a_settings_field_with_the_fields_default():
     """The flags' defaults are written once, in the settings dataclasses, and Predictor's options are the flags."""
     args = infer.get_args_parser().parse_args(["--ckpts", "a.pt"])

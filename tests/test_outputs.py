@@ -3,7 +3,9 @@ output as an uninterrupted one, folder trees and file lists, the Python API equa
 an empty test folder, Raven tables a Raven or BirdNET user expects, top-k, and progress in logs."""
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -160,6 +162,88 @@ def test_raven_tables_as_raven_and_birdnet_users_expect(checkpoint, tiny_data, t
     with pytest.raises(FileExistsError, match="is a file"):   # refused before any work, never over a file
         run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--format", "raven", "--out", tmp_path / "taken.txt")
     assert (tmp_path / "taken.txt").read_text() == "not a folder"
+
+
+def test_raven_refuses_a_folder_with_another_jobs_tables_and_a_file_in_the_out_path(checkpoint, tmp_path):
+    """#26.5: tables of another job (and a combined table this job will not replace) would stay beside its
+    own; `--out FILE/sub` was a NotADirectoryError traceback. Both are refused before any work."""
+    folder = tmp_path / "s"
+    folder.mkdir()
+    write_tone(folder / "site1.wav", 6.0)
+    tables = tmp_path / "tables"
+    job = ["--ckpts", checkpoint, "--soundscapes", folder, "--format", "raven", "--out", tables]
+    run_infer(*job, "--combined")
+    run_infer(*job, "--combined")                              # the same job again replaces its own tables
+    with pytest.raises(FileExistsError, match=r"holds 1 selection table\(s\).*combined\.selections\.txt"):
+        run_infer(*job)                                        # its combined table would be stale
+    (tables / "combined.selections.txt").unlink()
+    (tables / "other.selections.txt").write_text("another job's\n")
+    with pytest.raises(FileExistsError, match=r"other\.selections\.txt"):
+        run_infer(*job, "--combined")
+    assert (tables / "other.selections.txt").read_text() == "another job's\n"
+    (tmp_path / "file.txt").write_text("a file")
+    for kind in ("raven", "csv"):
+        with pytest.raises(NotADirectoryError, match="file.txt is a file, not a folder"):
+            run_infer("--ckpts", checkpoint, "--soundscapes", folder, "--format", kind, "--out",
+                      tmp_path / "file.txt" / "sub")
+
+
+def test_a_second_job_on_the_same_out_is_refused_and_a_missing_part_writes_nothing(checkpoint, soundscape_tree,
+                                                                                   tmp_path, monkeypatch):
+    """#26.1: a second infer.py on one --out wiped the first's parts, and the first then wrote an output
+    of 6 of 20 files with rc 0. The parts folder is locked while a job runs, and an output with a file
+    missing is never written."""
+    out = tmp_path / "out.csv"
+    parts = tmp_path / "out.csv.parts"
+    parts.mkdir()
+    (parts / "settings.json").write_text("{}")
+    (parts / ".lock").write_text(str(os.getppid()))                     # a live process: the first job
+    with pytest.raises(FileExistsError, match=r"in use by another infer.py job.*choose another --out"):
+        run_infer("--ckpts", checkpoint, "--soundscapes", soundscape_tree, "--out", out)
+    assert (parts / "settings.json").read_text() == "{}" and not out.exists()
+    (parts / ".lock").unlink()
+    save = outputs.PartStore.save
+    skipped = sorted(soundscape_tree.rglob("*.wav"))[3]
+    monkeypatch.setattr(outputs.PartStore, "save",                      # one part removed under the job
+                        lambda self, path, *rest: None if path == skipped else save(self, path, *rest))
+    with pytest.raises(FileNotFoundError, match=r"1 of 8 file\(s\) have no rows.*--skip-existing"):
+        run_infer("--ckpts", checkpoint, "--soundscapes", soundscape_tree, "--out", out)
+    assert not out.exists() and not (parts / ".lock").exists()          # nothing written; the lock let go
+    monkeypatch.setattr(outputs.PartStore, "save", save)
+    summary = run_infer("--ckpts", checkpoint, "--soundscapes", soundscape_tree, "--out", out, "--skip-existing")
+    assert summary["audio_seconds"] == pytest.approx(sf.info(skipped).duration)      # only the missing one
+    assert len(pd.read_csv(out)) == sum(infer.expected_rows(path) for path in soundscape_tree.rglob("*.wav"))
+
+
+def test_skip_existing_scores_again_parts_of_replaced_files_and_damaged_or_edited_parts(checkpoint,
+                                                                                        soundscape_tree, tmp_path,
+                                                                                        monkeypatch, caplog):
+    """#26.7 and #26.8: a part was reused after its audio file was replaced (60 s -> 20 s: stale rows, rc 0);
+    a hand-edited part (NaN, 7.5, 5 of 12 rows) went into the submission; a truncated one was a BadZipFile
+    on every retry. Each is scored again, and the output equals a fresh job's."""
+    tree = tmp_path / "tree"
+    for path in soundscape_tree.rglob("*.wav"):
+        (tree / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (tree / path.parent.name / path.name).write_bytes(path.read_bytes())
+    same = ["--ckpts", checkpoint, "--soundscapes", tree, "--workers", "0", "--batch-size", "1", "--streams", "1"]
+    out = tmp_path / "out.csv"
+    monkeypatch.setattr(outputs.PartStore, "remove", lambda self: None)        # keep the first job's parts
+    run_infer(*same, "--out", out)
+    parts = tmp_path / "out.csv.parts"
+    store = outputs.PartStore(parts, json.loads((parts / "settings.json").read_text()), resume=True, prepare=False)
+    files = sorted(tree.rglob("*.wav"))
+    write_tone(files[0], 20.0, frequency=3000.0)                        # replaced: 6 s -> 20 s
+    for path, edit in zip(files[1:4], (np.nan, 7.5, None)):
+        rows, problem = store.load(path)
+        rows = rows[:1] if edit is None else np.full_like(rows, edit)   # NaN, 7.5, or 1 of its rows
+        np.savez(store.path_of(path), rows=rows, problem=np.array(""), source=np.asarray(outputs.source_stamp(path)))
+    store.path_of(files[4]).write_bytes(store.path_of(files[4]).read_bytes()[:100])           # truncated
+    with caplog.at_level(logging.WARNING, logger="birdclef"):
+        summary = run_infer(*same, "--out", out, "--skip-existing")
+    assert "5 part(s) are scored again" in caplog.text
+    assert summary["audio_seconds"] == pytest.approx(sum(sf.info(path).duration for path in files[:5]))
+    run_infer(*same, "--out", tmp_path / "fresh.csv")
+    assert out.read_bytes() == (tmp_path / "fresh.csv").read_bytes()
 
 
 def test_top_k_keeps_each_rows_k_best_scores():
