@@ -10,13 +10,17 @@ metrics.csv, checkpoints); nothing is re-trained. The table gives, per run, the
 flags that differ between the runs, the best clip cmAP5, the soundscape cmAP5 of
 that same checkpoint and the best soundscape cmAP5 (from --val-soundscapes), the
 test cmAP5 where --test-soundscapes was scored, steps and minutes. Every plot
-shows the chance level: what random scores get on the same rows.
+shows the chance level: what random scores get on the same rows. A run with no
+evaluation yet is an empty row; a section whose checkpoint is absent (no best.pt
+yet) is skipped with a warning; bad input ends as one logged line and exit status 1.
 
 leaderboard.csv has the columns run, checkpoint, score: the public score of a
 submission made with that run folder's checkpoint (best.pt or
-checkpoint_stepNNNNNNNN.pt). With three or more rows the report gives, for each
-validation metric, its Spearman rank correlation with the leaderboard over those
-submissions: "validation up, leaderboard flat" shows after three submissions.
+checkpoint_stepNNNNNNNN.pt); run is the folder's name, or its path where two run
+folders share a name; a blank, NaN or text score is refused. With three or more
+rows the report gives, for each validation metric, its Spearman rank correlation
+with the leaderboard over those submissions: "validation up, leaderboard flat"
+shows after three submissions.
 
 --pseudo-labels takes a table of probabilities (`infer.py --format csv`: file, start_s,
 end_s and one column per species; row_id and nocall are ignored) and --truth the labelled
@@ -90,16 +94,39 @@ def check_arguments(parser: argparse.ArgumentParser, args) -> None:
 
 # ----------------------------------------------------------------------------- reading runs
 
+class MissingCheckpoint(FileNotFoundError):
+    """A checkpoint a report section needs is not there (a run with no best.pt yet): that section is
+    skipped, the rest of the report is still written."""
+
+
+def read_table(path, what: str, **read_options) -> pd.DataFrame:
+    """pd.read_csv, its errors as one line naming the file (pandas' own do not: "No columns to parse")."""
+    try:
+        return pd.read_csv(path, **read_options)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: the {what} cannot be read ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else 'empty'})") from None
+
+
 def read_run(folder) -> dict:
     """A run folder -> name, folder, config (dict), metrics (DataFrame), minutes (config.json written to
-    the last metrics.csv row, wall clock)."""
+    the last metrics.csv row, wall clock). metrics.csv may have no evaluation yet (header only)."""
     folder = Path(folder)
     metrics_path, config_path = folder / "metrics.csv", folder / "config.json"
     if not metrics_path.is_file() or not config_path.is_file():
         raise FileNotFoundError(f"{folder} is not a run folder (no metrics.csv and config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:      # its message names no file
+        raise ValueError(f"{config_path}: not JSON ({error})") from None
+    metrics = read_table(metrics_path, "metrics table")
+    missing = [column for column in ("epoch", "global_step", "cmap5") if column not in metrics.columns]
+    if missing or not isinstance(config, dict):
+        raise ValueError(f"{folder} is not a run folder of train.py: " + (
+            f"metrics.csv has no column(s) {missing}" if missing else "config.json is not a JSON object"))
     minutes = (metrics_path.stat().st_mtime - config_path.stat().st_mtime) / 60
-    return {"name": folder.name, "folder": folder, "config": json.loads(config_path.read_text()),
-            "metrics": pd.read_csv(metrics_path), "minutes": max(minutes, 0.0)}
+    return {"name": folder.name, "folder": folder, "config": config, "metrics": metrics,
+            "minutes": max(minutes, 0.0)}
 
 
 def differing_flags(configs: list[dict]) -> list[str]:
@@ -116,25 +143,46 @@ def format_value(value) -> str:
     return str(value)
 
 
+def last_value(metrics: pd.DataFrame, column: str) -> float:
+    """The column's last value that is not empty; nan without one (no column, no evaluation yet)."""
+    values = metrics[column].dropna() if column in metrics else pd.Series(dtype=float)
+    return float(values.iloc[-1]) if len(values) else np.nan
+
+
 def summary_table(runs: list[dict]) -> pd.DataFrame:
-    """One row per run: the differing flags, clip and soundscape scores, steps, minutes."""
-    rows = []
-    for run, flags in zip(runs, differing_flags([run["config"] for run in runs])):
-        metrics = run["metrics"]
-        by_clip, by_soundscape = runfolder.best_row(metrics, "cmap5"), runfolder.best_row(metrics, "soundscape_cmap5")
-        rows.append({
-            "run": run["name"], "flags": flags,
-            "best_clip_cmap5": by_clip["cmap5"], "at_step": int(by_clip["global_step"]),
+    """One row per run: the differing flags, clip and soundscape scores, steps, minutes, whether best.pt is
+    there. A run with no evaluation yet is an empty row (warned about) beside the others; with no
+    evaluation in any run there is nothing to report: ValueError."""
+    empty = [run for run in runs if runfolder.best_row(run["metrics"], "cmap5") is None]
+    if len(empty) == len(runs):
+        files = ", ".join(str(run["folder"] / "metrics.csv") for run in runs)
+        raise ValueError(f"no evaluation to report: no cmap5 value in {files} (header only, or empty values)")
+    for run in empty:
+        log.warning("%s: no evaluation in metrics.csv yet (no cmap5 value): its row is empty", run["folder"])
+    rows = [summary_row(run, flags) for run, flags in zip(runs, differing_flags([run["config"] for run in runs]))]
+    table = pd.DataFrame(rows)
+    # steps as whole numbers still where an empty run leaves a gap
+    table[["at_step", "steps"]] = table[["at_step", "steps"]].astype("Int64")
+    return table
+
+
+def summary_row(run: dict, flags: str) -> dict:
+    """summary_table's row of one run; nan where metrics.csv has no value."""
+    metrics, no_row = run["metrics"], pd.Series(dtype=float)      # no_row: every .get gives nan
+    by_clip = runfolder.best_row(metrics, "cmap5")
+    by_clip = no_row if by_clip is None else by_clip
+    by_soundscape = runfolder.best_row(metrics, "soundscape_cmap5")
+    by_soundscape = no_row if by_soundscape is None else by_soundscape
+    return {"run": run["name"], "flags": flags,
+            "best_clip_cmap5": by_clip.get("cmap5", np.nan), "at_step": by_clip.get("global_step", np.nan),
             "soundscape_cmap5_there": by_clip.get("soundscape_cmap5", np.nan),
-            "best_soundscape_cmap5": by_soundscape["soundscape_cmap5"] if by_soundscape is not None else np.nan,
+            "best_soundscape_cmap5": by_soundscape.get("soundscape_cmap5", np.nan),
             "test_cmap5_at_best_clip": by_clip.get("test_cmap5", np.nan),
-            "test_cmap5_at_best_soundscape": (by_soundscape.get("test_cmap5", np.nan)
-                                              if by_soundscape is not None else np.nan),
-            "chance_clip_cmap5": metrics["chance_cmap5"].iloc[-1] if "chance_cmap5" in metrics else np.nan,
-            "chance_soundscape_cmap5": (metrics["soundscape_chance_cmap5"].iloc[-1]
-                                        if "soundscape_chance_cmap5" in metrics else np.nan),
-            "steps": int(metrics["global_step"].max()), "minutes": round(run["minutes"], 1)})
-    return pd.DataFrame(rows)
+            "test_cmap5_at_best_soundscape": by_soundscape.get("test_cmap5", np.nan),
+            "chance_clip_cmap5": last_value(metrics, "chance_cmap5"),
+            "chance_soundscape_cmap5": last_value(metrics, "soundscape_chance_cmap5"),
+            "steps": metrics["global_step"].max(), "minutes": round(run["minutes"], 1),
+            "has_best_pt": (run["folder"] / "best.pt").is_file()}
 
 
 # ----------------------------------------------------------------------------- rank correlation
@@ -164,26 +212,73 @@ def spearman(x, y) -> float:
 
 
 def checkpoint_row(run: dict, checkpoint: str) -> pd.Series:
-    """The metrics.csv row of a run's checkpoint: checkpoint_stepN.pt is step N; best.pt is read for its step."""
+    """The metrics.csv row of a run's checkpoint: checkpoint_stepN.pt is step N; best.pt is read for its step
+    (MissingCheckpoint where it is absent)."""
     match = re.fullmatch(r"checkpoint_step(\d+)\.pt", Path(checkpoint).name)
     if match:
         step = int(match.group(1))
     else:
-        step = int(model_lib.read_checkpoint(run["folder"] / Path(checkpoint).name)["global_step"])
+        path = run["folder"] / Path(checkpoint).name
+        if not path.is_file():
+            raise MissingCheckpoint(f"{path} is absent, so the step of that submission is unknown (name its "
+                                    f"checkpoint_stepNNNNNNNN.pt in the leaderboard instead)")
+        step = model_lib.read_checkpoint(path).get("global_step")
+        if step is None:
+            raise ValueError(f"{path} holds no global_step: name the run's checkpoint_stepNNNNNNNN.pt instead")
+        step = int(step)
     rows = run["metrics"][run["metrics"]["global_step"] == step]
     if rows.empty:
         raise ValueError(f"{run['folder']}: no evaluation at step {step} (checkpoint {checkpoint})")
     return rows.iloc[-1]
 
 
-def leaderboard_correlations(runs: list[dict], leaderboard: pd.DataFrame) -> pd.DataFrame:
+LEADERBOARD_COLUMNS = ("run", "checkpoint", "score")
+
+
+def checked_leaderboard(leaderboard: pd.DataFrame, source: str = "the leaderboard") -> pd.DataFrame:
+    """The run, checkpoint and score columns, scores as floats. Refused in one line naming the CSV line: a
+    missing column, an empty run or checkpoint, a score that is blank, text, NaN or infinite (ranked as a
+    number it would make any correlation up)."""
+    missing = [column for column in LEADERBOARD_COLUMNS if column not in leaderboard.columns]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {missing}: expected run, checkpoint, score; found "
+                         f"{list(leaderboard.columns)}")
+    scores = pd.to_numeric(leaderboard["score"], errors="coerce").to_numpy(dtype=np.float64)
+    for row, (run, checkpoint, score) in enumerate(zip(*(leaderboard[c] for c in LEADERBOARD_COLUMNS))):
+        where = f"{source} line {row + 2} (run {run}, checkpoint {checkpoint})"      # line 1 is the header
+        if pd.isna(run) or pd.isna(checkpoint) or not str(run).strip() or not str(checkpoint).strip():
+            raise ValueError(f"{where}: the run and checkpoint columns must both be filled in")
+        if not np.isfinite(scores[row]):
+            raise ValueError(f"{where}: score {'(blank or NaN)' if pd.isna(score) else repr(score)} is not a finite "
+                             f"number: give each submission its public score, or leave its line out")
+    return pd.DataFrame({"run": leaderboard["run"].astype(str).str.strip(),
+                         "checkpoint": leaderboard["checkpoint"].astype(str).str.strip(), "score": scores})
+
+
+def submission_run(runs: list[dict], name: str, where: str) -> dict:
+    """The run a leaderboard row names: by its folder path, or by its folder name where only one run has it."""
+    by_folder = {run["folder"].resolve(): run for run in runs}           # a folder given twice is one run
+    if Path(name).resolve() in by_folder:
+        return by_folder[Path(name).resolve()]
+    named = [run for run in by_folder.values() if run["name"] == name]
+    if len(named) > 1:
+        raise ValueError(f"{where}: run {name!r} names two or more of the run folders given "
+                         f"({', '.join(str(run['folder']) for run in named)}): write the folder's path in the run "
+                         f"column instead (e.g. {named[0]['folder']})")
+    if not named:
+        raise ValueError(f"{where}: run {name!r} is not among the runs given "
+                         f"({', '.join(str(run['folder']) for run in runs)})")
+    return named[0]
+
+
+def leaderboard_correlations(runs: list[dict], leaderboard: pd.DataFrame,
+                             source: str = "the leaderboard") -> pd.DataFrame:
     """Each validation metric's Spearman correlation with the public scores of the listed submissions."""
-    by_name = {run["name"]: run for run in runs} | {str(run["folder"]): run for run in runs}
+    leaderboard = checked_leaderboard(leaderboard, source)
     rows = []
-    for run_name, checkpoint in zip(leaderboard["run"], leaderboard["checkpoint"]):
-        if str(run_name) not in by_name:
-            raise ValueError(f"leaderboard run {run_name!r} is not among the runs given")
-        rows.append(checkpoint_row(by_name[str(run_name)], checkpoint))
+    for row, (run_name, checkpoint) in enumerate(zip(leaderboard["run"], leaderboard["checkpoint"])):
+        run = submission_run(runs, run_name, f"{source} line {row + 2}")
+        rows.append(checkpoint_row(run, checkpoint))
     table = pd.DataFrame(rows).reset_index(drop=True)
     if len(table) < 3:
         log.warning("%d submission(s) in the leaderboard: a rank correlation needs 3 or more to say anything",
@@ -213,8 +308,8 @@ def plot_curves(runs: list[dict], path: Path) -> None:
             axis.plot(metrics["epoch"], metrics["soundscape_cmap5"], color=colour, linestyle="--",
                       label=f"{run['name']} soundscapes")
         for column, kind in (("chance_cmap5", "clips"), ("soundscape_chance_cmap5", "soundscapes")):
-            if column in metrics:
-                chance_levels[f"chance, {kind}"] = float(metrics[column].iloc[-1])
+            if np.isfinite(last_value(metrics, column)):                 # a run with no evaluation has none
+                chance_levels[f"chance, {kind}"] = last_value(metrics, column)
     for index, (label, level) in enumerate(sorted(chance_levels.items())):
         axis.axhline(level, color="grey", linestyle=":" if "clips" in label else "-.", linewidth=1, label=label)
     axis.set_xlabel("epoch")
@@ -251,7 +346,7 @@ def per_species_report(checkpoint_path, out: Path) -> pd.DataFrame:
     """A checkpoint on its run's validation clips (the data read again from its arguments) -> per-species
     AP against training recordings: per_species.csv and per_species.png in `out`."""
     import tempfile
-    settings = options.training_settings_from_saved(model_lib.read_checkpoint(checkpoint_path)["args"])
+    settings = options.training_settings_from_saved(checkpoint_arguments(checkpoint_path))
     data_settings = dataclasses.replace(settings.data, cache=None)   # the same crops, without the cache
     with tempfile.TemporaryDirectory() as scratch:
         labels, train_set, val_set = data.build_datasets(data_settings, Path(scratch))
@@ -273,6 +368,20 @@ def per_species_report(checkpoint_path, out: Path) -> pd.DataFrame:
     print(f"\nper-species AP of {checkpoint_path} on its validation clips:")
     print(table.to_string(index=False, float_format=lambda value: f"{value:.3f}"))
     return table
+
+
+def checkpoint_arguments(checkpoint_path) -> dict:
+    """The training arguments a checkpoint holds (they give its validation split). MissingCheckpoint where
+    the file is absent; ValueError for an export (`python model.py export`), which holds none."""
+    if not Path(checkpoint_path).is_file():
+        raise MissingCheckpoint(f"{checkpoint_path} is absent (a run that has not evaluated yet has no best.pt)")
+    checkpoint = model_lib.read_checkpoint(checkpoint_path)
+    if "args" not in checkpoint:
+        source = checkpoint.get("exported_from")
+        raise ValueError(f"{checkpoint_path} holds no training arguments"
+                         + (f" (exported by model.py export from {source}): pass that checkpoint instead"
+                            if source else ", so its validation split cannot be rebuilt: pass the run's checkpoint"))
+    return checkpoint["args"]
 
 
 def plot_per_species(table: pd.DataFrame, path: Path, checkpoint: Path) -> None:
@@ -313,7 +422,7 @@ def read_probability_table(path) -> tuple[pd.DataFrame, list[str]]:
     """infer.py --format csv output (file, start_s, end_s, one probability column per species; row_id and
     nocall are dropped) -> (the table, its species). Refused, in one line: missing columns, a repeated row,
     a value that is not a number, NaN or outside [0, 1]."""
-    table = pd.read_csv(path, dtype={"file": str})
+    table = read_table(path, "probability table", dtype={"file": str})
     missing = [column for column in KEY_COLUMNS if column not in table.columns]
     species = [column for column in table.columns if column not in NOT_SPECIES]
     if missing or not species:
@@ -434,28 +543,49 @@ def main(argv=None) -> dict:
 
 
 def runs_report(folders: list[str], out: Path, leaderboard: str | None, per_species: str | None) -> dict:
-    """The run folders' table and curves, with --leaderboard and --per-species if given."""
+    """The run folders' table and curves, with --leaderboard and --per-species if given. A section whose
+    checkpoint is absent is skipped with a warning (result["skipped"]); the table and curves are still
+    written, since a run without best.pt yet still has its curves to show."""
     runs = [read_run(folder) for folder in folders]
     table = summary_table(runs)
+    result, skipped = {"runs": table}, {}
+    correlations = None
+    if leaderboard:              # before anything is written: a bad leaderboard stops the report whole
+        try:
+            submissions = read_table(leaderboard, "leaderboard", dtype={"run": str, "checkpoint": str})
+            correlations = leaderboard_correlations(runs, submissions, str(leaderboard))
+        except MissingCheckpoint as error:
+            skipped["leaderboard"] = str(error)
     table.to_csv(out / "runs.csv", index=False)
     plot_curves(runs, out / "curves.png")
     print(table.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
-    result = {"runs": table}
-    if leaderboard:
-        correlations = leaderboard_correlations(runs, pd.read_csv(leaderboard))
+    if correlations is not None:
         correlations.to_csv(out / "leaderboard_correlation.csv", index=False)
         print("\nSpearman rank correlation with the leaderboard:")
         print(correlations.to_string(index=False))
         result["leaderboard"] = correlations
     if per_species:
-        result["per_species"] = per_species_report(per_species, out)
+        try:
+            result["per_species"] = per_species_report(per_species, out)
+        except MissingCheckpoint as error:
+            skipped["per_species"] = str(error)
+    for section, reason in skipped.items():
+        log.warning("%s section skipped: %s", section.replace("_", "-"), reason)
+    if skipped:
+        result["skipped"] = skipped
     return result
+
+
+def cli(argv=None) -> int:
+    """main() as `python report.py` runs it -> its exit status: bad input ends as one logged line and 1."""
+    try:
+        main(argv)
+    except (FileNotFoundError, ValueError, model_lib.CheckpointError) as error:
+        log.error("%s", error)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        log.error("%s", error)
-        sys.exit(1)
+    sys.exit(cli())

@@ -56,6 +56,7 @@ def test_the_table_is_what_metrics_csv_says(tmp_path, trained_run):
     assert report.differing_flags(configs) == ["--head linear --seed 1", "--head sed --seed 2"]
     assert (tmp_path / "report" / "curves.png").stat().st_size > 10_000
     assert pd.read_csv(tmp_path / "report" / "runs.csv").shape[0] == 3
+    assert table["has_best_pt"].to_dict() == {"a": False, "b": False, trained_run.name: True}
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -233,3 +234,145 @@ def test_infer_csv_output_scores_against_its_truth(checkpoint, tmp_path):
     scores = report.pseudo_label_quality(tmp_path / "pseudo.csv", tmp_path / "truth.csv")["scores"]
     assert scores["rows"] == len(written) and scores["species"] == 4
     assert 0 <= scores["ece"] <= 1 and 0 < scores["cmap5"] <= 1
+
+
+# ----------------------------------------------------------------------------- bad input: one line, never a traceback
+
+def leaderboard_of(tmp_path, rows: dict, name="leaderboard.csv"):
+    pd.DataFrame(rows).to_csv(tmp_path / name, index=False)
+    return tmp_path / name
+
+
+def four_runs(tmp_path):
+    rng = np.random.default_rng(7)
+    return [write_run(tmp_path / f"run{i}", {"seed": i}, metrics_of(rng)) for i in range(4)]
+
+
+STEPS = ["checkpoint_step00000020.pt", "checkpoint_step00000060.pt", "checkpoint_step00000010.pt",
+         "checkpoint_step00000040.pt"]
+
+
+@pytest.mark.parametrize("score", ["", "nan", "inf", "high"])
+def test_a_leaderboard_score_that_is_not_a_finite_number_is_refused_naming_its_line(tmp_path, score):
+    folders = four_runs(tmp_path)
+    # written by hand: the bad score on line 4 (header = line 1), run2's submission
+    lines = ["run,checkpoint,score"] + [f"run{i},{STEPS[i]},{value}"
+                                        for i, value in enumerate(["0.71", "0.78", score, "0.77"])]
+    (tmp_path / "leaderboard.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"leaderboard.csv line 4 \(run run2, checkpoint checkpoint_step00000010.pt\)"
+                                         r": score .* is not a finite number") as error:
+        report.main([*map(str, folders), "--leaderboard", str(tmp_path / "leaderboard.csv"),
+                     "--out", str(tmp_path / "report")])
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "report" / "leaderboard_correlation.csv").exists()
+
+
+def test_a_run_name_two_folders_share_is_refused_and_their_paths_are_accepted(tmp_path):
+    rng = np.random.default_rng(11)
+    folders = [write_run(tmp_path / parent / name, {"seed": i}, metrics_of(rng))
+               for i, (parent, name) in enumerate([("A", "x"), ("B", "x"), ("A", "y")])]
+    ambiguous = leaderboard_of(tmp_path, {"run": ["x", "y", "x"], "checkpoint": STEPS[:3], "score": [.7, .8, .75]})
+    argv = [*map(str, folders), "--out", str(tmp_path / "report")]
+    with pytest.raises(ValueError, match="two or more") as error:
+        report.main([*argv, "--leaderboard", str(ambiguous)])
+    message = str(error.value)
+    assert str(folders[0]) in message and str(folders[1]) in message and "path" in message and "\n" not in message
+    # with the folder paths each submission is its own run's evaluation
+    paths = [str(folders[0]), "y", str(folders[1])]
+    clear = leaderboard_of(tmp_path, {"run": paths, "checkpoint": STEPS[:3], "score": [.7, .8, .75]}, "clear.csv")
+    correlations = report.main([*argv, "--leaderboard", str(clear)])["leaderboard"].set_index("metric")
+    values = [pd.read_csv(folder / "metrics.csv").set_index("global_step").loc[int(step[15:23]), "cmap5"]
+              for folder, step in zip([folders[0], folders[2], folders[1]], STEPS[:3])]
+    assert correlations.loc["cmap5", "spearman"] == pytest.approx(scipy.stats.spearmanr(values, [.7, .8, .75])[0])
+
+
+@pytest.mark.parametrize("columns,message", [
+    ({"run": ["run0"], "checkpoint": [STEPS[0]]}, r"missing column\(s\) \['score'\]"),
+    ({"name": ["run0"], "score": [0.7]}, r"missing column\(s\) \['run', 'checkpoint'\]"),
+    ({}, "cannot be read"),
+])
+def test_a_leaderboard_without_its_columns_is_refused_in_one_line(tmp_path, columns, message):
+    folders = four_runs(tmp_path)
+    path = tmp_path / "leaderboard.csv"
+    if columns:
+        leaderboard_of(tmp_path, columns)
+    else:
+        path.write_text("")                                     # an empty file: not even a header
+    with pytest.raises(ValueError, match=message) as error:
+        report.main([*map(str, folders), "--leaderboard", str(path), "--out", str(tmp_path / "report")])
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_run_without_evaluations_is_an_empty_row_beside_the_others(tmp_path, caplog):
+    rng = np.random.default_rng(5)
+    done = write_run(tmp_path / "done", {"seed": 1}, metrics_of(rng))
+    empty = write_run(tmp_path / "empty", {"seed": 2}, metrics_of(rng).iloc[:0])          # header only
+    blank = write_run(tmp_path / "blank", {"seed": 3}, metrics_of(rng).map(lambda _: np.nan))    # all NaN
+    with caplog.at_level("WARNING", logger="birdclef"):
+        table = report.main([str(done), str(empty), str(blank), "--out", str(tmp_path / "report")])["runs"]
+    table = table.set_index("run")
+    metrics = pd.read_csv(done / "metrics.csv")
+    assert table.loc["done", "best_clip_cmap5"] == metrics["cmap5"].max()
+    assert table.loc["done", "at_step"] == metrics.loc[metrics["cmap5"].idxmax(), "global_step"]
+    columns = ["best_clip_cmap5", "at_step", "best_soundscape_cmap5", "steps"]
+    assert table.loc[["empty", "blank"], columns].isna().all().all()
+    assert "empty" in caplog.text and "blank" in caplog.text and "no evaluation" in caplog.text
+    assert (tmp_path / "report" / "curves.png").is_file()
+
+
+@pytest.mark.parametrize("kind", ["header only", "all NaN"])
+def test_runs_without_any_evaluation_are_refused_in_one_line(tmp_path, kind):
+    metrics = metrics_of(np.random.default_rng(0))
+    metrics = metrics.iloc[:0] if kind == "header only" else metrics.map(lambda _: np.nan)
+    folder = write_run(tmp_path / "fresh", {"seed": 1}, metrics)
+    with pytest.raises(ValueError, match="no evaluation") as error:
+        report.main([str(folder), "--out", str(tmp_path / "report")])
+    assert str(folder / "metrics.csv") in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_run_without_best_pt_still_gets_its_table_and_the_sections_needing_it_are_skipped(tmp_path, caplog):
+    folders = four_runs(tmp_path)
+    leaderboard = leaderboard_of(tmp_path, {"run": ["run0", "run1", "run2"], "checkpoint": ["best.pt", *STEPS[1:3]],
+                                            "score": [0.7, 0.8, 0.75]})
+    with caplog.at_level("WARNING", logger="birdclef"):
+        result = report.main([*map(str, folders), "--leaderboard", str(leaderboard), "--per-species",
+                              str(folders[1] / "best.pt"), "--out", str(tmp_path / "report")])
+    assert pd.read_csv(tmp_path / "report" / "runs.csv").shape[0] == 4
+    assert not result["runs"]["has_best_pt"].any()
+    assert set(result["skipped"]) == {"leaderboard", "per_species"} and "leaderboard" not in result
+    assert str(folders[0] / "best.pt") in result["skipped"]["leaderboard"]
+    assert str(folders[1] / "best.pt") in result["skipped"]["per_species"]
+    assert caplog.text.count("absent") >= 2
+    assert not (tmp_path / "report" / "leaderboard_correlation.csv").exists()
+
+
+def test_per_species_on_an_exported_checkpoint_names_the_one_to_pass(trained_run, tmp_path):
+    import model as model_lib
+    model_lib.export_weights(trained_run / "best.pt", tmp_path / "small.pt")
+    with pytest.raises(ValueError, match="exported") as error:
+        report.per_species_report(tmp_path / "small.pt", tmp_path)
+    assert str(trained_run / "best.pt") in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_command_line_ends_a_bad_checkpoint_in_one_logged_line(tmp_path, caplog):
+    """A best.pt that is there but not a checkpoint: model.py's CheckpointError, exit status 1."""
+    folders = four_runs(tmp_path)
+    (folders[0] / "best.pt").write_bytes(b"not a checkpoint")
+    leaderboard = leaderboard_of(tmp_path, {"run": ["run0", "run1", "run2"], "checkpoint": ["best.pt", *STEPS[1:3]],
+                                            "score": [0.7, 0.8, 0.75]})
+    with caplog.at_level("ERROR", logger="birdclef"):
+        status = report.cli([*map(str, folders), "--leaderboard", str(leaderboard), "--out", str(tmp_path / "out")])
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert status == 1 and len(errors) == 1 and "\n" not in errors[0] and "best.pt" in errors[0]
+
+
+def test_report_py_prints_a_blank_leaderboard_score_as_one_error_line(tmp_path):
+    folders = four_runs(tmp_path)
+    leaderboard = leaderboard_of(tmp_path, {"run": ["run0", "run1", "run2", "run3"], "checkpoint": STEPS,
+                                            "score": [0.71, 0.78, None, 0.77]})
+    done = subprocess.run([sys.executable, str(ROOT / "report.py"), *map(str, folders), "--leaderboard",
+                           str(leaderboard), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "line 4 (run run2" in lines[0] and "score" in lines[0], done.stderr
