@@ -520,10 +520,32 @@ def load_model(path, map_location="cpu", ema: bool = False) -> BirdCallModel:
     return model.eval()
 
 
+class ExportError(ValueError):
+    """`python model.py export` refusing where it was asked to write: one line, said before any file is touched."""
+
+
+def check_export_target(source, target) -> None:
+    """ExportError for a target that is the source under any spelling (a symlink, `./`, `..`, a hard
+    link): the export would replace the training checkpoint, optimiser state and all, by the weights
+    alone. Also for a folder, and for a file in a folder that does not exist: the folder is not
+    created, since a typo'd name would otherwise put the export where nobody looks for it."""
+    source, target = Path(source), Path(target)
+    if target.is_dir():
+        raise ExportError(f"{target} is a folder: name the file to write (e.g. {target / 'small.pt'})")
+    if not target.parent.is_dir():
+        raise ExportError(f"cannot write {target}: the folder {target.parent} does not exist (not created, in "
+                          f"case its name is a typo: create it first)")
+    if target.exists() and source.exists() and os.path.samefile(source, target):
+        raise ExportError(f"refusing to export {source} onto itself ({target} is the same file): that would "
+                          f"replace the checkpoint, optimiser and training state included, by its weights alone; "
+                          f"write the export to another file")
+
+
 def export_weights(source, target, ema: bool = False) -> dict:
     """`python model.py export best.pt small.pt`: the model's weights, config and labels only -- no
     optimiser, scaler or training state (about a third of a b0 checkpoint) -- for inference and
     --init-from; every loader (load_model, infer.py, Predictor) reads it. -> what was written."""
+    check_export_target(source, target)
     checkpoint = read_checkpoint(source)
     if ema and "model_ema" not in checkpoint:
         raise CheckpointError(f"{source} has no EMA weights (it was not trained with --ema)")
@@ -558,7 +580,7 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except CheckpointError as error:
+    except (CheckpointError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 

@@ -6,7 +6,11 @@ path is forced offline, or timm.create_model is replaced). Other timm families: 
 from __future__ import annotations
 
 import math
+import os
 import random
+import runpy
+import sys
+from pathlib import Path
 
 import huggingface_hub.constants as hub_constants
 import numpy as np
@@ -455,6 +459,68 @@ def test_export_keeps_weights_config_and_labels_only_and_every_loader_reads_it(c
         assert torch.equal(full(x), small(x))
     with pytest.raises(model_lib.CheckpointError, match="no EMA weights"):
         model_lib.export_weights(checkpoint, tmp_path / "ema.pt", ema=True)
+
+
+def training_checkpoint(folder: Path, model: model_lib.BirdCallModel) -> Path:
+    """As train.py writes one: weights, config, and the optimiser state an export leaves out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": model_lib.CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": model.config,
+                "labels": model.labels, "optimizer": [torch.randn_like(p) for p in model.parameters()]},
+               folder / "best.pt")
+    return folder / "best.pt"
+
+
+def run_model_command(monkeypatch, *argv: str) -> int:
+    """`python model.py ARGV`, its __main__ block included, in this process -> the exit status."""
+    monkeypatch.setattr(sys, "argv", [model_lib.__file__, *argv])
+    try:
+        runpy.run_path(model_lib.__file__, run_name="__main__")
+    except SystemExit as done:
+        return done.code
+    return 0
+
+
+def same_file_spelling(tmp_path: Path, how: str) -> str:
+    """run/best.pt (the cwd is tmp_path), named another way."""
+    if how == "symlink":
+        (tmp_path / "link.pt").symlink_to(tmp_path / "run" / "best.pt")
+        return "link.pt"
+    if how == "symlinked folder":
+        (tmp_path / "alias").symlink_to(tmp_path / "run", target_is_directory=True)
+        return "alias/best.pt"
+    if how == "hard link":
+        os.link(tmp_path / "run" / "best.pt", tmp_path / "hard.pt")
+        return "hard.pt"
+    return {"same": "run/best.pt", "dots": "./run/../run/best.pt", "absolute": str(tmp_path / "run" / "best.pt")}[how]
+
+
+@pytest.mark.parametrize("how", ["same", "dots", "absolute", "symlink", "symlinked folder", "hard link"])
+def test_export_onto_its_own_source_is_refused_and_the_source_kept(small_model, tmp_path, monkeypatch, capsys, how):
+    source = training_checkpoint(tmp_path / "run", small_model)
+    before = source.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    target = same_file_spelling(tmp_path, how)
+    assert run_model_command(monkeypatch, "export", "run/best.pt", target) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and "itself" in error, error
+    assert source.read_bytes() == before
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["best.pt"]     # no temporary left
+
+
+def test_export_into_a_missing_folder_or_onto_a_folder_is_one_line(small_model, tmp_path, monkeypatch, capsys):
+    source = training_checkpoint(tmp_path / "run", small_model)
+    monkeypatch.chdir(tmp_path)
+    assert run_model_command(monkeypatch, "export", "run/best.pt", "rnu/small.pt") == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "the folder rnu does not exist" in error and "typo" in error, error
+    assert not (tmp_path / "rnu").exists(), "a typo'd folder is not created"
+    assert run_model_command(monkeypatch, "export", "run/best.pt", "run") == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "run is a folder" in error, error
+    assert run_model_command(monkeypatch, "export", "run/best.pt", "run/small.pt") == 0     # an existing folder is fine
+    assert "wrote run/small.pt" in capsys.readouterr().out
+    assert model_lib.load_model("run/small.pt").labels == small_model.labels
+    assert sorted(path.name for path in source.parent.iterdir()) == ["best.pt", "small.pt"]
 
 
 def test_a_head_that_does_not_fit_the_label_list_is_one_line(checkpoint, tmp_path):
