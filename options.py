@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -395,8 +396,31 @@ def image_size(text: str) -> list[int]:
     return [height, width]
 
 
+# Flags that are probabilities or shares, checked by name: a value outside [0, 1] (or NaN) would otherwise
+# run as if clipped (`rng.random() < 5` is always true) or fail deep inside an epoch without naming the flag.
+UNIT_INTERVAL_FLAGS = ("bg_prob", "cutmix_prob", "distance_prob", "gain_prob", "mix_prob", "mixup_prob",
+                       "noise_prob", "reverb_prob", "shift_prob", "mask_max_pct", "secondary_weight",
+                       "nocall_max_score", "soundscape_threshold")
+BELOW_ONE_FLAGS = ("label_smoothing", "val_fraction")      # 1 would leave no signal / no training data
+
+
+def check_numbers(args) -> None:
+    """Every float flag finite; probabilities and shares within [0, 1]; each error names its flag."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(item, float) and not math.isfinite(item) for item in values):
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be a finite number")
+    for name in UNIT_INTERVAL_FLAGS:
+        if not 0 <= getattr(args, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be within [0, 1]")
+    for name in BELOW_ONE_FLAGS:
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 0 and below 1")
+
+
 def check_arguments(args) -> None:
     """Reject impossible combinations before any work is done."""
+    check_numbers(args)
     if args.keep_last < 1:
         raise ValueError(f"--keep-last {args.keep_last}: keep at least 1 checkpoint, the one a resume needs")
     if args.evals_per_epoch < 1:

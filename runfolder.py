@@ -142,6 +142,34 @@ def locked(out_dir: Path, enabled: bool = True, holder: str = "training process"
         lock.unlink(missing_ok=True)
 
 
+class SetupGuard:
+    """What `undone_if_setup_fails` yields: set `started` once the run has begun training."""
+    started = False
+
+
+@contextlib.contextmanager
+def undone_if_setup_fails(out_dir: Path, enabled: bool = True):
+    """A fresh run that fails before training starts (a bad table, an unreadable folder: errors found
+    only once the data is read) removes what it wrote (config.json, train.log, sampling_audit.csv), so
+    the corrected command is not refused for a folder "already holding files". A failure once training
+    has started keeps everything: its logs say what went wrong."""
+    out_dir = Path(out_dir)
+    guard = SetupGuard()
+    before = set(out_dir.iterdir()) if enabled and out_dir.is_dir() else set()
+    try:
+        yield guard
+    except BaseException:
+        if enabled and not guard.started and out_dir.is_dir():
+            written = sorted(set(out_dir.iterdir()) - before)
+            for path in written:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            if not before and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+            log.warning("the run stopped before training: removed what it had written in %s (%s)", out_dir,
+                        ", ".join(path.name for path in written) or "nothing")
+        raise
+
+
 def live_owner(out_dir: Path) -> int:
     """The id of the live process holding out_dir's lock, or 0 (no lock, or one left by a killed process)."""
     lock = Path(out_dir) / LOCK

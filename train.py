@@ -353,7 +353,9 @@ def main(args):
         settings = options.training_settings(args)
         out_dir = make_run_folder(args, checkpoint, continuing)
         main_process = distributed.is_main_process()
-        with runfolder.locked(out_dir, main_process), runfolder.log_file(out_dir / "train.log", main_process):
+        fresh = main_process and checkpoint is None and not continuing
+        with runfolder.undone_if_setup_fails(out_dir, fresh) as setup, runfolder.locked(out_dir, main_process), \
+                runfolder.log_file(out_dir / "train.log", main_process):
             if main_process:
                 runfolder.write_config(out_dir, settings.config)
             # the data: the datasets (the same as the resumed run's) and what the sampler will draw
@@ -380,7 +382,7 @@ def main(args):
                 runfolder.start_logs(out_dir, checkpoint)
             validation = evaluation.build_validation(learner.model, val_set, settings.validation, device)
             state.chance = validation.chance
-            started = time.time()
+            started, setup.started = time.time(), True
             with CtrlC() as ctrl_c:
                 train(learner, train_set, validation, state, settings, ctrl_c)
             log.info("stopped: %s; %.0f s; best %s %.4f; run folder %s", state.stop_reason or f"completed "

@@ -21,6 +21,9 @@ import infer
 import model as model_lib
 import options
 import report
+import runfolder
+import train
+from conftest import quick_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,3 +181,40 @@ def test_nocall_without_background_audio_is_refused_before_anything_is_written(t
     args = options.get_args_parser().parse_args(["--nocall", "--out-dir", str(tmp_path / "run")])
     with pytest.raises(ValueError, match="--nocall needs background audio: --nocall-audio"):
         options.check_arguments(args)
+
+
+@pytest.mark.parametrize("flag", [name.replace("_", "-") for name in options.UNIT_INTERVAL_FLAGS + options.BELOW_ONE_FLAGS])
+def test_every_probability_flag_is_range_checked_by_name(flag):
+    """#26.10: --mix-prob 5 and --reverb-prob nan ran silently as 1.0; --mix-prob -1 did not name the flag."""
+    for value in ("5", "nan", "-1", "inf"):
+        args = options.get_args_parser().parse_args([f"--{flag}", value])
+        with pytest.raises(ValueError, match=f"^--{flag} "):
+            options.check_arguments(args)
+    options.check_arguments(options.get_args_parser().parse_args([f"--{flag}", "0.5"]))    # in range: fine
+
+
+def test_a_non_finite_number_in_any_float_flag_is_refused_by_name():
+    for argv, flag in ((["--lr", "nan"], "--lr"), (["--noise-snr", "3", "inf"], "--noise-snr")):
+        with pytest.raises(ValueError, match=f"^{flag} .*must be a finite number"):
+            options.check_arguments(options.get_args_parser().parse_args(argv))
+
+
+def test_a_run_that_fails_before_training_leaves_nothing_and_the_corrected_rerun_starts(tiny_data, tmp_path, caplog):
+    """#26.6: an error found once the data is read (here a --soundscape-labels table naming a file that is not
+    there) left config.json and train.log, so the corrected command was refused ("already holds files")."""
+    table = tmp_path / "teacher.csv"
+    table.write_text("file,start_s,end_s,labels\nmissing.wav,0,5,aaabbb1\n")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="missing.wav"):
+        train.main(quick_args(tiny_data, out, "--soundscape-labels", str(table), "--soundscape-audio",
+                              str(tmp_path), "--max-steps", "1"))
+    assert not out.exists()
+    assert "removed what it had written" in caplog.text and "config.json" in caplog.text
+    state = train.main(quick_args(tiny_data, out, "--max-steps", "1", "--epochs", "1"))     # not refused
+    assert state.global_step == 1 and (out / "config.json").is_file()
+    # a failure once training has started keeps the run's files (its logs say what went wrong)
+    with pytest.raises(RuntimeError), runfolder.undone_if_setup_fails(out) as setup:
+        setup.started = True
+        (out / "steps.csv").write_text("global_step\n1\n")
+        raise RuntimeError("in the loop")
+    assert (out / "config.json").is_file() and (out / "steps.csv").is_file()
