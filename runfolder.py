@@ -255,6 +255,34 @@ def newest_complete_checkpoint(out_dir: Path) -> Path:
     raise FileNotFoundError(f"--resume auto: no complete checkpoint in {out_dir}")
 
 
+ABANDONED = "abandoned-"
+
+
+def set_aside_later_checkpoints(out_dir: Path, step: int) -> list[Path]:
+    """A run resumed from the checkpoint of `step` abandons the branch that went past it: that branch's
+    checkpoint_stepN.pt and best-stepN.pt (N > step) are renamed abandoned-<name> -- kept, never deleted,
+    but no longer what --resume auto, pruning or --keep-best take for this run's. Without this, --resume
+    auto after a manual --resume OLD.pt picked the abandoned branch's newer checkpoint. best.pt stays
+    (a run folder always has one for infer.py); a warning says when that branch wrote it. -> the renamed files."""
+    later = [path for path in out_dir.iterdir()
+             if (match := CHECKPOINT_PATTERN.match(path.name) or BEST_PATTERN.match(path.name))
+             and int(match.group(1)) > step]
+    for path in later:
+        os.replace(path, path.with_name(ABANDONED + path.name))   # a later abandoned branch replaces an earlier one's
+    if later:
+        log.warning("resumed at step %d: %d checkpoint(s) of the branch that went past it are now %s<name> in %s",
+                    step, len(later), ABANDONED, out_dir)
+    best = out_dir / "best.pt"
+    try:
+        best_step = model_lib.read_checkpoint(best).get("global_step", -1) if best.is_file() else -1
+    except model_lib.CheckpointError:
+        best_step = -1
+    if best_step > step:
+        log.warning("best.pt is from step %d of the abandoned branch: it stays until this run evaluates better",
+                    best_step)
+    return later
+
+
 def save_checkpoint(out_dir: Path, checkpoint: dict, keep_last: int, best: bool = False) -> Path:
     """best.pt when `best`, then checkpoint_step<global step>.pt, then prune to the newest `keep_last`.
     The step checkpoint is written last because it is where a resume starts: if best.pt cannot be

@@ -358,6 +358,8 @@ def main(args):
                 runfolder.log_file(out_dir / "train.log", main_process):
             if main_process:
                 runfolder.write_config(out_dir, settings.config)
+                if checkpoint is not None:
+                    runfolder.set_aside_later_checkpoints(out_dir, checkpoint["global_step"])
             # the data: the datasets (the same as the resumed run's) and what the sampler will draw
             labels, train_set, val_set = data.build_datasets(settings.data, out_dir)
             fingerprint = check_resumed_data(checkpoint, labels, train_set, val_set, args.resume, args.data_dir)

@@ -18,10 +18,11 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from conftest import read_rows
+from conftest import quick_args, read_rows
 
 import options
 import runfolder
+import train
 
 LOGS = ("metrics.csv", "steps.csv", "drawn_counts.csv")
 
@@ -256,3 +257,22 @@ def test_overwrite_refuses_to_move_a_folder_a_live_run_holds(tmp_path):
     (out / runfolder.LOCK).unlink()                                     # the run finished: now it moves
     runfolder.claim_folder(out, resuming=False, overwrite=True)
     assert (tmp_path / "run.previous-1" / "metrics.csv").read_text() == "live run\n"
+
+
+def test_resume_auto_after_a_manual_resume_continues_the_new_branch(tiny_data, tmp_path):
+    """#26.19: checkpoints at steps 2, 4, 6; a manual --resume of step 2 runs to step 3 and is killed
+    before its next checkpoint... then --resume auto took step 6, the abandoned branch's. Now the branch past
+    the resumed step is set aside (renamed, kept) and --resume auto continues from what this run wrote."""
+    out = tmp_path / "run"
+    train.main(quick_args(tiny_data, out, "--epochs", "1", "--evals-per-epoch", "3", "--keep-last", "9"))
+    steps = [int(runfolder.CHECKPOINT_PATTERN.match(path.name).group(1)) for path in runfolder.periodic_checkpoints(out)]
+    assert len(steps) >= 2
+    first = out / f"checkpoint_step{steps[0]:08d}.pt"
+    train.main(quick_args(tiny_data, out, "--epochs", "1", "--evals-per-epoch", "3", "--keep-last", "9",
+                          "--resume", str(first), "--max-steps", str(steps[0] + 1)))
+    remaining = [path.name for path in runfolder.periodic_checkpoints(out)]
+    assert all(int(runfolder.CHECKPOINT_PATTERN.match(name).group(1)) <= steps[0] + 1 for name in remaining)
+    assert sorted(path.name for path in out.glob(runfolder.ABANDONED + "*")) == [
+        f"{runfolder.ABANDONED}checkpoint_step{step:08d}.pt" for step in steps[1:]]       # kept, not deleted
+    newest = runfolder.newest_complete_checkpoint(out)
+    assert torch.load(newest, weights_only=True)["global_step"] <= steps[0] + 1
