@@ -649,12 +649,12 @@ def soundscapes_command(data_dirs: Sequence[str], split: SplitSettings,
     class, a cache or --strict, none of which changes which recordings are usable or how they split)."""
     out_dir = Path(command.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table, _, _ = read_usable_recordings(data_dirs, out_dir, strict=False, add_nocall=False, cache_dir=None,
-                                         crop=None)
+    table, labels, _ = read_usable_recordings(data_dirs, out_dir, strict=False, add_nocall=False, cache_dir=None,
+                                              crop=None)
     _, val_index = split_usable_recordings(table, split)
     recordings = table.iloc[val_index].reset_index(drop=True)
     recordings["name"] = audio_names(recordings)
-    return pseudo_soundscapes.run(recordings, command)
+    return pseudo_soundscapes.run(recordings, command, labels)
 
 
 def main(argv=None) -> None:
