@@ -12,7 +12,10 @@ measures, each in a fresh subprocess so that peak resident memory (ru_maxrss) is
     recordings in ../shared/real-soundscapes/audio (mp3, 22.05-48 kHz, 67 min), else
     --files synthetic 32 kHz ogg soundscapes of --minutes;
   - peak memory: `infer.main` on the longest file alone (a 10-minute soundscape).
-Throughputs are the median of --repeats interleaved measurements.
+Throughputs are the median of --repeats interleaved measurements. The header and the table
+name the CPU (model and the flags that decide bf16's speed: avx2, avx512f, avx512_bf16,
+amx_bf16); the "auto" row runs --precision auto (timed once per machine and cached, see
+engines.choose_bf16; the timing is not in its figures) and names what it chose.
 The first row, "torch-plain", is the plain fp32 eager path (no channels-last, no
 bf16, no export, one batch at a time) that the speed-ups are measured against; the
 others run infer.py's defaults (--streams 2: two batches at once).
@@ -61,6 +64,16 @@ def make_soundscapes(folder: Path, files: int, minutes: float) -> None:
                 out.write((0.05 * rng.standard_normal(rate)).astype("float32"))
 
 
+def cpu_line() -> str:
+    """The machine, as the header and the table name it: bf16's speed depends on these flags (issue 28)."""
+    import os
+    import platform
+    import torch
+    import precision
+    return (f"CPU: {precision.cpu_info().describe()}, {os.cpu_count()} logical cores; torch {torch.__version__}, "
+            f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}")
+
+
 def backend_flags(backend: str, precision: str, threads: int, batch_size: int, streams: int) -> list[str]:
     """infer.py flags for a row; "torch-plain" is torch without channels-last, one batch at a time."""
     flags = ["--backend", "torch" if backend == "torch-plain" else backend, "--precision", precision,
@@ -82,13 +95,14 @@ def model_only(checkpoint: str, backend: str, precision: str, threads: int, batc
                                                *backend_flags(backend, precision, threads, batch_size, streams)])
     model = model_lib.load_model(checkpoint)
     settings = infer.settings_of(engines.EngineSettings, vars(args))
-    runner = engines.make_runner(model, settings, torch.device("cpu"), engines.use_bf16(precision, torch.device("cpu")))
+    bf16 = engines.choose_bf16([model], settings, torch.device("cpu"))   # auto: the cached choice, as infer.py's
+    runner = engines.make_runner(model, settings, torch.device("cpu"), bf16)
     batch = torch.randn(batch_size, model.window_samples) * 0.05
     list(runner.map([batch] * 4))  # warm-up (and the parity check for exported backends)
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         done += batch_size * len(list(runner.map([batch] * 8)))  # several in flight, as infer.py runs them
-    return {"windows_per_second": done / (time.perf_counter() - started)}
+    return {"windows_per_second": done / (time.perf_counter() - started), "bf16": bf16}
 
 
 def end_to_end(checkpoint: str, folder: str, out_dir: str, backend: str, precision: str, threads: int,
@@ -141,7 +155,7 @@ def main() -> None:
 
     import importlib.util
     import soundfile as sf
-    configurations = [("torch-plain", "fp32"), ("torch", "fp32"), ("torch", "bf16")]
+    configurations = [("torch-plain", "fp32"), ("torch", "fp32"), ("torch", "bf16"), ("torch", "auto")]
     configurations += [(name, precision) for name in ("onnxruntime", "openvino")
                        if importlib.util.find_spec(name) for precision in ("fp32", "bf16")
                        if not (name == "onnxruntime" and precision == "bf16")]  # ORT has no bf16 CPU path
@@ -161,6 +175,7 @@ def main() -> None:
         single.mkdir()
         (single / longest.name).symlink_to(longest.resolve())
         audio_minutes = sum(sf.info(path).duration for path in files) / 60
+        print(cpu_line(), flush=True)
         print(f"end-to-end: {len(files)} files, {audio_minutes:.0f} min in {folder}; "
               f"memory: {longest.name} ({sf.info(longest).duration / 60:.1f} min)", flush=True)
         rows = []
@@ -170,7 +185,10 @@ def main() -> None:
             # this shared 2-core machine varies by up to ~25% between runs: median of --repeats, interleaved
             only, full = [], []
             for _ in range(args.repeats):
-                only.append(measure("model", {**common, "seconds": args.seconds})["windows_per_second"] * 5)
+                result = measure("model", {**common, "seconds": args.seconds})
+                only.append(result["windows_per_second"] * 5)
+                if precision == "auto":                 # name what auto chose on this machine
+                    precision = "auto: " + ("bf16" if result["bf16"] else "fp32")   # common keeps "auto"
                 full.append(measure("e2e", {**common, "folder": str(folder), "out_dir": work})["realtime_factor"])
             memory = measure("e2e", {**common, "folder": str(single), "out_dir": work})
             rows.append((backend, precision, statistics.median(only), statistics.median(full),
@@ -179,8 +197,9 @@ def main() -> None:
                   f"end-to-end {' '.join(f'{x:.0f}' for x in full)} audio-s/s  peak (longest file) "
                   f"{memory['peak_rss_mb']:.0f} MB", flush=True)
     baseline_only, baseline_full = rows[0][2], rows[0][3]
-    print(f"\n{args.backbone}, batch {args.batch_size}, streams {args.streams} (baseline 1); "
-          f"end-to-end on {len(files)} files ({audio_minutes:.0f} min), peak memory on {longest.name}\n")
+    print(f"\n{cpu_line()}\n`python bench/infer_speed.py {' '.join(sys.argv[1:])}`: {args.backbone}, batch "
+          f"{args.batch_size}, streams {args.streams} (baseline 1); end-to-end on {len(files)} files "
+          f"({audio_minutes:.0f} min), peak memory on {longest.name}\n")
     print("| backend | precision | model-only (x real time) | end-to-end (x real time) | end-to-end / model-only "
           "| model-only / plain | end-to-end / plain | peak RSS, one 10-min file (MB) "
           "| BirdCLEF 2023 test set (200 x 10 min) |")

@@ -13,6 +13,9 @@ On the demo data, for each seed, from random weights with the README's budget (r
             pcen's flags + STUDENT (+ STUDENT_NOCALL with --student-nocall) trains on those pseudo-labels
 - round2:   the seed's round1 student labels the folder again; a new student (STUDENT) learns from it
 - distill3: the ensemble of every seed's pcen best.pt labels the folder; one student per seed (STUDENT)
+- oracle:   a student (STUDENT) of perfect labels: the folder's truth (demo_data/unlabeled_soundscapes_labels.csv)
+            stands in for a teacher. Not a recipe a user can run: the ceiling of what better pseudo-labels
+            can give on this site and budget, for telling a weak teacher from a weak mechanism
 
 Each run's best.pt (chosen by clip validation cmAP5, as train.py does) is scored on the test soundscapes
 with infer.py --labels demo_data/test_soundscapes_labels.csv. Each teacher's pseudo-labels are scored
@@ -61,7 +64,7 @@ STUDENT = ["--soundscape-labels", "{labels}", "--soundscape-audio", "{audio}", "
 # every species. A softmax teacher without a no-call class (pcen: --loss ce) has none: its rows sum to 1.
 STUDENT_NOCALL = ["--nocall", "--nocall-soundscapes", "{labels}"]
 NOCALL_MAX_SCORE = 0.05                                     # train.py's --nocall-max-score default
-RECIPES = ("readme", "pcen", "round1", "round2", "distill3")
+RECIPES = ("readme", "pcen", "round1", "round2", "distill3", "oracle")
 TEACHER_OF = {"round1": "pcen", "round2": "round1"}         # distill3: every seed's pcen
 UNLABELLED = "unlabeled_soundscapes"
 TRUTH = "unlabeled_soundscapes_labels.csv"                  # for evaluation only: never trained on
@@ -134,6 +137,8 @@ class Bench:
 
     def teacher(self, name: str, seed: int) -> tuple[str, list[Path]] | None:
         """The model(s) that label the unlabelled folder for this run: (teacher name, its best.pt files)."""
+        if name == "oracle":
+            return "truth", []
         if name == "distill3":
             ckpts = [self.trained("pcen", other) / "best.pt" for other in self.args.seeds]
             return f"pcen_ensemble_seeds{'-'.join(map(str, self.args.seeds))}", ckpts
@@ -143,6 +148,10 @@ class Bench:
 
     def pseudo_labels(self, teacher: str, ckpts: list[Path]) -> Path:
         """The teacher's probabilities for every 5-s row of the unlabelled folder (infer.py --format csv)."""
+        if teacher == "truth":                      # oracle: the folder's own labels (hard)
+            if not self.truth.is_file():
+                raise SystemExit(f"--recipes oracle needs {self.truth}")
+            return self.truth
         out = self.work / "pseudo_labels" / f"{teacher}.csv"
         if not out.is_file():
             if self.args.collect:
@@ -155,6 +164,8 @@ class Bench:
 
     def pseudo_label_scores(self, teacher: str, table: Path) -> dict:
         """The teacher's pseudo-labels against the unlabelled folder's truth (nan without one)."""
+        if teacher == "truth":                      # perfect by construction: nothing to measure
+            return {"pseudo_cmap5": np.nan, "pseudo_ece": np.nan}
         out = table.with_suffix(".scores.json")
         if out.is_file() and out.stat().st_mtime >= table.stat().st_mtime:
             return json.loads(out.read_text())
@@ -276,7 +287,7 @@ def main(argv=None) -> pd.DataFrame:
         import torch
         torch.set_num_threads(args.threads)
     data.ensure_demo_data(args.data_dir)
-    if not args.collect and set(args.recipes) & {"round1", "round2", "distill3"}:
+    if not args.collect and set(args.recipes) & {"round1", "round2", "distill3", "oracle"}:
         check_student_flags()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     bench = Bench(args)
