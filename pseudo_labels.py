@@ -27,7 +27,8 @@ import soundscapes
 
 log = logging.getLogger("birdclef")
 
-META_COLUMNS = ("row_id", "file", "start_s", "end_s")
+# Columns that are never a species: the row's place, and how review.py's table says a row was labelled.
+META_COLUMNS = ("row_id", "file", "start_s", "end_s", "chosen_by", "answered_at")
 WEIGHTINGS = ("none", "confidence")
 
 

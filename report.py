@@ -51,6 +51,7 @@ import metrics as metrics_lib
 import model as model_lib
 import options
 import runfolder
+import site_validation
 import soundscapes
 
 log = logging.getLogger("birdclef")
@@ -75,6 +76,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--truth", default=None, metavar="TABLE",
                         help="file,start_s,end_s,labels rows of the recordings --pseudo-labels scored")
     parser.add_argument("--bins", type=int, default=10, help="equal probability bins over [0, 1] for the calibration")
+    parser.add_argument("--site-labels", default=None, metavar="TABLE",
+                        help="review.py's labelled site windows: each run's best.pt scored on the random rows, cmAP5 "
+                             "with a 95%% bootstrap interval, Spearman with the runs' other metrics")
+    parser.add_argument("--site-audio", default=None, metavar="DIR", help="the folder of --site-labels' recordings")
     return parser
 
 
@@ -90,6 +95,8 @@ def check_arguments(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--leaderboard needs run folders")
     if args.bins < 1:
         parser.error(f"--bins {args.bins}: at least 1")
+    if args.site_labels and not (args.runs and args.site_audio):
+        parser.error("--site-labels needs run folders and --site-audio")
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -538,6 +545,8 @@ def main(argv=None) -> dict:
         result["pseudo_labels"] = pseudo_label_report(args.pseudo_labels, args.truth, out, args.bins)
     if args.runs:
         result |= runs_report(args.runs, out, args.leaderboard, args.per_species)
+    if args.site_labels:
+        result["site"] = site_validation.site_report(args.runs, args.site_labels, args.site_audio, out)
     print(f"\nwritten to {out}/")
     return result
 

@@ -376,3 +376,21 @@ def test_report_py_prints_a_blank_leaderboard_score_as_one_error_line(tmp_path):
     assert done.returncode == 1
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "line 4 (run run2" in lines[0] and "score" in lines[0], done.stderr
+
+
+def test_site_labels_score_the_runs_on_the_random_rows_of_a_reviewed_table(trained_run, tmp_path):
+    """report.py --site-labels (review.py's table): each run's best.pt on the random rows only, written beside
+    the run table; the rows chosen to teach are left out of the score."""
+    site = tmp_path / "site"
+    site.mkdir()
+    write_tone(site / "a.wav", 15.0)
+    rows = [{"file": "a.wav", "start_s": start, "end_s": start + 5, "labels": labels, "chosen_by": reason,
+             "answered_at": ""} for start, labels, reason in ((0, "aaabbb1", "random"), (5, "", "random"),
+                                                              (10, "cccddd1", "top:cccddd1"))]
+    pd.DataFrame(rows).to_csv(tmp_path / "site.csv", index=False)
+    result = report.main([str(trained_run), "--site-labels", str(tmp_path / "site.csv"), "--site-audio", str(site),
+                          "--out", str(tmp_path / "report")])
+    assert result["site"]["rows"].tolist() == [2]
+    assert (tmp_path / "report" / "site_validation.csv").is_file() and (tmp_path / "report" / "runs.csv").is_file()
+    with pytest.raises(SystemExit):
+        report.main([str(trained_run), "--site-labels", str(tmp_path / "site.csv")])       # no --site-audio

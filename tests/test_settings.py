@@ -21,6 +21,7 @@ import infer
 import model as model_lib
 import options
 import report
+import review
 import runfolder
 import train
 from conftest import quick_args
@@ -66,7 +67,7 @@ def test_no_function_outside_the_parsers_is_over_60_lines():
 def parsers() -> dict[str, argparse.ArgumentParser]:
     """Every tool's parser, subcommands as their own, by name."""
     found = {"train.py": options.get_args_parser(), "infer.py": infer.get_args_parser(),
-             "report.py": report.get_args_parser()}
+             "report.py": report.get_args_parser(), "review.py": review.get_args_parser()}
     for tool, parser in (("data.py", data.get_args_parser()), ("model.py", model_lib.get_args_parser())):
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
@@ -85,6 +86,7 @@ OWN_JOB = {
     "--hop": "train.py: the STFT hop in samples; infer.py: the hop between 5-s windows in seconds",
     "--device": "training picks the GPU where there is one; inference defaults to the CPU Kaggle scores on",
     "--channels-last": "off for training (a GPU choice); on for CPU inference, where it is faster",
+    "--soundscapes": "infer.py scores the demo test set by default; review.py labels a site it must be told",
 }
 
 
