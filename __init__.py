@@ -18,8 +18,8 @@ import sys
 # every top-level module of the checkout (tests/test_packaging.py checks the list is complete)
 MODULES = ("audio", "augment", "cache", "cli", "data", "demo", "demo_sounds", "distributed", "engines",
            "evaluation", "extras", "frontend", "infer", "learner", "loader", "losses", "lr_find", "metrics",
-           "model", "options", "outputs", "progress", "pseudo_labels", "pseudo_soundscapes", "report",
-           "runfolder", "sampling", "soundscapes", "train")
+           "model", "options", "outputs", "precision", "progress", "pseudo_labels", "pseudo_soundscapes", "report",
+           "review", "runfolder", "sampling", "site_validation", "soundscapes", "train")
 
 
 class _PlainNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):

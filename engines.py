@@ -1,5 +1,6 @@
 """Engines: how inference gets its speed on a CPU, behind one small interface.
 
+    bf16 = choose_bf16(models, settings, device)        # --precision: auto times fp32 and bf16 here
     runner = make_runner(model, settings, device, bf16)  # waveforms (B, samples) -> logits (B, C)
     stream = WindowStream(runner, model, batch_size)     # windows of many files -> each file's scores
     for item in in_threads(decode, files, threads): ...  # decoding ahead of the model, in order
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import distributed
 import model as model_lib
+import precision
 import soundscapes
 
 log = logging.getLogger("birdclef")
@@ -38,20 +42,13 @@ class EngineSettings:
     threads: int = 0              # CPU threads in all, shared among the streams; 0 = torch's default
     workers: int = 1              # threads decoding audio ahead of the model
     streams: int = 2              # CPU: batches run at once
-    precision: str = "auto"       # auto, fp32 or bf16 (use_bf16)
+    precision: str = "auto"       # auto, measure, fp32 or bf16 (choose_bf16)
     backend: str = "torch"        # torch, onnxruntime or openvino
     parity_tolerance: float = 0.02  # largest score difference of an exported engine from torch fp32
     device: str = "cpu"
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision == "bf16":
-        return True
-    if precision == "fp32":
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+PRECISIONS = ("auto", "measure", "fp32", "bf16")
 
 
 class Runner:
@@ -66,6 +63,12 @@ class Runner:
     """
 
     streams, stream_threads, pool = 1, 1, None
+
+    def close(self) -> None:
+        """Let the stream threads go (a runner made only to time it is dropped after)."""
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
 
     @property
     def max_in_flight(self) -> int:
@@ -238,6 +241,104 @@ def make_runner(model, settings: EngineSettings, device: torch.device, bf16: boo
     if device.type != "cpu":
         raise ValueError(f"--backend {settings.backend} runs on the CPU; use --backend torch with --device {device}")
     return ExportedRunner(model, settings.backend, bf16, settings.threads, settings.parity_tolerance, settings.streams)
+
+
+# ----------------------------------------------------------------------------- --precision
+
+def choose_bf16(models: list, settings: EngineSettings, device: torch.device) -> bool:
+    """--precision -> whether `models` run in bf16 (autocast, or OpenVINO's precision hint).
+
+    auto on the CPU: the faster of fp32 and bf16, timed on these models as the job will run them
+    (precision.py), cached per CPU model, backend, torch version, models, batch size, streams and
+    threads; measure: the same, timed again. On CUDA, auto keeps the GPU's capability (no timing).
+    ONNX Runtime has no bf16 CPU path: auto is fp32 there. A forced bf16 on a CPU without native
+    bf16 warns once, with its slowdown (cached, else timed on a small probe batch each)."""
+    flag = settings.precision
+    if flag not in PRECISIONS:
+        raise ValueError(f"--precision {flag!r}: one of {', '.join(PRECISIONS)}")
+    if flag == "fp32":
+        return False
+    if device.type != "cpu":                     # CUDA: the GPU's capability decides; nothing is timed there
+        return flag == "bf16" or torch.cuda.is_bf16_supported()
+    if flag == "bf16":
+        warn_if_emulated(models, settings, device)
+        return True
+    if settings.backend == "onnxruntime":        # no bf16 path to time
+        return False
+    measurement = timed(models, settings, device, precision_key(models, settings), remeasure=flag == "measure")
+    precision.report(measurement, f"--precision {flag} ({settings.backend})")
+    # under torchrun each rank timed its own: bf16 only where all chose it, so that every rank's rows are alike
+    return not distributed.any_rank(measurement.choice != "bf16")
+
+
+def warn_if_emulated(models: list, settings: EngineSettings, device: torch.device) -> None:
+    """A forced bf16 on a CPU without native bf16: one warning naming the slowdown, cached or timed on a
+    small probe batch each (ONNX Runtime ignores bf16: nothing to warn of)."""
+    if settings.backend == "onnxruntime" or precision.cpu_info().native_bf16 is not False:
+        return
+    try:
+        measurement = timed(models, settings, device, precision_key(models, settings), remeasure=False, rounds=0)
+    except Exception as error:                   # a warning's timing must never stop the job
+        measurement = precision.Measurement(error=f"{type(error).__name__}: {error}")
+    precision.warn_emulated("--precision bf16", measurement)
+
+
+def timed(models: list, settings: EngineSettings, device: torch.device, key: str, remeasure: bool,
+          rounds: int = precision.ROUNDS) -> precision.Measurement:
+    """precision.decide for these models, with the runners made for the timing closed after."""
+    runners = []
+    try:
+        return precision.decide(key, lambda: precision_timers(models, settings, device, runners), remeasure, rounds)
+    finally:
+        for runner in runners:
+            runner.close()
+
+
+def precision_timers(models: list, settings: EngineSettings, device: torch.device, runners: list) -> dict:
+    """{"fp32": timer, "bf16": timer} for precision.measure, through runners made as the job makes them:
+    timer(probe=True) scores a PROBE_WINDOWS batch per model (the first call: it also pays oneDNN's set-up,
+    an export's compilation is not timed), timer() a round of noise batches keeping every stream busy
+    -> seconds per batch."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [0.05 * torch.randn(settings.batch_size, model.window_samples, generator=generator) for model in models]
+
+    def timer(bf16: bool):
+        made = []
+
+        def one_round(probe: bool = False) -> float:
+            if not made:                         # made outside the clock
+                made.extend(make_runner(model, settings, device, bf16) for model in models)
+                runners.extend(made)
+            count = 1 if probe else max(runner.streams for runner in made)
+            started = time.perf_counter()
+            for runner, batch in zip(made, batches):
+                for logits in runner.map([batch[:precision.PROBE_WINDOWS] if probe else batch] * count):
+                    if not torch.isfinite(logits).all():
+                        raise FloatingPointError("non-finite scores")
+            return (time.perf_counter() - started) / count
+        return one_round
+    return {"fp32": timer(False), "bf16": timer(True)}
+
+
+def precision_key(models: list, settings: EngineSettings) -> str:
+    """What the speeds of fp32 and bf16 depend on, besides the CPU (precision.cache_key adds it)."""
+    streams, threads = split_threads(settings.threads, settings.streams)
+    backend = settings.backend
+    if backend != "torch":
+        backend += " " + package_version(backend)
+    else:
+        backend += " channels-last" if settings.channels_last else " plain"
+    return precision.cache_key("infer", backend, f"torch {torch.__version__}",
+                               *(precision.model_part(model.config) for model in models),
+                               f"batch {settings.batch_size}", f"{streams} streams x {threads} threads")
+
+
+def package_version(name: str) -> str:
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "?"
 
 
 class WindowStream:

@@ -201,8 +201,13 @@ def add_engine_flags(group) -> None:
     group.add_argument("--streams", type=int, default=engine.streams,
                        help="CPU: batches run at once, each on --threads / streams threads (at most one "
                             "stream per thread)")
-    group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=engine.precision,
-                       help="auto: bf16 on CPUs with native bf16 (torch autocast, OpenVINO), else fp32")
+    group.add_argument("--precision", choices=engines.PRECISIONS, default=engine.precision,
+                       help="auto: on the CPU, the faster of fp32 and bf16 (torch autocast, OpenVINO), timed "
+                            "on these models once per CPU model, backend and batch setting and cached in "
+                            f"~/.cache/birdclef_pipeline/precision.json (${engines.precision.CACHE_ENV}: another "
+                            "file); measure: time again; on CUDA, bf16 where the GPU supports it. bf16 on a "
+                            "CPU without native bf16 (avx512_bf16, amx_bf16) is emulated: it warns with the "
+                            "slowdown")
     group.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default=engine.backend,
                        help="CPU engine for the classifier; onnxruntime and openvino are optional "
                             "installs, checked against torch on the first batch")
@@ -412,7 +417,7 @@ class Predictor:
             torch.set_num_threads(self.engine.threads)
         self.device = distributed.local_device(self.engine.device)
         self.members = load_members(self.ckpts, self.scoring.average_weights, self.scoring.ema)
-        self.bf16 = engines.use_bf16(self.engine.precision, self.device)
+        self.bf16 = engines.choose_bf16([member.model for member in self.members], self.engine, self.device)
         for member in self.members:
             member.runner = engines.make_runner(member.model, self.engine, self.device, self.bf16)
         self.columns = output_columns(self.members, self.scoring.sample_submission)

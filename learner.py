@@ -7,8 +7,10 @@ functions of the step, so a resumed run continues exactly.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch.distributed as dist
 import augment
 import losses
 import model as model_lib
+import precision
 
 log = logging.getLogger("birdclef")
 
@@ -119,7 +122,8 @@ def make_optimizer(model: torch.nn.Module, settings: OptimizerSettings) -> torch
 
 
 def precision_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtype, bool]:
-    """-> (autocast enabled, autocast dtype, use GradScaler)."""
+    """-> (autocast enabled, autocast dtype, use GradScaler). On the CPU, auto is off unless measured_amp
+    has resolved it; a forced bf16 on a CPU without native bf16 warns once (oneDNN emulates it)."""
     if amp == "auto":
         if device.type != "cuda":
             return False, torch.float32, False
@@ -130,7 +134,52 @@ def precision_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtyp
         if device.type != "cuda":
             raise ValueError("--amp fp16 needs CUDA; use --amp bf16 or off on CPU")
         return True, torch.float16, True  # fp16 gradients underflow without loss scaling
+    if device.type == "cpu":
+        # not timed here (precision_settings runs every step); measured_amp times training steps
+        precision.warn_emulated("--amp bf16 (training)", None, advice="--amp off trains in fp32")
     return True, torch.bfloat16, False
+
+
+def measured_amp(amp: str, model: model_lib.BirdCallModel, device: torch.device, batch_size: int,
+                 remeasure: bool = False) -> str:
+    """--amp as training runs it: on the CPU, auto -> "bf16" where training steps of `model` at
+    `batch_size` time faster in bf16 than in fp32 on this machine, else "off" (precision.py: cached per
+    CPU model, torch version, model, batch size and threads; remeasure times again). Elsewhere, `amp`."""
+    if amp != "auto" or device.type != "cpu":
+        return amp
+    measurement = precision.decide(training_key(model, batch_size), lambda: training_timers(model, batch_size),
+                                   remeasure)
+    precision.report(measurement, "--amp auto (training on the CPU)")
+    return "bf16" if measurement.choice == "bf16" else "off"
+
+
+def training_key(model: model_lib.BirdCallModel, batch_size: int) -> str:
+    """What training's fp32 and bf16 speeds depend on, besides the CPU (precision.cache_key adds it)."""
+    return precision.cache_key("train", f"torch {torch.__version__}", precision.model_part(model.config),
+                               f"batch {batch_size}", f"{torch.get_num_threads()} threads")
+
+
+def training_timers(model: model_lib.BirdCallModel, batch_size: int) -> dict:
+    """{"fp32": timer, "bf16": timer} for precision.measure: a call times one training step (forward under
+    autocast, a loss, backward) of a copy of `model` on noise (probe=True: precision.PROBE_WINDOWS windows),
+    so the model's weights, gradients, batch-norm statistics and the run's random streams stay as they were."""
+    trainee = copy.deepcopy(model).train()
+    waveforms = 0.05 * torch.randn(batch_size, model.window_samples, generator=torch.Generator().manual_seed(0))
+
+    def timer(bf16: bool):
+        def step(probe: bool = False) -> float:
+            started = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):     # dropout's draws leave the run's random stream alone
+                with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = trainee(waveforms[:precision.PROBE_WINDOWS] if probe else waveforms)
+                loss = logits.float().square().mean()   # any loss: the backward pass costs the same
+                loss.backward()
+            trainee.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                raise FloatingPointError("non-finite training loss")
+            return time.perf_counter() - started
+        return step
+    return {"fp32": timer(False), "bf16": timer(True)}
 
 
 def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:

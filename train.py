@@ -21,6 +21,7 @@ patience) is taken on values all ranks share.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
@@ -73,6 +74,7 @@ class TrainingState:
     out_dir: Path | None = None
     chance: dict | None = None           # metrics of random scores on the validation set
     data_fingerprint: str | None = None  # data.data_fingerprint of the training and validation sets
+    amp: str = ""                        # the --amp the steps run with (auto resolved); in every checkpoint
 
     CHECKPOINTED = ("epoch", "step_in_epoch", "global_step", "evaluations", "best_metric", "best_step",
                     "patience_counter", "train_loss_sum", "train_loss_count", "skipped_nonfinite")
@@ -233,6 +235,7 @@ def make_checkpoint(learner: learner_lib.Learner, config: dict, state: TrainingS
         **{name: getattr(state, name) for name in TrainingState.CHECKPOINTED},
         "world_size": distributed.rank_and_world_size()[1],  # step_in_epoch counts global batches
         "data_fingerprint": state.data_fingerprint,          # a resume on other data is refused
+        "amp_resolved": state.amp,                           # what --amp auto chose: a resume keeps it
     }
     if learner.ema is not None:  # the averaged weights, loadable with load_model(path, ema=True)
         checkpoint["model_ema"] = learner.ema.module.state_dict()
@@ -369,6 +372,8 @@ def main(args):
             # the model with its optimiser, scaler and EMA (restored when resumed)
             steps_per_epoch = steps_in_epoch(audit["epoch_length"], args.batch_size, world_size)
             learner = learner_lib.build_learner(settings.learner, labels, device, steps_per_epoch, checkpoint)
+            amp = resolved_amp(settings.step.amp, checkpoint, learner.model, device, args.batch_size)
+            settings = dataclasses.replace(settings, step=dataclasses.replace(settings.step, amp=amp))
             if args.lr_find:
                 if world_size > 1:
                     raise ValueError("--lr-find runs in one process: start it without torchrun")
@@ -376,7 +381,7 @@ def main(args):
                                                                    settings.step.loss, args.lr_find_steps, out_dir),
                         "out_dir": out_dir}
             # the loop, with its evaluation and checkpoint points
-            state = TrainingState(out_dir=out_dir, data_fingerprint=fingerprint)
+            state = TrainingState(out_dir=out_dir, data_fingerprint=fingerprint, amp=amp)
             if checkpoint is not None:
                 state.load(checkpoint)
                 log.info("resumed from %s at epoch %d step %d", args.resume, state.epoch, state.step_in_epoch)
@@ -446,6 +451,16 @@ def checkpoint_to_resume(args) -> dict | None:
     if checkpoint is not None and args.out_dir is None:
         args.out_dir = str(Path(args.resume).resolve().parent)
     return checkpoint
+
+
+def resolved_amp(amp: str, checkpoint: dict | None, model, device: torch.device, batch_size: int) -> str:
+    """--amp as the steps run it. On the CPU, auto is timed (learner.measured_amp: bf16 only where its
+    training steps are faster here, cached per CPU); a resumed run keeps what its checkpoint trained with,
+    so a resume stays exact; under torchrun bf16 only if every rank chose it."""
+    if amp != "auto" or device.type != "cpu":
+        return amp
+    chosen = (checkpoint or {}).get("amp_resolved") or learner_lib.measured_amp(amp, model, device, batch_size)
+    return "off" if distributed.any_rank(chosen != "bf16") else chosen
 
 
 def make_run_folder(args, checkpoint: dict | None, continuing: bool) -> Path:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,9 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the project's modules, also when pytest is not started from ROOT
 
+# --precision auto / --amp auto cache what they measure: the tests' own file, never the user's ~/.cache
+# (set before the project is imported, and inherited by the subprocesses and torchrun workers tests start)
+os.environ.setdefault("BIRDCLEF_PRECISION_CACHE", str(Path(tempfile.mkdtemp(prefix="precision-")) / "precision.json"))
 import infer  # noqa: E402
 import options  # noqa: E402
 import train  # noqa: E402
@@ -94,8 +99,9 @@ def tiny_data(tmp_path_factory) -> Path:
 
 # ----------------------------------------------------------------------------- running train.py and infer.py
 
-QUICK_FLAGS = ["--backbone", "test_efficientnet", "--no-pretrained", "--batch-size", "4", "--workers", "0",
-               "--epochs", "2", "--n-mels", "32", "--n-fft", "512", "--hop", "256", "--sample-rate", "16000",
+# --amp off: quick runs train in fp32 on every CPU (auto times bf16 and may pick it where it is native)
+QUICK_FLAGS = ["--amp", "off", "--backbone", "test_efficientnet", "--no-pretrained", "--batch-size", "4",
+               "--workers", "0", "--epochs", "2", "--n-mels", "32", "--n-fft", "512", "--hop", "256", "--sample-rate", "16000",
                "--fmax", "8000", "--window-seconds", "2", "--ends-seconds", "4"]
 
 

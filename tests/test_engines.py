@@ -1,5 +1,6 @@
 """Tests for engines.py: runners in streams (order, bounded memory), the optional ONNX Runtime and
-OpenVINO backends against PyTorch, the parity check, and windows batched across files.
+OpenVINO backends against PyTorch, the parity check, and windows batched across files (--precision
+auto's choice: tests/test_precision.py).
 
 References: the submission of one stream, of PyTorch, and of each file scored on its own.
 """
@@ -18,7 +19,14 @@ from conftest import run_infer, write_tone
 
 import engines
 import model as model_lib
+import precision
 import soundscapes
+
+
+@pytest.fixture(autouse=True)
+def own_precision_cache(tmp_path, monkeypatch):
+    """--precision auto times and caches its choice: in a file of the test's own, never in ~/.cache."""
+    monkeypatch.setenv(precision.CACHE_ENV, str(tmp_path / "precision.json"))
 
 
 # ----------------------------------------------------------------------------- parity and the optional backends
