@@ -163,6 +163,31 @@ def check_length(frames: int, source_rate: int, where) -> None:
                          f"{MAX_DECODED_SECONDS / 3600:g} h: split it into shorter files")
 
 
+MAX_CHANNELS = 8        # more columns than this in a (frames, channels) array means it is (channels, frames)
+
+
+def pcm_frames(samples, name: str) -> np.ndarray:
+    """An array of audio -> (frames, channels) float32 in [-1, 1]: 1-D is mono, 2-D is (frames, channels)
+    with a few channels, as soundfile reads; integer PCM is scaled by its type's full scale (int16 32768).
+    A (channels, frames) array, more dimensions, or no samples are refused: each would silently become
+    the wrong number of rows."""
+    array = np.asarray(samples)
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2 or array.shape[1] > MAX_CHANNELS:
+        raise ValueError(f"{name}: shape {array.shape}; give 1-D samples or (frames, channels) with at most "
+                         f"{MAX_CHANNELS} channels (transpose a (channels, frames) array)")
+    if array.size == 0:
+        raise ValueError(f"{name}: no samples")
+    if np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(array.dtype)        # unsigned PCM (uint8) is centred on its middle value
+        middle = (int(info.max) + int(info.min) + 1) / 2
+        return ((array.astype(np.float64) - middle) / (int(info.max) + 1 - middle)).astype(np.float32)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{name}: samples of type {array.dtype}; give float or integer PCM")
+    return array.astype(np.float32, copy=False)
+
+
 def to_mono_resampled(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
     """(frames, channels) float -> (samples,) float32 mono at target_rate, NaN/inf zeroed."""
     if audio.ndim == 2 and audio.shape[1] > 1:

@@ -469,37 +469,12 @@ class Predictor:
             elif sample_rate is None:
                 raise ValueError("arrays need sample_rate=")
             else:
-                items.append((f"array_{number}", pcm_frames(item, f"array_{number}"), int(sample_rate)))
+                items.append((f"array_{number}", audio.pcm_frames(item, f"array_{number}"), int(sample_rate)))
         keys = [item if isinstance(item, Path) else Path(item[0]) for item in items]
         outputs.check_unique_names(keys)
         results = {key: rows for key, rows, _, _ in self.scored(items) if rows is not None}
         table = outputs.row_table({Path(key): rows for key, rows in results.items()}, keys, self.columns, None)
         return table.drop(columns="row_id").set_index(["file", "start_s", "end_s"])
-
-
-MAX_CHANNELS = 8        # more columns than this in a (frames, channels) array means it is (channels, frames)
-
-
-def pcm_frames(samples, name: str) -> np.ndarray:
-    """An array of audio -> (frames, channels) float32 in [-1, 1]: 1-D is mono, 2-D is (frames, channels)
-    with a few channels, as soundfile reads; integer PCM is scaled by its type's full scale (int16 32768).
-    A (channels, frames) array, more dimensions, or no samples are refused: each would silently become
-    the wrong number of rows."""
-    array = np.asarray(samples)
-    if array.ndim == 1:
-        array = array[:, None]
-    if array.ndim != 2 or array.shape[1] > MAX_CHANNELS:
-        raise ValueError(f"{name}: shape {array.shape}; give 1-D samples or (frames, channels) with at most "
-                         f"{MAX_CHANNELS} channels (transpose a (channels, frames) array)")
-    if array.size == 0:
-        raise ValueError(f"{name}: no samples")
-    if np.issubdtype(array.dtype, np.integer):
-        info = np.iinfo(array.dtype)        # unsigned PCM (uint8) is centred on its middle value
-        middle = (int(info.max) + int(info.min) + 1) / 2
-        return ((array.astype(np.float64) - middle) / (int(info.max) + 1 - middle)).astype(np.float32)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"{name}: samples of type {array.dtype}; give float or integer PCM")
-    return array.astype(np.float32, copy=False)
 
 
 def finite_rows(key, rows: np.ndarray) -> tuple[np.ndarray, str | None]:

@@ -10,7 +10,6 @@ import ast
 import os
 import site
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
