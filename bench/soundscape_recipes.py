@@ -60,14 +60,22 @@ RECIPES = {
 }
 
 
-def split_bed(data_dir: Path, work: Path) -> tuple[Path, Path]:
-    """unlabeled_soundscapes/ -> (bed_pseudo, bed_train): alternate files linked into two folders."""
+def split_bed(data_dir: Path, work: Path, train_files: int | None = None) -> tuple[Path, Path]:
+    """unlabeled_soundscapes/ -> (bed_pseudo, bed_train): alternate files linked into two folders, or, with
+    `train_files`, that many evenly spaced files into bed_train and the rest into bed_pseudo (audio no
+    recipe hears: bench/site_labels.py labels its site set there)."""
     files = sorted(path for path in (data_dir / "unlabeled_soundscapes").iterdir() if path.suffix == ".ogg")
     if len(files) < 2:
         raise SystemExit(f"{data_dir}/unlabeled_soundscapes needs at least 2 files to split")
+    if train_files is None:
+        in_train = {index for index in range(len(files)) if index % 2}
+    elif 1 <= train_files < len(files):
+        in_train = set(np.linspace(0, len(files) - 1, train_files).round().astype(int).tolist())
+    else:
+        raise SystemExit(f"--bed-train-files must be 1 to {len(files) - 1} (the folder holds {len(files)} files)")
     folders = work / "bed_pseudo", work / "bed_train"
     for index, path in enumerate(files):
-        folder = folders[index % 2]
+        folder = folders[index in in_train]
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / path.name).exists():
             (folder / path.name).symlink_to(path.resolve())
@@ -136,12 +144,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 7])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--bed-train-files", type=int, default=None,
+                        help="unlabelled files the bed recipes train on (default: every other one); the rest "
+                             "build the pseudo-soundscapes and stay unheard")
     parser.add_argument("--collect", action="store_true",
                         help="train nothing: tabulate the runs of --work-dir that have finished")
     args = parser.parse_args()
     data.ensure_demo_data(args.data_dir)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    split_bed(args.data_dir, args.work_dir)
+    split_bed(args.data_dir, args.work_dir, args.bed_train_files)
     rows, evaluations = [], []
     for seed in args.seeds:
         for name in args.recipes:
