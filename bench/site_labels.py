@@ -1,10 +1,10 @@
 """Label the demo site by "ear" through review.py's page, then ask: does that small set rank recipes as the
 full test set does, next to clip validation and pseudo-soundscapes, and how sure is each run's number?
 
-    python bench/soundscape_recipes.py --seeds 42 7 --epochs 8 --bed-train-files 3 \
+    python bench/soundscape_recipes.py --seeds 42 7 1 --epochs 8 --bed-train-files 3 \
         --work-dir runs/soundscape_recipes_site --recipes readme bed nocall-bed pcen pcen-bed pcen-nocall-bed
     python bench/site_labels.py [--windows 150] [--runs 'runs/soundscape_recipes_site/*_seed*'] \
-        [--site runs/soundscape_recipes_site/bed_pseudo] [--work-dir runs/site_labels]
+        [--site runs/soundscape_recipes_site/bed_pseudo] [--work-dir runs/site_labels_recipes]
 
 1. A scripted listener labels `--windows` windows of --site (the 13 unlabelled demo files no recipe trained
    on: --bed-train-files 3 gives the bed recipes the other 3) through the page's own endpoints
@@ -27,6 +27,7 @@ import glob
 import http.client
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -53,7 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="glob of run folders (those with best.pt and a test cmAP5 are used)")
     parser.add_argument("--site", default=str(ROOT / "runs" / "soundscape_recipes_site" / "bed_pseudo"),
                         help="folder of the site's recordings to label (files of demo_data/unlabeled_soundscapes)")
-    parser.add_argument("--work-dir", default=str(ROOT / "runs" / "site_labels"))
+    parser.add_argument("--work-dir", default=str(ROOT / "runs" / "site_labels_recipes"),
+                        help="the listener's table and timings, scores, results (one --site per folder)")
     parser.add_argument("--rounds", type=int, default=1000, help="bootstrap resamplings")
     parser.add_argument("--seed", type=int, default=42, help="the random draw of windows")
     return parser
@@ -111,8 +113,13 @@ def label_site(work: Path, site: Path, windows: int, seed: int) -> Path:
     """The listener's table (work/site_labels.csv): served, answered, and the server stopped. A finished
     listener is not run again (its table and timings are kept); an interrupted one continues."""
     done = work / "listener.json"
-    if done.is_file() and json.loads(done.read_text())["labelled"] >= windows:
-        return work / "site_labels.csv"
+    if done.is_file():
+        earlier = json.loads(done.read_text())
+        if earlier.get("site") != str(site.resolve()):
+            raise SystemExit(f"bench/site_labels.py: {work} holds labels of {earlier.get('site')}, not {site}; "
+                             "choose another --work-dir")
+        if earlier["labelled"] >= windows:
+            return work / "site_labels.csv"
     truth_rows = site_truth(site)
     truth = {(name, float(start)): labels
              for name, start, labels in zip(truth_rows["file"], truth_rows["start_s"], truth_rows["labels"])}
@@ -126,6 +133,7 @@ def label_site(work: Path, site: Path, windows: int, seed: int) -> Path:
         started = time.perf_counter()
         timings = listen(server.server_address[:2], truth, windows)
         timings["minutes"] = (time.perf_counter() - started) / 60
+        timings["site"] = str(site.resolve())
     finally:
         server.shutdown()
         server.server_close()
@@ -142,12 +150,16 @@ def run_facts(folder: Path) -> dict | None:
     if not (folder / "best.pt").is_file() or not (folder / "metrics.csv").is_file():
         return None
     best = runfolder.best_row(pd.read_csv(folder / "metrics.csv"), "cmap5")
-    facts = {"run": folder.name, "recipe": folder.name.rsplit("_seed", 1)[0],
-             "seed": int(folder.name.rsplit("_seed", 1)[1]), "clip_cmap5": float(best["cmap5"]),
+    named = re.fullmatch(r"(.+)_seed(\d+)", folder.name)           # bench folders: <recipe>_seed<N>
+    facts = {"run": folder.name, "recipe": named[1] if named else folder.name,
+             "seed": int(named[2]) if named else 0, "clip_cmap5": float(best["cmap5"]),
              "pseudo_cmap5": float(best.get("soundscape_cmap5", np.nan)),
              "test_cmap5": float(best.get("test_cmap5", np.nan))}
     if (folder / "test_scores.json").is_file():
-        facts["test_cmap5"] = json.loads((folder / "test_scores.json").read_text())["test_cmap5"]
+        test = json.loads((folder / "test_scores.json").read_text())
+        if test.get("best_mtime_ns") not in (None, (folder / "best.pt").stat().st_mtime_ns):
+            logging.warning("%s: best.pt is newer than test_scores.json", folder)
+        facts["test_cmap5"] = test["test_cmap5"]
     return facts if np.isfinite(facts["test_cmap5"]) else None
 
 
