@@ -74,6 +74,10 @@ def split_bed(data_dir: Path, work: Path, train_files: int | None = None) -> tup
     else:
         raise SystemExit(f"--bed-train-files must be 1 to {len(files) - 1} (the folder holds {len(files)} files)")
     folders = work / "bed_pseudo", work / "bed_train"
+    for side, folder in enumerate(folders):     # a work folder split otherwise before would mix the two
+        wanted = {path.name for index, path in enumerate(files) if (index in in_train) == side}
+        if folder.is_dir() and {path.name for path in folder.iterdir()} - wanted:
+            raise SystemExit(f"{folder} was split otherwise (another --bed-train-files); choose another --work-dir")
     for index, path in enumerate(files):
         folder = folders[index in in_train]
         folder.mkdir(parents=True, exist_ok=True)
