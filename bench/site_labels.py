@@ -49,15 +49,18 @@ TRUTH = ROOT / "demo_data" / "unlabeled_soundscapes_labels.csv"
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--windows", type=int, default=150, help="windows the listener labels")
+    parser.add_argument("--windows", type=int, default=150, help="windows the listener labels (default: %(default)s)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "soundscape_recipes_site" / "*_seed*"),
-                        help="glob of run folders (those with best.pt and a test cmAP5 are used)")
+                        help="glob of run folders (those with best.pt and a test cmAP5 are used; "
+                             "default: %(default)s)")
     parser.add_argument("--site", default=str(ROOT / "runs" / "soundscape_recipes_site" / "bed_pseudo"),
-                        help="folder of the site's recordings to label (files of demo_data/unlabeled_soundscapes)")
+                        help="folder of the site's recordings to label (files of demo_data/unlabeled_soundscapes; "
+                             "default: %(default)s)")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "site_labels_recipes"),
-                        help="the listener's table and timings, scores, results (one --site per folder)")
-    parser.add_argument("--rounds", type=int, default=1000, help="bootstrap resamplings")
-    parser.add_argument("--seed", type=int, default=42, help="the random draw of windows")
+                        help="the listener's table and timings, scores, results; one --site per folder "
+                             "(default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=1000, help="bootstrap resamplings (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=42, help="the random draw of windows (default: %(default)s)")
     return parser
 
 
@@ -163,8 +166,10 @@ def run_facts(folder: Path) -> dict | None:
     return facts if np.isfinite(facts["test_cmap5"]) else None
 
 
-def finished_runs(pattern: str) -> list[Path]:
-    runs = [Path(folder) for folder in sorted(glob.glob(pattern)) if run_facts(Path(folder)) is not None]
+def finished_runs(pattern: str) -> dict[Path, dict]:
+    """The run folders of `pattern` that have finished -> their run_facts, in folder order."""
+    facts = {Path(folder): run_facts(Path(folder)) for folder in sorted(glob.glob(pattern))}
+    runs = {folder: values for folder, values in facts.items() if values is not None}
     if len(runs) < 3:
         raise SystemExit(f"bench/site_labels.py: {len(runs)} finished run(s) match {pattern}; a ranking needs 3+")
     return runs
@@ -180,14 +185,14 @@ def agreement_of(table: pd.DataFrame, column: str) -> dict:
             "recipe_means": site_validation.spearman(means[column], means["test_cmap5"])}
 
 
-def compare(work: Path, labels: Path, site: Path, runs: list[Path], rounds: int) -> tuple[pd.DataFrame, dict,
-                                                                                          pd.DataFrame]:
+def compare(work: Path, labels: Path, site: Path, runs: dict[Path, dict], rounds: int) -> tuple[pd.DataFrame, dict,
+                                                                                               pd.DataFrame]:
     random_rows = site_validation.read_site_rows(labels, random_only=True)
     every_row = site_truth(site)
-    scores = site_validation.run_scores(runs, every_row, site, cache_dir=work / "scores")
+    scores = site_validation.run_scores(list(runs), every_row, site, cache_dir=work / "scores")
     labelled = site_validation.site_table(random_rows, scores, rounds=rounds)
     full = site_validation.site_table(every_row, scores, rounds=rounds)
-    table = pd.DataFrame([run_facts(folder) for folder in runs])
+    table = pd.DataFrame(list(runs.values()))             # in the order of scores, labelled and full
     table["site_cmap5"], table["site_low"], table["site_high"] = (labelled["site_cmap5"], labelled["low"],
                                                                   labelled["high"])
     table["site_rows"], table["all_windows_cmap5"], table["all_windows"] = labelled["rows"], full["site_cmap5"], \
